@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Installs everything hvdbert needs into $VENV (default .venv) on a fresh Linux machine:
+# OpenMPI (Debian packages, when missing and we are root), torch, Horovod compiled with
+# PyTorch + Gloo + MPI, and the Python packages pinned in requirements.txt.
+#
+# Idempotent: a stamp records what was installed; when requirements.txt and this script are
+# unchanged, a re-run returns in seconds. The compiled Horovod wheel is cached outside the
+# repository ($HVDBERT_CACHE, default ~/.cache/hvdbert) so a new clone or a new venv does not
+# recompile it (about 8 minutes on 2 cores).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VENV:-$root/.venv}
+cache=${HVDBERT_CACHE:-$HOME/.cache/hvdbert}
+requirements=$root/requirements.txt
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+pin() { # pin NAME -> the version requirements.txt pins for NAME
+    local version
+    version=$(sed -n "s/^$1==\\([^ ]*\\).*/\\1/p" "$requirements")
+    [ -n "$version" ] || { log "requirements.txt pins no version for $1"; exit 2; }
+    printf '%s' "$version"
+}
+
+stamp_file=$venv/.hvdbert-setup
+stamp=$(cat "$requirements" "$0" "$root/setup.py" | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && [ -x "$venv/bin/horovodrun" ]; then
+    log "up to date ($venv)"
+    exit 0
+fi
+
+# --- OpenMPI: Horovod's MPI controller and mpi4py compile against it.
+if ! command -v mpicxx >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        log "installing OpenMPI from Debian packages"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends libopenmpi-dev openmpi-bin >/dev/null
+    else
+        log "OpenMPI is missing and this is not root: install libopenmpi-dev and openmpi-bin, then re-run"
+        exit 2
+    fi
+fi
+
+# --- The virtual environment.
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating $venv"
+    python3 -m venv "$venv"
+fi
+py=$venv/bin/python
+"$py" -m pip install -q --upgrade pip wheel setuptools
+
+# torch first, by itself: later installs are constrained to this exact version, so nothing can
+# pull a different (for example CUDA) build.
+torch_version=$(pin torch)
+constraints=$venv/hvdbert-constraints.txt
+printf 'torch==%s\n' "$torch_version" > "$constraints"
+log "installing torch==$torch_version"
+"$py" -m pip install -q "torch==$torch_version"
+
+log "installing the pinned Python packages"
+grep -vE '^(torch|horovod)==' "$requirements" | "$py" -m pip install -q -c "$constraints" -r /dev/stdin
+
+# --- Horovod, compiled once per (Horovod, torch, Python) and cached as a wheel.
+horovod_version=$(pin horovod)
+py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+wheel_dir=$cache/wheels/horovod-$horovod_version-torch-$torch_version-$py_tag-$(uname -m)
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+    log "compiling Horovod $horovod_version against torch $torch_version (several minutes, once)"
+    mkdir -p "$wheel_dir"
+    build=$(mktemp -d)
+    # Horovod 0.28.1 compiles its PyTorch extension with -std=c++14, but torch >= 2.1 headers need
+    # C++17. gcc honours the last -std flag, so a compiler wrapper that appends -std=c++17 fixes it
+    # (upstream fixed this in pull request 3998 after the last release).
+    cat > "$build/cxx" <<'EOF'
+#!/bin/sh
+exec g++ "$@" -std=c++17
+EOF
+    chmod +x "$build/cxx"
+    CXX=$build/cxx HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+        HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+        MAKEFLAGS=-j"$(nproc)" \
+        "$py" -m pip wheel -q --no-build-isolation --no-deps --no-cache-dir \
+        -c "$constraints" "horovod==$horovod_version" -w "$build/out"
+    mv "$build"/out/horovod-*.whl "$wheel_dir"/
+    rm -rf "$build"
+fi
+log "installing Horovod from $wheel_dir"
+"$py" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+# Horovod's own run-time dependencies (the wheel was installed without them).
+"$py" -m pip install -q -c "$constraints" cloudpickle psutil pyyaml packaging
+
+log "installing hvdbert (editable)"
+"$py" -m pip install -q --no-deps --no-build-isolation -e "$root"
+
+log "checking the Horovod build"
+check=$("$venv/bin/horovodrun" --check-build)
+for needed in '\[X\] PyTorch' '\[X\] MPI' '\[X\] Gloo'; do
+    if ! grep -q "$needed" <<<"$check"; then
+        printf '%s\n' "$check" >&2
+        log "Horovod was built without ${needed//\\/}; remove $wheel_dir and re-run"
+        exit 1
+    fi
+done
+printf '%s' "$stamp" > "$stamp_file"
+log "done: $venv"
