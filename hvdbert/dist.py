@@ -86,9 +86,8 @@ class HorovodDistributed(SingleProcess):
 
     def broadcast_model_and_optimizer(self, model: torch.nn.Module, optimizer) -> None:
         # Horovod: every rank starts from rank 0's weights and optimizer state (random init or a
-        # checkpoint that only rank 0 read). build_optimizer creates the state eagerly, so Horovod
-        # does not run the zero-gradient step it uses to create missing state (that step would
-        # advance Adam's step count and apply weight decay).
+        # checkpoint that only rank 0 read). The caller creates the optimizer state first
+        # (optim.init_state), so Horovod does not run its state-creating zero-gradient step.
         self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 

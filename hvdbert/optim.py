@@ -17,13 +17,13 @@ class Lamb(torch.optim.Optimizer):
     `trust_ratio=False` (biases and LayerNorm, with weight_decay 0) take the plain Adam update.
     """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  trust_ratio: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_ratio=trust_ratio)
         super().__init__(params, defaults)
 
     def init_state(self) -> None:
-        """Create the moments now, so every rank holds state before Horovod broadcasts it."""
+        """Create the moments (and step count) before the first step; see optim.init_state."""
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
@@ -104,16 +104,22 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, plan: Plan) -> tor
     groups = parameter_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "lamb":
-        optimizer = Lamb(groups, lr=plan.lr, betas=betas, eps=cfg.eps)
-        optimizer.init_state()
-        return optimizer
+        return Lamb(groups, lr=plan.lr, betas=betas, eps=cfg.eps)
     on_cuda = next(model.parameters()).is_cuda
     for group in groups:
         group.pop("trust_ratio")
-    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=betas, eps=cfg.eps,
-                                  fused=on_cuda, foreach=None if on_cuda else True)
-    _init_adamw_state(optimizer)
-    return optimizer
+    return torch.optim.AdamW(groups, lr=plan.lr, betas=betas, eps=cfg.eps,
+                             fused=on_cuda, foreach=None if on_cuda else True)
+
+
+def init_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state now rather than at its first step, so that every rank holds
+    state before Horovod broadcasts it (Horovod would otherwise create it with a zero-gradient step,
+    advancing Adam's step count and applying weight decay once)."""
+    if isinstance(optimizer, Lamb):
+        optimizer.init_state()
+    else:
+        _init_adamw_state(optimizer)
 
 
 def lr_at(step: int, plan: Plan) -> float:

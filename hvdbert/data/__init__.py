@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, prepared (sharded) data, masking and the training data loader."""

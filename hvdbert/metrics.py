@@ -1,0 +1,55 @@
+"""What a run reports: metrics.jsonl, TensorBoard events and a progress bar, on rank 0 only.
+
+Other ranks get a `NullMetrics` with the same methods, so the training loop never asks for its rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class NullMetrics:
+    def log(self, record: dict) -> None:
+        pass
+
+    def advance(self, steps: int) -> None:
+        pass
+
+    def write_summary(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunMetrics(NullMetrics):
+    def __init__(self, run_dir: Path, start_step: int, max_steps: int, progress_bar: bool):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not progress_bar)
+
+    def log(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             seq_s=f"{record['seq_per_s']:.1f}", refresh=False)
+
+    def advance(self, steps: int) -> None:
+        self.bar.update(steps)
+
+    def write_summary(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tensorboard.close()
+        self.jsonl.close()
