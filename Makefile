@@ -1,0 +1,18 @@
+# hvdbert: `make demo` and `make test` set everything up on a fresh machine, then run.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+HOROVODRUN := $(VENV)/bin/horovodrun
+NP ?= 2
+
+.PHONY: setup demo test lint
+
+setup:
+	VENV="$(abspath $(VENV))" bash tools/setup.sh
+
+# A real small pretraining: the tiny recipe on the embedded corpus, 2 Horovod workers over Gloo.
+demo: setup
+	$(HOROVODRUN) --gloo -np $(NP) -H localhost:$(NP) $(PYTHON) -m hvdbert.pretrain \
+		--recipe recipes/tiny.toml --output runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: setup
+	$(PYTHON) -m pytest tests
