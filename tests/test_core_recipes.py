@@ -1,0 +1,121 @@
+"""Recipes: inheritance, overrides, validation, and the scaling plan for a worker count."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from hvdbert.config import load_recipe
+from hvdbert.errors import UsageError
+from hvdbert.plan import make_plan
+
+RECIPES = REPO / "recipes"
+
+
+def plan_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hvdbert.plan", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bert_large_phase1_at_8_workers_reproduces_nvidia():
+    result = plan_cli("--recipe", str(RECIPES / "bert-large-phase1.toml"), "--workers", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["global_batch_size"] == 65536
+    assert plan["lr"] == pytest.approx(6e-3)
+    assert plan["max_steps"] == 7038
+    assert plan["warmup_steps"] == round(0.2843 * 7038) == 2001
+    assert plan["max_seq_len"] == 128
+    assert plan["max_predictions_per_seq"] == 20
+    assert plan["micro_batch_size"] * plan["accumulation_steps"] * 8 == 65536
+    assert load_recipe(RECIPES / "bert-large-phase1.toml").optim.name == "lamb"
+
+
+def test_bert_large_phase2_at_8_workers_reproduces_nvidia():
+    recipe = load_recipe(RECIPES / "bert-large-phase2.toml")
+    plan = make_plan(recipe, 8)
+    assert (plan.global_batch_size, plan.lr, plan.max_steps) == (32768, pytest.approx(4e-3), 1563)
+    assert plan.warmup_steps == round(0.128 * 1563) == 200
+    assert (plan.max_seq_len, plan.max_predictions_per_seq) == (512, 80)
+    assert recipe.optim.name == "lamb"
+    assert recipe.model["num_hidden_layers"] == 24 and recipe.model["hidden_size"] == 1024
+
+
+@pytest.mark.parametrize("name", ["bert-base-phase1", "bert-base-phase2", "bert-large-phase1",
+                                  "bert-large-phase2", "tiny"])
+def test_every_shipped_recipe_resolves(name):
+    recipe = load_recipe(RECIPES / f"{name}.toml")
+    plan = make_plan(recipe, recipe.batch.reference_workers)
+    assert plan.micro_batch_size * plan.accumulation_steps * plan.workers == plan.global_batch_size
+
+
+def test_fixed_global_keeps_batch_and_lr_and_recomputes_accumulation():
+    recipe = load_recipe(RECIPES / "bert-large-phase1.toml")
+    for workers, accumulation in [(8, 128), (64, 16), (256, 4), (1024, 1)]:
+        plan = make_plan(recipe, workers)
+        assert (plan.global_batch_size, plan.accumulation_steps, plan.lr) == (65536, accumulation, 6e-3)
+
+
+@pytest.mark.parametrize("rule, factor", [("linear", 4.0), ("sqrt", 2.0), ("none", 1.0)])
+def test_per_worker_scales_batch_lr_steps_and_warmup(rule, factor):
+    recipe = load_recipe(RECIPES / "tiny.toml", [
+        "batch.scaling=per-worker", f"optim.lr_scaling={rule}", "batch.reference_workers=2",
+        "train.max_steps=400", "optim.warmup_proportion=0.1",
+    ])
+    reference = make_plan(recipe, 2)
+    plan = make_plan(recipe, 8)  # 4x the reference workers
+    assert plan.global_batch_size == 4 * reference.global_batch_size
+    assert plan.accumulation_steps == reference.accumulation_steps
+    assert plan.lr == pytest.approx(reference.lr * factor)
+    # the same number of samples, and warmup over the same number of samples
+    assert plan.max_steps == 100 and reference.max_steps == 400
+    assert plan.warmup_steps == 10 and reference.warmup_steps == 40
+
+
+def test_inheritance_merges_deeply_and_child_wins(tmp_path):
+    (tmp_path / "base.toml").write_text('[train]\nmax_steps = 5\nseed = 7\n[model]\nhidden_size = 64\n')
+    (tmp_path / "child.toml").write_text('inherit = ["base.toml"]\n[train]\nseed = 9\n')
+    recipe = load_recipe(tmp_path / "child.toml", ["train.log_every=3"])
+    assert (recipe.train.max_steps, recipe.train.seed, recipe.train.log_every) == (5, 9, 3)
+    assert recipe.model == {"hidden_size": 64}
+
+
+def test_inheritance_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.toml").write_text('inherit = ["b.toml"]\n')
+    (tmp_path / "b.toml").write_text('inherit = ["a.toml"]\n')
+    with pytest.raises(UsageError, match="cycle"):
+        load_recipe(tmp_path / "a.toml")
+
+
+def test_override_types_are_checked():
+    recipe = load_recipe(RECIPES / "tiny.toml", ["optim.lr=3", "optim.name=adamw", "dist.fp16_allreduce=true"])
+    assert recipe.optim.lr == 3.0 and isinstance(recipe.optim.lr, float)
+    assert recipe.optim.name == "adamw" and recipe.dist.fp16_allreduce is True
+    with pytest.raises(UsageError, match="train.max_steps = 'many' has the wrong type; expected an integer"):
+        load_recipe(RECIPES / "tiny.toml", ["train.max_steps=many"])
+    with pytest.raises(UsageError, match="choose one of lamb, adamw"):
+        load_recipe(RECIPES / "tiny.toml", ["optim.name=sgd"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--recipe", "recipes/tiny.toml", "--workers", "2", "--set", "train.max_step=3"],
+     "unknown key train.max_step; did you mean train.max_steps?"),
+    (["--recipe", "recipes/tiny.toml", "--workers", "2", "--set", "model.hidden_sise=3"],
+     "unknown key model.hidden_sise; did you mean model.hidden_size?"),
+    (["--recipe", "recipes/tiny.toml", "--workers", "2", "--set", "batch.micro_batch_size=1.5"],
+     "batch.micro_batch_size = 1.5 has the wrong type; expected an integer"),
+    (["--recipe", "recipes/bert-large-phase1.toml", "--workers", "7"],
+     "7 workers cannot split batch.global_batch_size = 65536 into micro-batches of 64 (1024 per step is "
+     "not divisible by 7); worker counts that work nearby: 4 or 8"),
+    (["--recipe", "recipes/no-such.toml", "--workers", "2"], "recipe file not found"),
+    (["--recipe", "recipes/tiny.toml", "--workers", "two"], "argument --workers: invalid int value"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected):
+    result = plan_cli(*args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
