@@ -1,0 +1,1 @@
+"""Peer training scripts that `python -m hvdbert.bench --peers ...` runs beside hvdbert."""

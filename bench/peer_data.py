@@ -1,0 +1,63 @@
+"""The peers' data path: transformers' run_mlm.py on hvdbert's corpus and tokenizer.
+
+run_mlm.py (examples/pytorch/language-modeling, without --line_by_line) tokenizes each document with
+its special tokens, concatenates everything and cuts it into blocks of max_seq_length (`group_texts`);
+DataCollatorForLanguageModeling masks 15% of the tokens (80/10/10) when a batch is made. Here the
+documents are the embedded corpus hvdbert prepared its data from, and the tokenizer is the one stored
+beside that data, so both sides see the same text, tokens and sequence length.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from pathlib import Path
+
+
+def load_peer_tokenizer(data_dir: Path):
+    from hvdbert.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
+    tokenizer.model_max_length = 1 << 30  # documents are cut by group_texts, as in run_mlm.py
+    return tokenizer
+
+
+def run_mlm_dataset(data_dir: Path, seq_len: int):
+    """The grouped training set run_mlm.py would build: blocks of seq_len tokens, no padding."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from hvdbert.data.corpus import builtin_documents
+
+    datasets.disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    tokenizer = load_peer_tokenizer(data_dir)
+    raw = datasets.Dataset.from_dict({"text": list(builtin_documents())})
+
+    def tokenize_function(examples):
+        return tokenizer(examples["text"], return_special_tokens_mask=True)
+
+    def group_texts(examples):  # run_mlm.py's, verbatim apart from names
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total_length = len(concatenated[list(examples.keys())[0]])
+        total_length = (total_length // seq_len) * seq_len
+        return {k: [t[i: i + seq_len] for i in range(0, total_length, seq_len)]
+                for k, t in concatenated.items()}
+
+    tokenized = raw.map(tokenize_function, batched=True, remove_columns=["text"])
+    return tokenizer, tokenized.map(group_texts, batched=True)
+
+
+def model_from_spec(spec: dict):
+    """transformers' BertForMaskedLM from the bench's model fields, as run_mlm.py's from_config."""
+    from transformers import AutoModelForMaskedLM, BertConfig
+
+    return AutoModelForMaskedLM.from_config(BertConfig(**spec["model"]))
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
