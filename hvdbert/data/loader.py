@@ -77,6 +77,9 @@ class BatchStream:
         self.rule = rule
         self.seed = seed
         self.pin_memory = pin_memory
+        # Whole-word masking without the input's own segmentation: words are WordPiece words.
+        self._continuation = (data.continuation_table() if rule.whole_word and not data.has_word_starts
+                              else None)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch_batches))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start_position,), daemon=True,
@@ -91,11 +94,18 @@ class BatchStream:
             rows = epochs == epoch
             samples[rows] = permute(positions[rows] % n, n, self.seed, int(epoch))
         rows = self.data.get(samples)
+        word_starts = rows.pop("word_start", None)
+        if self.rule.whole_word and word_starts is None:
+            word_starts = ~self._continuation[rows["input_ids"]]
+        if self.data.has_nsp:
+            # Sentence pairs are padded at the end where they fall short; the model must not attend there.
+            rows["attention_mask"] = (rows["input_ids"] != self.data.manifest.special_token_ids["pad"]).astype(np.int64)
         masked = {}
         for epoch in np.unique(epochs):  # masks depend on the epoch: a fresh mask every epoch
             part = epochs == epoch
-            for name, value in mask_tokens(rows["input_ids"][part], samples[part], int(epoch),
-                                           self.seed, self.rule).items():
+            for name, value in mask_tokens(rows["input_ids"][part], samples[part], int(epoch), self.seed,
+                                           self.rule, word_starts=None if word_starts is None
+                                           else word_starts[part]).items():
                 masked.setdefault(name, np.empty((len(positions), *value.shape[1:]), dtype=np.int64))
                 masked[name][part] = value
         batch = {**rows, **masked, "sample_ids": samples}

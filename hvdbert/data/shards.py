@@ -3,7 +3,8 @@
     DATA_DIR/manifest.json     counts, shard list with sha256, sequence length, format, tokenizer hash
     DATA_DIR/tokenizer/        the tokenizer the sequences were made with
     DATA_DIR/shard-00000.arrow columns: input_ids (fixed-size list), and for the nsp format
-                               token_type_ids and next_sentence_label
+                               token_type_ids and next_sentence_label; word_start when the
+                               input came with its own word segmentation (whole-word masking)
 
 A directory is written under a temporary name and renamed when complete (`atomic_output_dir`), so
 an interrupted preparation never leaves anything that looks valid. Shards are memory-mapped for
@@ -39,9 +40,15 @@ class Manifest:
     vocab_size: int  # the tokenizer's
     tokenizer_sha256: str
     special_token_ids: dict[str, int]  # pad, unk, cls, sep, mask
-    shards: list[dict] = field(default_factory=list)  # {file, num_sequences, sha256}
+    shards: list[dict] = field(default_factory=list)  # {file, num_sequences, num_tokens, sha256}
     source: str = ""
     format_version: int = FORMAT_VERSION
+    num_documents: int = 0
+    documents_per_shard: int = 0  # shard i holds documents [i x this, (i + 1) x this) of the input
+    dropped_tokens: int = 0  # mlm: each shard's last, incomplete sequence
+    word_segmented: bool = False  # a word_start column carries the input's own word segmentation
+    invalid_utf8_lines: int = 0  # input lines whose non-UTF-8 bytes were replaced by U+FFFD
+    lowercase: bool = True
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -103,72 +110,45 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-class ShardWriter:
-    """Writes fixed-length sequences into Arrow shards of about `sequences_per_shard` rows each."""
+def write_shard(path: Path, blocks: Iterator[dict[str, np.ndarray]], seq_len: int, dtype: np.dtype,
+                pad_id: int) -> dict:
+    """Write one Arrow IPC shard from blocks of rows (one record batch per block).
 
-    def __init__(self, directory: Path, seq_len: int, fmt: str, dtype: np.dtype,
-                 sequences_per_shard: int = 1 << 16, prefix: str = "shard"):
-        import pyarrow as pa
+    Columns: input_ids (fixed-size list of `dtype`); when present in the blocks, token_type_ids and
+    word_start (fixed-size lists of uint8) and next_sentence_label (int8). Returns the shard's
+    manifest entry: {file, num_sequences, num_tokens, sha256}; num_tokens counts non-padding tokens.
+    """
+    import pyarrow as pa
 
-        self.pa = pa
-        self.directory = Path(directory)
-        self.seq_len = seq_len
-        self.format = fmt
-        self.dtype = np.dtype(dtype)
-        self.sequences_per_shard = sequences_per_shard
-        self.prefix = prefix
-        columns = [pa.field("input_ids", pa.list_(pa.from_numpy_dtype(self.dtype), seq_len))]
-        if fmt == "nsp":
-            columns += [
-                pa.field("token_type_ids", pa.list_(pa.uint8(), seq_len)),
-                pa.field("next_sentence_label", pa.int8()),
-            ]
-        self.schema = pa.schema(columns)
-        self.shards: list[dict] = []
-        self.num_tokens = 0
-        self._writer = None
-        self._rows_in_shard = 0
-
-    def _open(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):05d}.arrow"
-        self._path = self.directory / name
-        self._writer = self.pa.ipc.new_file(str(self._path), self.schema)
-        self._rows_in_shard = 0
-
-    def _close(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        self.shards.append({"file": self._path.name, "num_sequences": self._rows_in_shard,
-                            "sha256": file_sha256(self._path)})
-        self._writer = None
-
-    def write(self, input_ids: np.ndarray, token_type_ids: np.ndarray | None = None,
-              next_sentence_label: np.ndarray | None = None, pad_id: int = 0) -> None:
-        """Append a block of sequences: input_ids has shape (n, seq_len)."""
-        pa = self.pa
-        start = 0
-        while start < len(input_ids):
-            if self._writer is None:
-                self._open()
-            take = min(len(input_ids) - start, self.sequences_per_shard - self._rows_in_shard)
-            block = slice(start, start + take)
-            ids = np.ascontiguousarray(input_ids[block], dtype=self.dtype)
-            arrays = [pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), self.seq_len)]
-            if self.format == "nsp":
-                types = np.ascontiguousarray(token_type_ids[block], dtype=np.uint8)
-                arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(types.reshape(-1)), self.seq_len))
-                arrays.append(pa.array(np.asarray(next_sentence_label[block], dtype=np.int8)))
-            self._writer.write_batch(pa.record_batch(arrays, schema=self.schema))
-            self.num_tokens += int(np.count_nonzero(ids != pad_id))
-            self._rows_in_shard += take
-            start += take
-            if self._rows_in_shard >= self.sequences_per_shard:
-                self._close()
-
-    def finish(self) -> list[dict]:
-        self._close()
-        return self.shards
+    list_types = {"input_ids": pa.from_numpy_dtype(np.dtype(dtype)), "token_type_ids": pa.uint8(),
+                  "word_start": pa.uint8()}
+    writer, schema = None, None
+    num_sequences = num_tokens = 0
+    try:
+        for block in blocks:
+            if writer is None:
+                fields = [pa.field(name, pa.list_(list_types[name], seq_len)) for name in list_types
+                          if name in block]
+                if "next_sentence_label" in block:
+                    fields.append(pa.field("next_sentence_label", pa.int8()))
+                schema = pa.schema(fields)
+                writer = pa.ipc.new_file(str(path), schema)
+            arrays = []
+            for column in schema:
+                value = block[column.name]
+                if column.name == "next_sentence_label":
+                    arrays.append(pa.array(np.asarray(value, dtype=np.int8)))
+                else:
+                    flat = np.ascontiguousarray(value, dtype=column.type.value_type.to_pandas_dtype())
+                    arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), seq_len))
+            writer.write_batch(pa.record_batch(arrays, schema=schema))
+            num_sequences += len(block["input_ids"])
+            num_tokens += int(np.count_nonzero(np.asarray(block["input_ids"]) != pad_id))
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"file": Path(path).name, "num_sequences": num_sequences, "num_tokens": num_tokens,
+            "sha256": file_sha256(Path(path)) if writer is not None else ""}
 
 
 class PreparedData:
@@ -233,3 +213,20 @@ class PreparedData:
             for name in names:
                 out[name][rows] = self._columns[shard][name][local]
         return out
+
+    @property
+    def has_word_starts(self) -> bool:
+        """True when the shards carry the input's own word segmentation (a word_start column)."""
+        return "word_start" in self._columns[0]
+
+    def continuation_table(self) -> np.ndarray:
+        """is_continuation[token id]: True for WordPiece pieces inside a word (`##...`), so that
+        whole-word masking finds words without a word_start column. CJK characters are single
+        tokens with no `##` form in BERT's vocabularies: each is then its own word."""
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(self.tokenizer_dir / "tokenizer.json")).get_vocab()
+        table = np.zeros(max(self.manifest.vocab_size, max(vocab.values()) + 1), dtype=bool)
+        for token, index in vocab.items():
+            table[index] = token.startswith("##")
+        return table
