@@ -56,11 +56,13 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     max_seq_len: int = 128
+    format: str = "mlm"  # of the prepared data: mlm (packed text) | nsp (sentence pairs, trains NSP too)
     max_predictions_per_seq: int = 20  # 20 at 128 and 80 at 512 (Devlin et al. 2018)
     mask_prob: float = 0.15  # Devlin et al. 2018: 15% of tokens, of those 80% [MASK], 10% random, 10% kept
     whole_word_masking: bool = False
     prefetch_batches: int = 4  # micro-batches prepared ahead by the background loader thread
     builtin_max_documents: int = 0  # embedded corpus only: 0 takes every document
+    record_sample_ids: bool = False  # RUN_DIR/sample_ids/rank-<r>.txt: one line of sample ids per step
 
 
 @dataclass
@@ -104,6 +106,7 @@ CHOICES = {
     "batch.scaling": ("fixed-global", "per-worker"),
     "optim.name": ("lamb", "adamw"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
+    "data.format": ("mlm", "nsp"),
 }
 
 _SECTION_CLASSES = {

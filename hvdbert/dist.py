@@ -18,6 +18,17 @@ from hvdbert.errors import UsageError
 
 _LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
+# Failure bounds (set only where the environment does not already): a rank that DIES is noticed at
+# once by horovodrun or mpirun, which stop the job with a non-zero status; a rank that HANGS (a stuck
+# filesystem, a deadlocked data thread) leaves the others waiting in a collective. Horovod warns after
+# HOROVOD_STALL_CHECK_TIME_SECONDS and, with HOROVOD_STALL_SHUTDOWN_TIME_SECONDS > 0 (Horovod's default
+# is 0: wait forever), shuts the job down. 600 s is far above the longest legitimate wait (rank 0
+# writing a BERT-large checkpoint while the others stand at a barrier).
+FAILURE_TIMEOUTS = {
+    "HOROVOD_STALL_CHECK_TIME_SECONDS": "60",
+    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600",
+}
+
 
 class SingleProcess:
     """One process, no Horovod: collectives are identities."""
@@ -40,6 +51,12 @@ class SingleProcess:
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return tensor
 
+    def allreduce_sum_async(self, tensor: torch.Tensor, name: str) -> Any:
+        return tensor
+
+    def wait(self, handle: Any) -> torch.Tensor:
+        return handle
+
     def barrier(self) -> None:
         pass
 
@@ -53,6 +70,13 @@ class SingleProcess:
     def shutdown(self) -> None:
         pass
 
+    def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None:
+        pass
+
+    def elastic_run(self, fn, state_objects: dict, on_reset):
+        raise UsageError("--elastic needs Horovod elastic: run under horovodrun with --min-np/--max-np "
+                         "and --host-discovery-script (see docs/resume.md)")
+
 
 class HorovodDistributed(SingleProcess):
     """Horovod over Gloo or MPI (NCCL for GPU tensors when Horovod was built with it)."""
@@ -63,8 +87,15 @@ class HorovodDistributed(SingleProcess):
         # Horovod reads its tuning knobs from the environment when it starts its background thread.
         os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(cfg.fusion_threshold_mb * 1024 * 1024))
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cfg.cycle_time_ms))
+        for name, value in FAILURE_TIMEOUTS.items():
+            os.environ.setdefault(name, value)
         hvd.init()
         self.hvd = hvd
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read rank and size from Horovod (again after an elastic reset)."""
+        hvd = self.hvd
         self.rank = hvd.rank()
         self.size = hvd.size()
         self.local_rank = hvd.local_rank()
@@ -97,6 +128,13 @@ class HorovodDistributed(SingleProcess):
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)
 
+    def allreduce_sum_async(self, tensor: torch.Tensor, name: str) -> Any:
+        # Horovod: submitted next to the gradient allreduces, it is fused with them (no extra round trip).
+        return self.hvd.allreduce_async(tensor, op=self.hvd.Sum, name=name)
+
+    def wait(self, handle: Any) -> torch.Tensor:
+        return self.hvd.synchronize(handle)
+
     def barrier(self) -> None:
         self.hvd.barrier()
 
@@ -111,6 +149,28 @@ class HorovodDistributed(SingleProcess):
 
     def shutdown(self) -> None:
         self.hvd.shutdown()
+
+    def elastic_run(self, fn, state_objects: dict, on_reset):
+        """Run fn(state) under Horovod elastic (Gloo only). `state_objects` (model, optimizer and plain
+        counters) are committed by `state.commit()` and restored to the last commit when a worker is
+        lost; then Horovod re-forms the ring, broadcasts the state from the new rank 0, calls
+        `on_reset` (after refreshing rank and size here) and runs fn again."""
+        hvd = self.hvd
+        if not hvd.gloo_enabled():
+            raise UsageError("--elastic needs Horovod over Gloo: launch with horovodrun --min-np/--max-np "
+                             "--host-discovery-script (not mpirun)")
+        state = hvd.elastic.TorchState(**state_objects)
+
+        def reset() -> None:
+            self.refresh()
+            on_reset()
+
+        state.register_reset_callbacks([reset])
+        return hvd.elastic.run(fn)(state)
+
+    def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None:
+        # Horovod: after an elastic resize the same global batch needs another number of local passes.
+        optimizer.set_backward_passes_per_step(accumulation_steps)
 
 
 def init_distributed(cfg: DistConfig) -> SingleProcess:

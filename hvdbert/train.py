@@ -1,13 +1,15 @@
-"""The training loop: `train()` runs steps and logs; `train_step()` is one optimizer step."""
+"""The training loop: `train()` runs steps, logs and checkpoints; `train_step()` is one optimizer step."""
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from hvdbert.data.loader import BatchStream
+from hvdbert.config import TrainConfig
+from hvdbert.data.loader import BatchStream, StreamLayout
 from hvdbert.dist import SingleProcess
 from hvdbert.metrics import NullMetrics
 from hvdbert.model import pretraining_loss
@@ -16,6 +18,10 @@ from hvdbert.plan import Plan
 
 # Per-step statistics, summed locally and reduced across ranks only when a step is logged.
 STAT_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "micro_batches", "tokens")
+
+
+class TrainingDiverged(RuntimeError):
+    """More than train.max_bad_steps consecutive optimizer steps had a non-finite loss."""
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Precision:
     name: str
     device: torch.device
     scaler: torch.amp.GradScaler | None = None
+    skipped_steps: int = 0  # fp16: steps the GradScaler skipped for inf/NaN gradients
 
     @classmethod
     def create(cls, name: str, device: torch.device) -> "Precision":
@@ -53,16 +60,62 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
+class StepGuard:
+    """Once per step, all ranks agree on two flags: stop now (a signal reached some rank) and this
+    step's loss is not finite (on some rank). The flags travel in an allreduce submitted right before
+    the gradients are awaited, so Horovod fuses it with them: no extra sync point, and every rank
+    takes the same decision in the same step (one rank leaving alone would hang the others)."""
+
+    def __init__(self, stop=None):
+        self.stop = stop  # checkpoint.StopRequest, or None
+        self.stop_agreed = False
+        self.bad_step = False
+        self._pending = None
+
+    def submit(self, dist: SingleProcess, loss_sum: torch.Tensor) -> None:
+        stop = float(self.stop is not None and self.stop.requested)
+        flags = torch.stack([loss_sum.new_tensor(stop), (~torch.isfinite(loss_sum)).to(loss_sum.dtype)])
+        self._pending = dist.allreduce_sum_async(flags, name="step_flags")
+
+    def collect(self, dist: SingleProcess) -> bool:
+        """Wait for the flags (a host sync); returns True when this step must not update the model."""
+        stop, bad = dist.wait(self._pending).tolist()
+        self.stop_agreed, self.bad_step = stop > 0, bad > 0
+        return self.bad_step
+
+
+def dropout_seeds(seed: int, layout: StreamLayout, step_start: int) -> list[int]:
+    """One torch seed per micro-batch, from (recipe seed, global position of its first sample).
+
+    Dropout then depends only on which samples a micro-batch holds: a resumed run draws the same masks
+    as an uninterrupted one, and so does a run on another worker count, with no RNG state to save per
+    rank (per-rank states would not even map onto a different number of ranks)."""
+    return [_mix64(_mix64(seed) ^ int(layout.positions(step_start, a)[0]))
+            for a in range(layout.accumulation_steps)]
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser (Steele et al. 2014), kept below 2**63 for torch.manual_seed."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
+
+
 def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], dist: SingleProcess,
-               precision: Precision, grad_clip_norm: float) -> torch.Tensor:
+               precision: Precision, grad_clip_norm: float, dropout_seeds: list[int] | None = None,
+               guard: StepGuard | None = None) -> torch.Tensor:
     """Forward/backward over this worker's micro-batches, allreduce, clip, step.
 
-    Returns the step's statistics (STAT_NAMES) as one tensor, without a host sync.
+    Returns the step's statistics (STAT_NAMES) as one tensor. Without a guard there is no host sync;
+    with one, a step whose loss is not finite on any rank leaves the model and optimizer untouched.
     """
     accumulation_steps = len(micro_batches)
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
         batch = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items() if k != "sample_ids"}
+        if dropout_seeds is not None:
+            torch.manual_seed(dropout_seeds[index])
         with precision.autocast():
             out = pretraining_loss(model, batch)
         # Horovod sums the local passes of a step (backward_passes_per_step) before averaging across
@@ -78,7 +131,12 @@ def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], d
             else stats.new_tensor(float(batch["input_ids"].numel())),
         ])
 
+    if guard is not None:
+        guard.submit(dist, stats[0])
     dist.synchronize(optimizer)  # gradients are averaged across workers from here on
+    if guard is not None and guard.collect(dist):
+        optimizer.zero_grad()  # a non-finite loss somewhere: skip the update on every rank
+        return stats
     if precision.scaler:
         precision.scaler.unscale_(optimizer)
     if grad_clip_norm > 0:
@@ -86,8 +144,10 @@ def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], d
         torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
     with dist.skip_synchronize(optimizer):
         if precision.scaler:
+            scale = precision.scaler.get_scale()  # a host sync, fp16 only
             precision.scaler.step(optimizer)
             precision.scaler.update()
+            precision.skipped_steps += int(precision.scaler.get_scale() < scale)  # the scale backs off on skips
         else:
             optimizer.step()
     optimizer.zero_grad()  # Horovod's zero_grad takes no arguments; torch sets grads to None
@@ -95,14 +155,15 @@ def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], d
 
 
 def train(model, optimizer, stream: BatchStream, plan: Plan, state: TrainState, dist: SingleProcess,
-          precision: Precision, grad_clip_norm: float, log_every: int,
-          metrics: NullMetrics, sample_log=None) -> dict:
-    """Run optimizer steps until plan.max_steps; log every `log_every` steps. Returns a summary."""
+          precision: Precision, cfg: TrainConfig, metrics: NullMetrics, checkpointer=None, stop=None,
+          sample_log=None, after_step: Callable[[TrainState], None] | None = None) -> dict:
+    """Run optimizer steps until plan.max_steps (or an agreed stop); log every `cfg.log_every` steps,
+    checkpoint through `checkpointer`. Returns a summary."""
     model.train()
+    guard = StepGuard(stop)
     window = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
-    window_steps, window_start = 0, time.perf_counter()
-    data_wait_seconds = 0.0
-    run_start, first_step, last_record = time.perf_counter(), state.step, None
+    window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
+    run_start, first_step, last_record, bad_steps, stopped = time.perf_counter(), state.step, None, 0, ""
     while state.step < plan.max_steps:
         wait_start = time.perf_counter()
         micro_batches = stream.next_step()
@@ -111,43 +172,68 @@ def train(model, optimizer, stream: BatchStream, plan: Plan, state: TrainState, 
             sample_log.write(" ".join(str(int(i)) for b in micro_batches for i in b["sample_ids"]) + "\n")
         lr = lr_at(state.step, plan)
         set_lr(optimizer, lr)
-        window += train_step(model, optimizer, micro_batches, dist, precision, grad_clip_norm)
+        seeds = dropout_seeds(cfg.seed, stream.layout, state.samples_seen)
+        window += train_step(model, optimizer, micro_batches, dist, precision, cfg.grad_clip_norm, seeds, guard)
         state.step += 1
         state.samples_seen += plan.global_batch_size
+        bad_steps = bad_steps + 1 if guard.bad_step else 0
         window_steps += 1
         metrics.advance(1)
 
-        if state.step % log_every == 0 or state.step == plan.max_steps:
-            # One allreduce per logged step (not per step): the only cross-rank sync besides gradients.
-            totals = dist.allreduce_sum(window, name="metrics").tolist()
-            seconds = time.perf_counter() - window_start
-            stat = dict(zip(STAT_NAMES, totals))
-            micro = max(stat["micro_batches"], 1.0)
-            last_record = {
-                "step": state.step,
-                "loss": stat["loss"] / micro,
-                "mlm_loss": stat["mlm_loss"] / micro,
-                "mlm_accuracy": stat["mlm_correct"] / max(stat["mlm_count"], 1.0),
-                "lr": lr,
-                "workers": plan.workers,
-                "global_batch_size": plan.global_batch_size,
-                "micro_batch_size": plan.micro_batch_size,
-                "accumulation_steps": plan.accumulation_steps,
-                "seq_per_s": window_steps * plan.global_batch_size / seconds,
-                "tokens_per_s": stat["tokens"] / seconds,
-                "samples_seen": state.samples_seen,
-                "data_wait_fraction": data_wait_seconds / seconds,
-            }
-            if stream.data.has_nsp:
-                last_record["nsp_loss"] = stat["nsp_loss"] / micro
+        if state.step % cfg.log_every == 0 or state.step == plan.max_steps or guard.stop_agreed:
+            last_record = log_window(window, window_steps, time.perf_counter() - window_start, data_wait_seconds,
+                                     lr, plan, state, precision, stream.data.has_nsp, dist)
             metrics.log(last_record)
             window.zero_()
             window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
+        if bad_steps > cfg.max_bad_steps:
+            path = checkpointer.save_diagnostic(state) if checkpointer else None
+            raise TrainingDiverged(f"{bad_steps} consecutive steps (up to step {state.step}) had a non-finite "
+                                   f"loss, more than train.max_bad_steps = {cfg.max_bad_steps}; diagnostic "
+                                   f"checkpoint: {path}; lower optim.lr or check the data")
+        if after_step is not None:
+            after_step(state)
+        if guard.stop_agreed:
+            stopped = stop.signal_name if stop is not None and stop.requested else "signal on another rank"
+            break
+        if checkpointer and state.step % checkpointer.every_steps == 0:
+            checkpointer.save(state)
+    if checkpointer and (stopped or state.step % checkpointer.every_steps):
+        checkpointer.save(state)  # the end of the run, or a preemption: never lose a step
     seconds = time.perf_counter() - run_start
-    steps = state.step - first_step
     return {
         "steps": state.step,
         "samples_seen": state.samples_seen,
         "final_loss": last_record["loss"] if last_record else float("nan"),
-        "mean_seq_per_s": steps * plan.global_batch_size / seconds if seconds > 0 else 0.0,
+        "mean_seq_per_s": (state.step - first_step) * plan.global_batch_size / seconds if seconds > 0 else 0.0,
+        "stopped_by": stopped,
+        "scaler_skipped_steps": precision.skipped_steps,
     }
+
+
+def log_window(window: torch.Tensor, window_steps: int, seconds: float, data_wait_seconds: float, lr: float,
+               plan: Plan, state: TrainState, precision: Precision, has_nsp: bool, dist: SingleProcess) -> dict:
+    """The metrics record of the steps since the last one: one allreduce (the only cross-rank sync
+    besides gradients and the step flags)."""
+    stat = dict(zip(STAT_NAMES, dist.allreduce_sum(window, name="metrics").tolist()))
+    micro = max(stat["micro_batches"], 1.0)
+    record = {
+        "step": state.step,
+        "loss": stat["loss"] / micro,
+        "mlm_loss": stat["mlm_loss"] / micro,
+        "mlm_accuracy": stat["mlm_correct"] / max(stat["mlm_count"], 1.0),
+        "lr": lr,
+        "workers": plan.workers,
+        "global_batch_size": plan.global_batch_size,
+        "micro_batch_size": plan.micro_batch_size,
+        "accumulation_steps": plan.accumulation_steps,
+        "seq_per_s": window_steps * plan.global_batch_size / seconds,
+        "tokens_per_s": stat["tokens"] / seconds,
+        "samples_seen": state.samples_seen,
+        "data_wait_fraction": data_wait_seconds / seconds,
+    }
+    if has_nsp:
+        record["nsp_loss"] = stat["nsp_loss"] / micro
+    if precision.scaler is not None:
+        record["scaler_skipped_steps"] = precision.skipped_steps
+    return record

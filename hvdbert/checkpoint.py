@@ -1,0 +1,351 @@
+"""Checkpoints: atomic writes, safe reads, resume and phase-2 initialisation.
+
+    RUN_DIR/checkpoints/step-<N>/
+        model.safetensors   weights, BertForPreTraining's names (tied tensors stored once)
+        training.pt         optimizer state, GradScaler state, RNG states (read with weights_only=True)
+        recipe.json         the fully resolved recipe and plan the run was trained with
+        state.json          step, samples seen (= data position), world size, tokenizer hash,
+                            and the sha256 of every file above; written last
+
+Rank 0 writes into `checkpoints/.step-<N>.partial-<pid>/`, fsyncs every file and the directory, then
+renames it to `step-<N>`: a directory named `step-<N>` is always complete. A reader still checks the
+sha256 sums, so a checkpoint damaged later (a truncated copy, a full disk on another tool's side) is
+skipped by `--resume auto` with a warning rather than loaded. Nothing here unpickles code: weights are
+safetensors and the rest goes through `torch.load(weights_only=True)`, which refuses any pickle that
+would call a function other than torch's tensor rebuilders.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hvdbert.errors import UsageError
+
+log = logging.getLogger("hvdbert")
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+WEIGHTS, TRAINING, RECIPE, STATE = "model.safetensors", "training.pt", "recipe.json", "state.json"
+POSITION_EMBEDDINGS = "bert.embeddings.position_embeddings.weight"
+WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
+
+
+class CorruptCheckpoint(UsageError):
+    """A checkpoint directory that cannot be trusted: missing files, wrong sums, unsafe pickles."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each storage once: BertForPreTraining ties the MLM decoder to the word
+    embeddings, and safetensors refuses to store two names for one tensor."""
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        weights[name] = tensor.detach().to("cpu").contiguous()
+    return weights
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, resolved_recipe: dict) -> Path:
+    """Write one complete checkpoint atomically to `directory` (which must not exist yet)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        save_file(model_weights(model), str(temporary / WEIGHTS), metadata={"format": "pt"})
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng_states()}, temporary / TRAINING)
+        (temporary / RECIPE).write_text(json.dumps(resolved_recipe, indent=2) + "\n", encoding="utf-8")
+        files = {name: sha256(temporary / name) for name in (WEIGHTS, TRAINING, RECIPE)}
+        state = {"format_version": FORMAT_VERSION, **progress, "files": files}
+        (temporary / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        for name in (*files, STATE):
+            _fsync(temporary / name)
+        _fsync(temporary)
+        if directory.exists():  # a diagnostic checkpoint written twice at one step: replace it
+            shutil.rmtree(directory)
+        os.rename(temporary, directory)
+        _fsync(directory.parent)  # the rename itself survives a crash
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return directory
+
+
+def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """`step-<N>` directories under RUN_DIR/checkpoints, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (and drop partial directories of dead writers)."""
+    for _, path in step_dirs(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (Path(run_dir) / CHECKPOINTS).glob(".step-*.partial-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict  # state.json
+    recipe: dict  # recipe.json
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(self.path / WEIGHTS))
+        except (SafetensorError, OSError) as error:
+            raise CorruptCheckpoint(f"{self.path / WEIGHTS}: not readable safetensors: {error}") from None
+
+    def training(self) -> dict:
+        """Optimizer, scaler and RNG states. weights_only=True: tensors and plain containers only."""
+        try:
+            return torch.load(self.path / TRAINING, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CorruptCheckpoint(
+                f"{self.path / TRAINING}: refused: not a plain tensor checkpoint ({first_line})"
+            ) from None
+
+
+def open_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
+    """Read state.json and recipe.json of a complete checkpoint; check the files' sha256 sums."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"checkpoint {path} does not exist; pass a RUN_DIR/checkpoints/step-<N> "
+                         "directory or --resume auto")
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        recipe = json.loads((path / RECIPE).read_text(encoding="utf-8"))
+        files = state["files"]
+        int(state["step"]), int(state["samples_seen"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CorruptCheckpoint(f"{path} is not a complete hvdbert checkpoint ({type(error).__name__}: "
+                                f"{error})") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CorruptCheckpoint(f"{path}: checkpoint format {state.get('format_version')}; this hvdbert "
+                                f"reads format {FORMAT_VERSION}")
+    if verify:
+        for name in (WEIGHTS, TRAINING, RECIPE):
+            if not (path / name).is_file():
+                raise CorruptCheckpoint(f"{path} is not a complete hvdbert checkpoint: {name} is missing")
+            if sha256(path / name) != files.get(name):
+                raise CorruptCheckpoint(f"{path / name} is damaged: its sha256 differs from state.json's")
+    return Checkpoint(path, state, recipe)
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint in RUN_DIR; damaged ones are skipped with a warning."""
+    for _, path in reversed(step_dirs(run_dir)):
+        try:
+            return open_checkpoint(path)
+        except CorruptCheckpoint as error:
+            log.warning("hvdbert: skipping checkpoint %s: %s", path, error)
+    return None
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Checkpoint | None:
+    """`--resume auto` (the newest good checkpoint, or None: start afresh) or a checkpoint directory."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    return open_checkpoint(Path(resume))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks and loading
+
+
+def check_compatible(checkpoint: Checkpoint, model_fields: dict, tokenizer_sha256: str,
+                     allow_longer_positions: bool = False) -> None:
+    """Refuse a checkpoint of another model shape or vocabulary (one line, naming the differences)."""
+    saved = checkpoint.recipe.get("model", {})
+    keys = sorted(set(saved) | set(model_fields))
+    differ = [k for k in keys if saved.get(k) != model_fields.get(k)
+              and not (allow_longer_positions and k == "max_position_embeddings")]
+    if differ:
+        listed = ", ".join(f"model.{k} = {saved.get(k)!r} there, {model_fields.get(k)!r} here" for k in differ)
+        raise UsageError(f"checkpoint {checkpoint.path} is of a different model: {listed}; "
+                         "use the recipe it was trained with")
+    if allow_longer_positions:
+        old = saved.get("max_position_embeddings", 512)
+        new = model_fields.get("max_position_embeddings", 512)
+        if new < old:
+            raise UsageError(f"checkpoint.init_from {checkpoint.path} has {old} position embeddings but "
+                             f"model.max_position_embeddings = {new}; it can only grow")
+    saved_tokenizer = checkpoint.state.get("tokenizer_sha256")
+    if saved_tokenizer and saved_tokenizer != tokenizer_sha256:
+        raise UsageError(f"checkpoint {checkpoint.path} was trained with another tokenizer (vocabulary "
+                         f"sha256 {saved_tokenizer[:12]}, the data has {tokenizer_sha256[:12]}); "
+                         "pass the --data it was trained on")
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path,
+                 extend_positions: bool = False) -> None:
+    """Copy checkpoint weights into `model`. With extend_positions, a checkpoint with fewer position
+    embeddings fills the first rows and the new rows keep their fresh initialisation (phase 2 at
+    512 tokens from a phase 1 trained at 128)."""
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if name not in own:
+            raise CorruptCheckpoint(f"{source}: unexpected tensor {name}: not a BertForPreTraining of this shape")
+        target = own[name]
+        if name == POSITION_EMBEDDINGS and extend_positions and tensor.shape[0] < target.shape[0]:
+            with torch.no_grad():
+                target[: tensor.shape[0]].copy_(tensor)
+            continue
+        if tensor.shape != target.shape:
+            raise UsageError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model "
+                             f"{tuple(target.shape)}: use the recipe it was trained with")
+        with torch.no_grad():
+            target.copy_(tensor)
+    loaded = {t.data_ptr() for n, t in own.items() if n in weights}
+    missing = [n for n, t in own.items() if n not in weights and t.data_ptr() not in loaded]
+    if missing:
+        raise CorruptCheckpoint(f"{source}: missing tensors {', '.join(missing[:3])}")
+
+
+def restore_training(checkpoint: Checkpoint, model, optimizer, scaler) -> None:
+    """Model, optimizer, GradScaler and RNG state from `checkpoint` (rank 0; broadcast afterwards)."""
+    load_weights(model, checkpoint.weights(), checkpoint.path / WEIGHTS)
+    training = checkpoint.training()
+    try:
+        optimizer.load_state_dict(training["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise UsageError(f"{checkpoint.path / TRAINING}: optimizer state does not fit this optimizer "
+                         f"({error}); resume with the optim.name it was trained with") from None
+    if scaler is not None and training.get("scaler"):
+        scaler.load_state_dict(training["scaler"])
+    torch.set_rng_state(training["rng"]["torch"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Stop requests (preemption)
+
+
+class StopRequest:
+    """Set by SIGTERM (SLURM preemption, `scancel`, Kubernetes) or SIGINT; the training loop finishes
+    its step, agrees with the other ranks to stop, saves a checkpoint and exits 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("hvdbert: %s received: finishing this step, then saving a checkpoint", self.signal_name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop's view
+
+
+class Checkpointer:
+    """Saves the whole training state every `every_steps` steps and on demand; rank 0 writes, every
+    rank waits for it (so no rank exits, or is preempted, before the checkpoint is complete)."""
+
+    def __init__(self, run_dir: Path, every_steps: int, keep: int, dist, model, optimizer, precision,
+                 resolved_recipe: dict, tokenizer_sha256: str):
+        self.run_dir = Path(run_dir)
+        self.every_steps = every_steps
+        self.keep = keep
+        self.dist = dist
+        self.model = model
+        self.optimizer = optimizer
+        self.precision = precision
+        self.resolved_recipe = resolved_recipe
+        self.tokenizer_sha256 = tokenizer_sha256
+
+    def _progress(self, state, kind: str) -> dict:
+        plan = self.resolved_recipe["plan"]
+        return {**state.state_dict(), "kind": kind,
+                "data_position": state.samples_seen,  # global sample units: any worker count resumes here
+                "world_size": self.dist.size, "global_batch_size": plan["global_batch_size"],
+                "accumulation_steps": plan["accumulation_steps"],
+                "lr_schedule": {"note": "lr is a function of step (optim.lr_at)", **{
+                    k: plan[k] for k in ("lr", "warmup_steps", "max_steps", "decay_power", "end_lr")}},
+                "scaler_skipped_steps": self.precision.skipped_steps,
+                "tokenizer_sha256": self.tokenizer_sha256}
+
+    def _write(self, directory: Path, state, kind: str) -> Path:
+        if self.dist.rank == 0:
+            write_checkpoint(directory, self.model, self.optimizer, self.precision.scaler,
+                             self._progress(state, kind), self.resolved_recipe)
+        self.dist.barrier()
+        return directory
+
+    def save(self, state) -> Path:
+        directory = self.run_dir / CHECKPOINTS / f"step-{state.step}"
+        if directory.is_dir():  # e.g. a resumed run that had nothing left to do
+            return directory
+        self._write(directory, state, "regular")
+        if self.dist.rank == 0:
+            prune(self.run_dir, self.keep)
+            log.info("hvdbert: checkpoint %s (%d samples seen)", directory, state.samples_seen)
+        return directory
+
+    def save_diagnostic(self, state) -> Path:
+        """The state when training diverged, under a name `--resume auto` never picks."""
+        return self._write(self.run_dir / CHECKPOINTS / f"diagnostic-step-{state.step}", state, "diagnostic")
