@@ -1,0 +1,169 @@
+# shellcheck shell=bash disable=SC2034  # variables here are read by the scripts that source it
+# Shared by launch/local.sh, launch/multinode.sh and launch/mpirun.sh (sourced, not run): the
+# settings every launcher takes, the command line for `python -m hvdbert.pretrain`, and the
+# pre-flight check of the worker count.
+#
+# Each setting comes from a flag or an environment variable (the flag wins):
+#   --recipe FILE  / RECIPE   recipe TOML                      (default recipes/tiny.toml)
+#   --data DIR     / DATA     output of `hvdbert.prepare`      (default empty: the embedded corpus)
+#   --output DIR   / OUTPUT   run directory                    (default runs/<recipe name>)
+#   -n, --np N     / NP       number of worker processes
+#   -H, --hosts / HOSTS, --hostfile / HOSTFILE   where they run (multinode.sh, mpirun.sh)
+#   PYTHON, HOROVODRUN        the interpreter and horovodrun   (default: `python`, `horovodrun` on PATH)
+# Every other argument goes to `python -m hvdbert.pretrain` unchanged (`--set k=v`, `--resume auto`);
+# a `--` ends the launcher's own flags. -h, --help prints the launcher's own header.
+
+PYTHON=${PYTHON:-python}
+HOROVODRUN=${HOROVODRUN:-horovodrun}
+RECIPE=${RECIPE:-recipes/tiny.toml}
+DATA=${DATA:-}
+OUTPUT=${OUTPUT:-}
+NP=${NP:-}
+passthrough=()    # arguments for hvdbert.pretrain that the launcher does not interpret
+consumed=0        # set by parse_common_option
+pretrain_cmd=()   # set by finish_settings: the training command
+plan_args=()      # set by finish_settings: the recipe and overrides, for hvdbert.plan
+
+die() { # die MESSAGE: one line on stderr, exit status 2 (bad input, as every hvdbert command)
+    printf '%s: error: %s\n' "$(basename "$0")" "$*" >&2
+    exit 2
+}
+
+# parse_common_option "$@": consumes one launcher flag shared by all launchers; sets `consumed` to
+# the number of words it used, or returns 1 when "$1" is not one of them.
+parse_common_option() {
+    case $1 in
+        --recipe|--data|--output|-n|--np|-np)
+            [ $# -ge 2 ] || die "$1 needs a value"
+            case $1 in
+                --recipe) RECIPE=$2 ;;
+                --data) DATA=$2 ;;
+                --output) OUTPUT=$2 ;;
+                *) NP=$2 ;;
+            esac
+            consumed=2 ;;
+        --recipe=*) RECIPE=${1#*=}; consumed=1 ;;
+        --data=*) DATA=${1#*=}; consumed=1 ;;
+        --output=*) OUTPUT=${1#*=}; consumed=1 ;;
+        --np=*) NP=${1#*=}; consumed=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# usage: prints the comment block at the top of the launcher, which documents it.
+usage() {
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/ { sub(/^# ?/, ""); print }' "$0"
+}
+
+# finish_settings: validates the settings and builds the arrays `pretrain_cmd` and `plan_args`.
+finish_settings() {
+    check_count "the worker count (NP or --np)" "$NP"
+    [ -f "$RECIPE" ] || die "recipe '$RECIPE' not found (set RECIPE or --recipe to a TOML file under recipes/)"
+    if [ -z "$OUTPUT" ]; then
+        local name
+        name=$(basename "$RECIPE")
+        OUTPUT=runs/${name%.toml}
+    fi
+    pretrain_cmd=("$PYTHON" -m hvdbert.pretrain --recipe "$RECIPE")
+    if [ -n "$DATA" ]; then
+        pretrain_cmd+=(--data "$DATA")
+    fi
+    pretrain_cmd+=(--output "$OUTPUT" "${passthrough[@]}")
+
+    # hvdbert.plan sees the recipe as the training will: with the same --set overrides.
+    plan_args=(--recipe "$RECIPE")
+    local i=0 count=${#passthrough[@]}
+    while [ "$i" -lt "$count" ]; do
+        case ${passthrough[i]} in
+            --set)
+                if [ $((i + 1)) -lt "$count" ]; then
+                    plan_args+=(--set "${passthrough[i + 1]}")
+                fi
+                i=$((i + 2)) ;;
+            --set=*) plan_args+=("${passthrough[i]}"); i=$((i + 1)) ;;
+            *) i=$((i + 1)) ;;
+        esac
+    done
+}
+
+# hostfile_to_hosts FILE: `host slots=N` / `host:N` / `host` lines -> host:N,host:N.
+# (horovodrun's own --hostfile parser accepts neither comments nor blank lines, so
+# launch/multinode.sh reads the file here and hands it over as -H.)
+hostfile_to_hosts() {
+    sed -e 's/#.*//' "$1" | awk '
+        NF == 0 { next }
+        {
+            host = $1; slots = 1
+            if (host ~ /:/) { split(host, part, ":"); host = part[1]; slots = part[2] }
+            for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) slots = substr($i, 7)
+            printf "%s%s:%s", (n++ ? "," : ""), host, slots
+        }'
+}
+
+# total_slots HOSTS: the sum of the slots in host:N,host:N (a host without :N has one).
+total_slots() {
+    local entry total=0
+    local -a entries
+    IFS=, read -r -a entries <<<"$1"
+    for entry in "${entries[@]}"; do
+        case $entry in
+            *:*) total=$((total + ${entry##*:})) ;;
+            *) total=$((total + 1)) ;;
+        esac
+    done
+    printf '%s' "$total"
+}
+
+# resolve_hosts: turns HOSTFILE (when set) into HOSTS, checks that HOSTS reads host:N,host:N, and
+# defaults NP to the total number of slots. Leaves an empty HOSTS empty.
+resolve_hosts() {
+    if [ -n "$HOSTFILE" ]; then
+        [ -f "$HOSTFILE" ] || die "hostfile '$HOSTFILE' not found"
+        [ -z "$HOSTS" ] || die "give either --hosts (HOSTS) or --hostfile (HOSTFILE), not both"
+        HOSTS=$(hostfile_to_hosts "$HOSTFILE")
+        [ -n "$HOSTS" ] || die "hostfile '$HOSTFILE' names no host"
+    fi
+    [ -n "$HOSTS" ] || return 0
+    local host_pattern='[A-Za-z0-9._-]+(:[0-9]+)?'
+    [[ $HOSTS =~ ^$host_pattern(,$host_pattern)*$ ]] ||
+        die "hosts must read host1:4,host2:4 (host:slots, comma-separated), got '$HOSTS'"
+    NP=${NP:-$(total_slots "$HOSTS")}
+}
+
+# check_plan N...: fail fast, before any process starts, on a worker count that the recipe cannot
+# use (it must divide the global batch). `hvdbert.plan` prints one line naming the problem and
+# exits 2; so does the launcher then.
+check_plan() {
+    local workers checked=' '
+    need_command "$PYTHON" PYTHON
+    for workers in "$@"; do
+        case $checked in *" $workers "*) continue ;; esac
+        "$PYTHON" -m hvdbert.plan "${plan_args[@]}" --workers "$workers" >/dev/null || exit
+        checked="$checked$workers "
+    done
+}
+
+# check_count NAME VALUE: VALUE must be a positive integer.
+check_count() {
+    case $2 in
+        ''|*[!0-9]*|0) die "$1 must be a positive integer, got '$2'" ;;
+    esac
+}
+
+# need_command PROGRAM SETTING: exit 127 with one line when PROGRAM cannot be run.
+need_command() {
+    command -v "$1" >/dev/null 2>&1 && return 0
+    printf '%s: error: %s not found; activate the environment (. .venv/bin/activate) or set %s\n' \
+        "$(basename "$0")" "$1" "$2" >&2
+    exit 127
+}
+
+# run_logged CMD...: shows the exact command line, then replaces this shell with it, so that
+# signals (Ctrl-C, SIGTERM from a scheduler) reach the launcher directly.
+run_logged() {
+    printf '+' >&2
+    printf ' %q' "$@" >&2
+    printf '\n' >&2
+    exec "$@"
+}
