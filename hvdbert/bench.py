@@ -305,11 +305,6 @@ def device_name(device: torch.device) -> str:
 def find_max_batch(recipe: Recipe, data_dir: Path | None, dist: SingleProcess) -> dict:
     """The largest micro-batch for which two training steps fit in GPU memory: double until CUDA
     runs out of memory, then bisect between the last fit and the first failure."""
-    if not torch.cuda.is_available():
-        raise UsageError("--find-max-batch needs a CUDA GPU (it searches for the largest micro-batch "
-                         "before CUDA runs out of memory); on CPU the bench JSON's peak_memory_bytes "
-                         "gives the resident memory of a run instead")
-
     def fits(micro: int) -> bool:
         trial = dataclasses.replace(recipe, batch=dataclasses.replace(
             recipe.batch, micro_batch_size=micro, global_batch_size=micro * dist.size))
@@ -606,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     shape_sets = [f"model.{k}={v}" for k, v in SHAPES[args.shape].items()] if args.shape else []
     recipe = load_recipe(args.recipe, [*shape_sets, *args.set])  # bad recipes fail before anything runs
+    if args.find_max_batch and not torch.cuda.is_available():
+        raise UsageError("--find-max-batch needs a CUDA GPU (it searches for the largest micro-batch "
+                         "before CUDA runs out of memory); on CPU the bench JSON's peak_memory_bytes "
+                         "gives the resident memory of a run instead")
     for workers in args.worker_counts:
         make_plan(load_recipe(args.recipe, bench_overrides(args.shape, workers, 1, args.set, args.recipe)),
                   workers)
