@@ -49,16 +49,16 @@ from pathlib import Path
 import torch
 
 from hvdbert.config import Recipe, load_recipe
-from hvdbert.data.loader import BatchStream, StreamLayout
-from hvdbert.data.masking import MaskingRule
+from hvdbert.data.loader import BatchStream
 from hvdbert.data.shards import PreparedData
 from hvdbert.dist import SingleProcess, init_distributed
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.model import build_model, count_parameters
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import make_plan
-from hvdbert.pretrain import choose_device, open_data
-from hvdbert.train import STAT_NAMES, Precision, train_step
+from hvdbert.optim import lr_at, set_lr
+from hvdbert.pretrain import choose_device, open_data, open_stream
+from hvdbert.train import STAT_NAMES, Precision, StepGuard, dropout_seeds, train_step
 
 log = logging.getLogger("hvdbert.bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
 
 class StepTimer:
     """The distributed layer with clocks on it: train_step calls synchronize() after its last
-    backward and skip_synchronize() around optimizer.step(), so timing those two calls splits a step
+    backward (and wait() for the step guard's flags right after), so timing those calls splits a step
     into forward+backward, gradient sync and optimizer without changing train_step."""
 
     def __init__(self, dist: SingleProcess, device: torch.device):
@@ -174,6 +174,15 @@ class StepTimer:
         self.dist.synchronize(optimizer)
         self._mark = self._now()
         self.seconds["gradient_sync"] += self._mark - now
+
+    def wait(self, handle):
+        # the step guard's flags, reduced together with the gradients: part of the sync wait
+        now = self._now()
+        self.seconds["optimizer"] += now - self._mark
+        result = self.dist.wait(handle)
+        self._mark = self._now()
+        self.seconds["gradient_sync"] += self._mark - now
+        return result
 
     def end(self) -> None:
         self.seconds["optimizer"] += self._now() - self._mark
@@ -207,13 +216,7 @@ def build(recipe: Recipe, data_dir: Path | None, dist: SingleProcess, steps: int
                                     plan.accumulation_steps, recipe.dist.fp16_allreduce)
     init_state(optimizer)
     dist.broadcast_model_and_optimizer(model, optimizer)
-    special = data.manifest.special_token_ids
-    rule = MaskingRule(mask_prob=recipe.data.mask_prob, max_predictions=recipe.data.max_predictions_per_seq,
-                       mask_id=special["mask"], vocab_size=data.manifest.vocab_size,
-                       special_ids=(special["pad"], special["cls"], special["sep"]))
-    layout = StreamLayout(dist.size, dist.rank, plan.micro_batch_size, plan.accumulation_steps)
-    stream = BatchStream(data, layout, rule, recipe.train.seed, 0, recipe.data.prefetch_batches,
-                         pin_memory=device.type == "cuda")
+    stream = open_stream(data, recipe, plan, dist, 0, device)
     return Setup(dist, device, data, model, optimizer, stream, Precision.create(recipe.train.precision, device))
 
 
@@ -230,6 +233,7 @@ def measure(recipe: Recipe, setup: Setup, warmup_steps: int, steps: int) -> dict
     dist.barrier()
 
     tokens = torch.zeros((), dtype=torch.float64, device=device)
+    guard = StepGuard()
     start = 0.0
     for step in range(warmup_steps + steps):
         if step == warmup_steps:  # the timed window starts here
@@ -242,9 +246,13 @@ def measure(recipe: Recipe, setup: Setup, warmup_steps: int, steps: int) -> dict
         wait_start = time.perf_counter()
         micro_batches = setup.stream.next_step()
         timer.seconds["data_wait"] += time.perf_counter() - wait_start
+        # What train() does around train_step: the LR schedule, per-micro-batch dropout seeds and the
+        # step guard (stop / non-finite flags, fused with the gradient allreduce).
+        set_lr(setup.optimizer, lr_at(step, plan))
+        seeds = dropout_seeds(recipe.train.seed, setup.stream.layout, step * plan.global_batch_size)
         timer.begin()
         stats = train_step(setup.model, setup.optimizer, micro_batches, timer, setup.precision,
-                           recipe.train.grad_clip_norm)
+                           recipe.train.grad_clip_norm, seeds, guard)
         timer.end()
         tokens += stats[tokens_index]
     synchronize(device)
