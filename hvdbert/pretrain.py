@@ -127,7 +127,7 @@ def open_stream(data: PreparedData, recipe: Recipe, plan: Plan, dist: SingleProc
 
 
 def resolved_recipe(recipe: Recipe, plan: Plan, data: PreparedData) -> dict:
-    return {**recipe.to_dict(), "plan": plan.to_dict(), "data_dir": str(data.directory)}
+    return {**recipe.to_dict(), "plan": plan.to_dict(), "data_dir": str(data.directory), "with_nsp": data.has_nsp}
 
 
 def _keep_first_lines(path: Path, keep) -> None:

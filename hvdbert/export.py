@@ -1,0 +1,88 @@
+"""Export a checkpoint as a transformers model directory (save_pretrained, safetensors) with its tokenizer.
+
+    python -m hvdbert.export --run RUN_DIR --output HF_DIR [--checkpoint CHECKPOINT_DIR]
+
+The newest complete checkpoint of RUN_DIR is exported unless --checkpoint names one. The result loads
+offline with `AutoModelForMaskedLM.from_pretrained(HF_DIR)`, `pipeline("fill-mask", model=HF_DIR)`,
+and, when the run trained next-sentence prediction, `BertForPreTraining.from_pretrained(HF_DIR)`.
+MLM-only runs are written as BertForMaskedLM: their pooler and NSP head were never trained.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hvdbert import checkpoint
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+
+
+def build_exported(found: checkpoint.Checkpoint):
+    """The transformers model holding `found`'s weights (BertForPreTraining or BertForMaskedLM)."""
+    from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+
+    config = BertConfig(**found.recipe["model"])
+    pretraining = BertForPreTraining(config)
+    checkpoint.load_weights(pretraining, found.weights(), found.path / checkpoint.WEIGHTS)
+    if found.recipe.get("with_nsp", False):
+        model = pretraining
+    else:
+        model = BertForMaskedLM(config)
+        missing, unexpected = model.bert.load_state_dict(pretraining.bert.state_dict(), strict=False)
+        if missing or any(not key.startswith("pooler.") for key in unexpected):
+            raise UsageError(f"{found.path}: cannot map the encoder onto BertForMaskedLM ({missing or unexpected})")
+        model.cls.predictions.load_state_dict(pretraining.cls.predictions.state_dict())
+    model.config.architectures = [type(model).__name__]
+    return model.eval()
+
+
+def export(found: checkpoint.Checkpoint, tokenizer_dir: Path, output: Path) -> None:
+    """Write model and tokenizer to a temporary directory beside `output`, then rename it."""
+    from transformers import AutoTokenizer
+
+    if output.exists() and any(output.iterdir()):
+        raise UsageError(f"--output {output} already exists and is not empty; choose a new directory")
+    if not (tokenizer_dir / "tokenizer_config.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
+        raise UsageError(f"tokenizer not found in {tokenizer_dir} (the run's DATA_DIR/tokenizer); pass --tokenizer DIR")
+    model = build_exported(found)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        model.save_pretrained(str(temporary))  # safetensors
+        tokenizer.save_pretrained(str(temporary))
+        if output.exists():
+            output.rmdir()  # empty, checked above
+        os.rename(temporary, output)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+@cli_entry("hvdbert.export")
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m hvdbert.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="run directory (hvdbert.pretrain --output)")
+    parser.add_argument("--output", required=True, type=Path, help="new transformers model directory")
+    parser.add_argument("--checkpoint", type=Path, help="export this checkpoint instead of the newest one")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: DATA_DIR/tokenizer of the run)")
+    args = parser.parse_args(argv)
+    if args.checkpoint:
+        found = checkpoint.open_checkpoint(args.checkpoint)
+    else:
+        if not args.run.is_dir():
+            raise UsageError(f"--run {args.run} does not exist; pass a directory hvdbert.pretrain wrote")
+        found = checkpoint.latest_checkpoint(args.run)
+        if found is None:
+            raise UsageError(f"--run {args.run} holds no complete checkpoint under checkpoints/step-<N>")
+    tokenizer_dir = args.tokenizer or Path(found.recipe.get("data_dir", "")) / "tokenizer"
+    export(found, tokenizer_dir, args.output)
+    kind = "BertForPreTraining" if found.recipe.get("with_nsp", False) else "BertForMaskedLM"
+    print(f"hvdbert: exported {found.path} (step {found.step}) to {args.output} as {kind} with its tokenizer")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

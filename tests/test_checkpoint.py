@@ -1,0 +1,211 @@
+"""Checkpoint files: round trip, atomicity and pruning, damaged and malicious checkpoints, bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, TINY, read_metrics, run_module
+from hvdbert import checkpoint
+from hvdbert.checkpoint import Checkpointer, CorruptCheckpoint, open_checkpoint
+from hvdbert.config import load_recipe
+from hvdbert.dist import SingleProcess
+from hvdbert.model import build_model
+from hvdbert.optim import build_optimizer, init_state
+from hvdbert.plan import make_plan
+from hvdbert.train import Precision, TrainState
+
+SMALL = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "intermediate_size": 32, "max_position_embeddings": 32}
+
+
+def small_training(seed: int):
+    recipe = load_recipe(TINY)
+    recipe.model = dict(SMALL)
+    plan = make_plan(recipe, 1)
+    torch.manual_seed(seed)
+    model = build_model(recipe.model, with_nsp=False)
+    optimizer = build_optimizer(model, recipe.optim, plan)
+    init_state(optimizer)
+    return recipe, plan, model, optimizer
+
+
+def take_step(model, optimizer) -> None:
+    ids = torch.randint(5, 64, (2, 16))
+    out = model(input_ids=ids)
+    out.prediction_logits.float().logsumexp(-1).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def checkpointer_for(run_dir: Path, recipe, plan, model, optimizer, keep=3) -> Checkpointer:
+    resolved = {**recipe.to_dict(), "plan": plan.to_dict(), "data_dir": "", "with_nsp": False}
+    return Checkpointer(run_dir, 2, keep, SingleProcess(), model, optimizer, Precision("fp32", torch.device("cpu")),
+                        resolved, tokenizer_sha256="t" * 64)
+
+
+def test_round_trip_restores_weights_optimizer_and_counters(tmp_path):
+    recipe, plan, model, optimizer = small_training(seed=1)
+    for _ in range(3):
+        take_step(model, optimizer)
+    path = checkpointer_for(tmp_path, recipe, plan, model, optimizer).save(TrainState(step=3, samples_seen=96))
+
+    _, _, other, other_optimizer = small_training(seed=2)  # different random weights
+    assert not torch.equal(other.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
+    found = open_checkpoint(path)
+    checkpoint.restore_training(found, other, other_optimizer, scaler=None)
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the decoder stays tied to the word embeddings after loading (stored once in safetensors)
+    assert other.cls.predictions.decoder.weight.data_ptr() == other.bert.embeddings.word_embeddings.weight.data_ptr()
+    for p, q in zip(optimizer.param_groups[0]["params"], other_optimizer.param_groups[0]["params"]):
+        assert torch.equal(optimizer.state[p]["exp_avg"], other_optimizer.state[q]["exp_avg"])
+        assert float(other_optimizer.state[q]["step"]) == 3.0
+    assert found.state["step"] == 3 and found.state["samples_seen"] == 96 and found.state["world_size"] == 1
+    assert found.recipe["model"] == SMALL
+    # and the restored optimizer continues exactly like the original
+    torch.manual_seed(7)
+    take_step(model, optimizer)
+    torch.manual_seed(7)
+    take_step(other, other_optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+
+
+def test_keep_prunes_old_checkpoints_and_partials_are_never_picked(tmp_path, caplog):
+    recipe, plan, model, optimizer = small_training(seed=1)
+    saver = checkpointer_for(tmp_path, recipe, plan, model, optimizer, keep=2)
+    for step in (2, 4, 6):
+        saver.save(TrainState(step=step, samples_seen=32 * step))
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [4, 6]
+    root = tmp_path / "checkpoints"
+    # a writer killed mid-write leaves only a hidden partial directory; a half-copied step dir has no state.json
+    (root / ".step-8.partial-123").mkdir()
+    shutil.copytree(root / "step-6", root / "step-10")
+    (root / "step-10" / "state.json").unlink()
+    # a damaged copy: right name, truncated weights
+    shutil.copytree(root / "step-6", root / "step-12")
+    weights = root / "step-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="hvdbert"):
+        found = checkpoint.latest_checkpoint(tmp_path)
+    assert found.step == 6
+    assert "step-12" in caplog.text and "damaged" in caplog.text and "step-10" in caplog.text
+
+
+class Payload:
+    """Unpickling this runs code: it touches a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def plant_malicious_pickle(checkpoint_dir: Path, marker: Path) -> None:
+    """Replace training.pt with a pickle that would run code, and fix the sha256 in state.json so
+    the checksum cannot be what stops it."""
+    target = checkpoint_dir / "training.pt"
+    target.write_bytes(pickle.dumps({"optimizer": Payload(marker)}))
+    state = json.loads((checkpoint_dir / "state.json").read_text())
+    state["files"]["training.pt"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (checkpoint_dir / "state.json").write_text(json.dumps(state))
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path):
+    recipe, plan, model, optimizer = small_training(seed=1)
+    path = checkpointer_for(tmp_path, recipe, plan, model, optimizer).save(TrainState(step=2, samples_seen=64))
+    marker = tmp_path / "pwned"
+    plant_malicious_pickle(path, marker)
+    pickle.loads(pickle.dumps(Payload(tmp_path / "proof")))  # the payload is live: plain pickle runs it
+    assert (tmp_path / "proof").exists()
+    found = open_checkpoint(path)  # checksums agree
+    with pytest.raises(CorruptCheckpoint, match="refused"):
+        found.training()
+    with pytest.raises(CorruptCheckpoint):
+        checkpoint.restore_training(found, model, optimizer, scaler=None)
+    assert not marker.exists()
+
+
+def test_position_embeddings_extend_for_phase_two():
+    _, _, short, _ = small_training(seed=1)
+    long_fields = {**SMALL, "max_position_embeddings": 64}
+    torch.manual_seed(3)
+    long = build_model(long_fields, with_nsp=False)
+    fresh_rows = long.bert.embeddings.position_embeddings.weight[32:].clone()
+    checkpoint.load_weights(long, checkpoint.model_weights(short), Path("phase1"), extend_positions=True)
+    positions = long.bert.embeddings.position_embeddings.weight
+    assert torch.equal(positions[:32], short.bert.embeddings.position_embeddings.weight)
+    assert torch.equal(positions[32:], fresh_rows)  # new positions keep their fresh initialisation
+    assert torch.equal(long.bert.encoder.layer[0].output.dense.weight, short.bert.encoder.layer[0].output.dense.weight)
+    with pytest.raises(Exception, match="position_embeddings"):
+        checkpoint.load_weights(long, checkpoint.model_weights(short), Path("phase1"), extend_positions=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input through the command line: one line, exit status 2, nothing overwritten
+
+SHORT = FAST + ["--set", "train.max_steps=4", "--set", "checkpoint.every_steps=2", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, hvdbert_env):
+    run_dir = tmp_path_factory.mktemp("bad-input") / "run"
+    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT], hvdbert_env)
+    return run_dir
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def refused(run_dir: Path, env, extra: list[str], expect: str) -> None:
+    before = snapshot(run_dir)
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT, *extra],
+                        env, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("hvdbert.pretrain: error: ") and expect in lines[-1], lines[-3:]
+    assert "Traceback" not in result.stderr
+    assert snapshot(run_dir) == before  # nothing written, nothing damaged
+
+
+@pytest.mark.multiprocess
+def test_bad_resume_input_exits_2_and_overwrites_nothing(finished_run, hvdbert_env, tmp_path):
+    assert [r["step"] for r in read_metrics(finished_run)] == [1, 2, 3, 4]
+    refused(finished_run, hvdbert_env, [], "already holds a run")
+    refused(finished_run, hvdbert_env, ["--resume", str(tmp_path / "no-such-checkpoint")], "does not exist")
+    refused(finished_run, hvdbert_env, ["--resume", "auto", "--set", "model.hidden_size=64",
+                                        "--set", "model.intermediate_size=256"],
+            "model.hidden_size = 128 there, 64 here")
+    data_dir = json.loads((finished_run / "recipe.json").read_text())["data_dir"]  # no new corpus to prepare
+    refused(finished_run, hvdbert_env, ["--resume", "auto", "--data", data_dir, "--set", "model.vocab_size=4100"],
+            "model.vocab_size = 4096 there, 4100 here")
+    fresh = tmp_path / "phase2"
+    fresh.mkdir()
+    refused(fresh, hvdbert_env, ["--set", f"checkpoint.init_from={tmp_path / 'missing-phase1'}"], "does not exist")
+    assert not (fresh / "metrics.jsonl").exists()
+
+
+@pytest.mark.multiprocess
+def test_malicious_checkpoint_is_refused_by_resume(finished_run, hvdbert_env, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    marker = tmp_path / "pwned"
+    plant_malicious_pickle(run_dir / "checkpoints" / "step-4", marker)
+    refused(run_dir, hvdbert_env, ["--resume", str(run_dir / "checkpoints" / "step-4")], "refused")
+    assert not marker.exists()
+    # --resume auto skips it with a warning and takes the previous complete checkpoint
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT,
+                                             "--resume", "auto"], hvdbert_env)
+    assert "skipping checkpoint" in result.stderr and "resumed from" in result.stderr and "step-2" in result.stderr
+    assert not marker.exists()
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    reference = read_metrics(finished_run)
+    assert abs(read_metrics(run_dir)[-1]["loss"] - reference[-1]["loss"]) <= 1e-6
