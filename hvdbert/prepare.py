@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from hvdbert.data.inputs import TEXT_MODES, ReadStats, Source, check_readable, iter_documents, resolve_inputs
+from hvdbert.data.inputs import FILE_FORMATS, TEXT_MODES, ReadStats, Source, check_readable, iter_documents, resolve_inputs
 from hvdbert.data.packing import MlmPacker, batched, nsp_pairs, split_sentences
 from hvdbert.data.shards import FORMATS, Manifest, PreparedData, token_dtype, write_shard
 from hvdbert.data.tokenizer import load_tokenizer, tokenizer_hash, train_wordpiece
@@ -374,6 +374,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--format", default="mlm", choices=FORMATS,
                         help="mlm: packed contiguous text; nsp: BERT sentence pairs")
+    parser.add_argument("--input-format", default="auto", choices=FILE_FORMATS,
+                        help="how to read files: auto (by suffix: .jsonl/.json, .parquet, else text)")
     parser.add_argument("--text-field", default="text", help="JSON lines / parquet / datasets column")
     parser.add_argument("--text-documents", default="blank-lines", choices=TEXT_MODES,
                         help="plain text: one document per line, or documents separated by blank lines")
@@ -399,7 +401,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sources = resolve_inputs(args.input)
+    sources = resolve_inputs(args.input, args.input_format)
     options = Options(
         sources=tuple(sources), seq_len=args.seq_len, format=args.format, text_field=args.text_field,
         text_mode=args.text_documents, word_segmented=args.word_segmented,

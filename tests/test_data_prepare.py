@@ -97,6 +97,12 @@ def test_every_input_kind_gives_the_same_sequences(tmp_path, tokenizer_dir):
             f.write(json.dumps({"id": i, "body": d}) + "\n")
     pq.write_table(pa.table({"body": documents}), inputs / "docs.parquet", row_group_size=7)
     datasets.Dataset.from_dict({"body": documents}).save_to_disk(str(inputs / "saved"))
+    extracted = inputs / "wiki" / "AA"  # WikiExtractor --json: JSON lines in files without a suffix
+    extracted.mkdir(parents=True)
+    for part in range(2):
+        with open(extracted / f"wiki_{part:02d}", "w", encoding="utf-8") as f:
+            for d in documents[part * 45:(part + 1) * 45]:
+                f.write(json.dumps({"id": "1", "text": d}) + "\n")
     split = inputs / "split"
     split.mkdir()
     for part in range(3):  # a directory of files, read in sorted order
@@ -110,6 +116,7 @@ def test_every_input_kind_gives_the_same_sequences(tmp_path, tokenizer_dir):
         "saved": ["--input", inputs / "saved", "--text-field", "body"],
         "directory": ["--input", split, "--text-documents", "lines"],
         "glob": ["--input", str(split / "part-*.txt"), "--text-documents", "lines"],
+        "wikiextractor": ["--input", str(inputs / "wiki" / "**" / "wiki_*"), "--input-format", "jsonl"],
     }
     results = {}
     for name, argv in cases.items():

@@ -2,7 +2,7 @@
 
 An input is `builtin` (the embedded corpus), a file, a directory, a glob, or `hf:NAME[:CONFIG]` (a
 hub dataset, passed to `datasets.load_dataset(..., streaming=True)`; needs a reachable hub). Files
-by extension: .jsonl/.json (JSON lines, one document per line, text under --text-field), .parquet
+by extension, unless --input-format says otherwise: .jsonl/.json (JSON lines, one document per line, text under --text-field), .parquet
 (read with `datasets`, column --text-field), anything else is plain text. A directory written by
 `datasets.save_to_disk` is read with `datasets.load_from_disk`; any other directory is searched
 recursively for files. Globs and directories are expanded in sorted order, so the document stream
@@ -58,7 +58,12 @@ def _is_saved_dataset(directory: Path) -> bool:
     return (directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file()
 
 
-def _file_source(path: Path) -> Source:
+FILE_FORMATS = ("auto", "text", "jsonl", "parquet")  # auto: by suffix
+
+
+def _file_source(path: Path, file_format: str = "auto") -> Source:
+    if file_format != "auto":
+        return Source(file_format, str(path))
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
         return Source("jsonl", str(path))
@@ -67,7 +72,7 @@ def _file_source(path: Path) -> Source:
     return Source("text", str(path))
 
 
-def _directory_sources(directory: Path) -> list[Source]:
+def _directory_sources(directory: Path, file_format: str) -> list[Source]:
     if _is_saved_dataset(directory):
         return [Source("saved", str(directory))]
     sources = []
@@ -75,12 +80,13 @@ def _directory_sources(directory: Path) -> list[Source]:
         relative = path.relative_to(directory).parts
         if any(part.startswith(".") for part in relative) or path.name in SKIPPED_NAMES:
             continue
-        sources.append(_file_source(path))
+        sources.append(_file_source(path, file_format))
     return sources
 
 
-def resolve_inputs(inputs: list[str]) -> list[Source]:
-    """Turn --input arguments into sources; a missing path or an empty expansion is an error."""
+def resolve_inputs(inputs: list[str], file_format: str = "auto") -> list[Source]:
+    """Turn --input arguments into sources; a missing path or an empty expansion is an error.
+    `file_format` forces how files are read (WikiExtractor's JSON files have no suffix, say)."""
     sources: list[Source] = []
     for text in inputs:
         if text == "builtin":
@@ -96,16 +102,17 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
                 raise UsageError(f"--input {text!r}: the pattern matches no file")
             for match in matches:
                 path = Path(match)
-                sources.extend(_directory_sources(path) if path.is_dir() else [_file_source(path)])
+                sources.extend(_directory_sources(path, file_format) if path.is_dir()
+                               else [_file_source(path, file_format)])
         else:
             path = Path(text)
             if path.is_dir():
-                found = _directory_sources(path)
+                found = _directory_sources(path, file_format)
                 if not found:
                     raise UsageError(f"--input {text}: the directory holds no input file")
                 sources.extend(found)
             elif path.is_file():
-                sources.append(_file_source(path))
+                sources.append(_file_source(path, file_format))
             else:
                 raise UsageError(
                     f"--input {text}: no such file or directory (give files, directories, globs, "
