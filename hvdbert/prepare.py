@@ -399,8 +399,17 @@ def parse_args(argv: list[str] | None):
 
 @cli_entry("hvdbert.prepare")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    comm = communicator()
+    try:
+        return _main(parse_args(argv), comm)
+    except UsageError:
+        if comm.rank != 0:  # under mpirun every rank fails alike; rank 0 alone says why
+            raise SystemExit(2) from None
+        raise
+
+
+def _main(args, comm) -> int:
+    logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.ERROR, format="%(message)s")
     sources = resolve_inputs(args.input, args.input_format)
     options = Options(
         sources=tuple(sources), seq_len=args.seq_len, format=args.format, text_field=args.text_field,
@@ -409,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         builtin_max_documents=args.builtin_max_documents,
     )
     manifest = prepare(options, args.output, args.tokenizer, args.vocab_size, args.lowercase, args.num_proc,
-                       args.tokenizer_documents, source=" ".join(args.input))
+                       args.tokenizer_documents, source=" ".join(args.input), comm=comm)
     if manifest is not None:
         print(f"wrote {manifest.num_sequences} sequences of {manifest.seq_len} tokens "
               f"({manifest.num_tokens} tokens, {manifest.num_documents} documents, {manifest.format}) "

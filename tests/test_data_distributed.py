@@ -51,7 +51,8 @@ def test_mpirun_bad_input_fails_on_every_rank_and_writes_nothing(tmp_path, hvdbe
                                             "--output", str(tmp_path / "out")], hvdbert_env, np=2,
                         launcher="mpirun", timeout=120, check=False)
     assert result.returncode == 2
-    assert "a.jsonl:2: no field 'text'" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "hvdbert.prepare: error:" in line]
+    assert len(errors) == 1 and "a.jsonl:2: no field 'text'" in errors[0]  # said once, by rank 0
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
 
