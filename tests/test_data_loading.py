@@ -100,6 +100,9 @@ def open_stream(data: PreparedData, layout: StreamLayout, start: int = 0, seed: 
 
 def test_nsp_batches_carry_the_pair_inputs(nsp_data):
     data = PreparedData(nsp_data)
+    # the shards are read where they lie (memory-mapped), never copied whole into memory
+    assert all(not column.flags.owndata and not column.flags.writeable
+               for columns in data._columns for column in columns.values())
     stream = open_stream(data, StreamLayout(1, 0, 16, 1), whole_word=True)
     try:
         (batch,) = stream.next_step()

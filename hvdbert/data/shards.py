@@ -168,22 +168,27 @@ class PreparedData:
             path = self.directory / shard["file"]
             if not path.is_file():
                 raise UsageError(f"{self.directory}: shard {shard['file']} listed in {MANIFEST} is missing")
-            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all().combine_chunks()
-            if table.num_rows != shard["num_sequences"]:
+            # Each record batch is used where it lies in the mapped file (no copy, no combine):
+            # a shard is indexed as its batches, one after the other.
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            rows_in_shard = sum(batch.num_rows for batch in batches)
+            if rows_in_shard != shard["num_sequences"]:
                 raise UsageError(
-                    f"{path}: holds {table.num_rows} sequences, {MANIFEST} says {shard['num_sequences']}"
+                    f"{path}: holds {rows_in_shard} sequences, {MANIFEST} says {shard['num_sequences']}"
                 )
-            columns = {}
-            for name in table.column_names:
-                chunk = table.column(name).chunk(0) if table.num_rows else None
-                if chunk is None:
+            for batch in batches:
+                if batch.num_rows == 0:
                     continue
-                if isinstance(chunk, pa.FixedSizeListArray):
-                    columns[name] = chunk.values.to_numpy(zero_copy_only=True).reshape(table.num_rows, -1)
-                else:
-                    columns[name] = chunk.to_numpy(zero_copy_only=True)
-            self._columns.append(columns)
-            counts.append(table.num_rows)
+                columns = {}
+                for name, column in zip(batch.schema.names, batch.columns):
+                    if isinstance(column, pa.FixedSizeListArray):
+                        values = column.values.to_numpy(zero_copy_only=True)
+                        columns[name] = values.reshape(batch.num_rows, -1)
+                    else:
+                        columns[name] = column.to_numpy(zero_copy_only=True)
+                self._columns.append(columns)
+                counts.append(batch.num_rows)
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         if self._offsets[-1] != self.manifest.num_sequences:
             raise UsageError(
