@@ -334,3 +334,16 @@ def test_command_line_exit_status(tmp_path, hvdbert_env):
     assert result.stderr.strip().splitlines() == [
         f"hvdbert.prepare: error: --input {tmp_path / 'nope'}: no such file or directory (give files, "
         "directories, globs, `builtin`, or hf:NAME for a hub dataset)"]
+
+
+def test_hub_dataset_without_a_hub_is_a_one_line_error(tmp_path, hvdbert_env, tokenizer_dir):
+    """hf:NAME goes to datasets.load_dataset(streaming=True); no hub is reachable here (offline)."""
+    from conftest import run_module
+
+    env = {**hvdbert_env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = run_module("hvdbert.prepare", ["--input", "hf:someone/some-corpus", "--tokenizer", str(tokenizer_dir),
+                                            "--output", str(tmp_path / "o")], env, check=False, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "hf:someone/some-corpus: cannot open the hub dataset" in lines[0]
+    assert nothing_written(tmp_path, "o")
