@@ -130,17 +130,16 @@ def resolved_recipe(recipe: Recipe, plan: Plan, data: PreparedData) -> dict:
     return {**recipe.to_dict(), "plan": plan.to_dict(), "data_dir": str(data.directory), "with_nsp": data.has_nsp}
 
 
-def _keep_first_lines(path: Path, keep) -> None:
-    """Rewrite `path` with only the lines `keep(index, line)` accepts (a resumed run drops what was
-    logged after its checkpoint, so the files read as if the run had never stopped)."""
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(l for i, l in enumerate(lines) if keep(i, l)), encoding="utf-8")
-        os.replace(temporary, path)
+def _rewrite_lines(path: Path, edit) -> None:
+    """Replace the lines of `path` (none if missing) by edit(lines), atomically. A resumed run drops
+    what was logged after its checkpoint, so the files read as if the run had never stopped."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(edit(lines)), encoding="utf-8")
+    os.replace(temporary, path)
 
 
-def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None) -> None:
+def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, sample_log_ranks: int) -> None:
     """A fresh run refuses a used directory; a resumed one (resume_step: its checkpoint's step, 0 when
     `--resume auto` found none) keeps metrics.jsonl and the sample-id logs up to that step."""
     if resume_step is None and (run_dir / "metrics.jsonl").exists():
@@ -148,9 +147,16 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None) -> N
                          "or continue it with --resume auto")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_step is not None:
-        _keep_first_lines(run_dir / "metrics.jsonl", lambda i, line: json.loads(line)["step"] <= resume_step)
-        for sample_log in (run_dir / "sample_ids").glob("rank-*.txt"):
-            _keep_first_lines(sample_log, lambda i, line: i < resume_step)
+        _rewrite_lines(run_dir / "metrics.jsonl",
+                       lambda lines: [line for line in lines if json.loads(line)["step"] <= resume_step])
+        # Line k of rank-<r>.txt is step k + 1: a rank that did not exist before the resume (another
+        # worker count) gets empty lines for the steps it did not run.
+        logs = set((run_dir / "sample_ids").glob("rank-*.txt"))
+        logs |= {run_dir / "sample_ids" / f"rank-{r}.txt" for r in range(sample_log_ranks)}
+        if sample_log_ranks:
+            (run_dir / "sample_ids").mkdir(exist_ok=True)
+        for sample_log in logs:
+            _rewrite_lines(sample_log, lambda lines: lines[:resume_step] + ["\n"] * (resume_step - len(lines)))
     temporary = run_dir / "recipe.json.tmp"
     temporary.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, run_dir / "recipe.json")
@@ -237,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def restore_and_prepare() -> str:
         outcome = restore_on_rank0(args, recipe, data, model, optimizer, precision, state)
-        prepare_run_dir(args.output, resolved, state.step if args.resume else None)
+        prepare_run_dir(args.output, resolved, state.step if args.resume else None,
+                        dist.size if recipe.data.record_sample_ids else 0)
         return outcome
 
     log.info("hvdbert: %s", agreed(dist, restore_and_prepare))
