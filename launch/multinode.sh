@@ -15,9 +15,9 @@
 #   --gloo, --mpi / CONTROLLER Horovod's controller (default gloo)
 #   --nic / NIC                network interface(s) for Horovod's traffic, e.g. eth0 or ib0
 #   --ssh-port / SSH_PORT      SSH port of the other hosts (default: ssh's own setting)
-#   --elastic / ELASTIC=1      elastic run: hosts come from DISCOVERY (default launch/discover_hosts.sh),
-#   --min-np / MIN_NP          re-run whenever hosts join or leave; needs --min-np (and --max-np).
-#   --max-np / MAX_NP
+#   --elastic / ELASTIC=1      elastic run (`hvdbert.pretrain --elastic`, Gloo): hosts come from
+#   --min-np / MIN_NP          DISCOVERY (default launch/discover_hosts.sh, see there) and may join
+#   --max-np / MAX_NP          or leave while it trains; needs --min-np, --max-np caps the workers.
 #   RECIPE, DATA, OUTPUT, PYTHON, HOROVODRUN as in launch/local.sh.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -72,6 +72,11 @@ if [ "$ELASTIC" = 1 ]; then
     NP=${NP:-$MIN_NP}
     plan_workers=("$MIN_NP")
     hvd_args+=(--min-np "$MIN_NP" --host-discovery-script "$DISCOVERY")
+    # ... and hvdbert's elastic loop, which commits state and survives workers coming and going.
+    case " ${passthrough[*]} " in
+        *" --elastic "*) ;;
+        *) passthrough+=(--elastic) ;;
+    esac
     if [ -n "$MAX_NP" ]; then
         check_count "--max-np (MAX_NP)" "$MAX_NP"
         plan_workers+=("$MAX_NP")

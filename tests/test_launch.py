@@ -6,7 +6,8 @@ Operator's v2beta1 API needs, the SLURM script carries its signal/requeue direct
 Behaviour with stand-ins for horovodrun, mpirun, srun and scontrol: the command lines the
 launchers build, fail-fast on a bad worker count, SIGUSR1/SIGTERM handling under SLURM.
 End to end: launch/local.sh (Gloo) and launch/mpirun.sh (MPI) each train the tiny recipe with two
-workers, and both runs log the same losses.
+workers and log the same losses; launch/multinode.sh --elastic trains on the hosts that
+launch/discover_hosts.sh offers; and a SLURM time-limit signal checkpoints, requeues and resumes.
 """
 from __future__ import annotations
 
@@ -336,6 +337,7 @@ def test_multinode_sh_elastic_uses_the_discovery_script(stubs):
     args = recorded(stub_dir, "horovodrun")
     assert args[:9] == ["-np", "2", "--min-np", "2", "--host-discovery-script",
                         str(LAUNCH / "discover_hosts.sh"), "--max-np", "4", "--gloo"]
+    assert args[-1] == "--elastic"  # hvdbert's elastic loop
     # Every worker count the elastic job may run with is checked against the recipe.
     assert [call.split()[-1] for call in plan_calls(stub_dir)] == ["2", "4"]
 
@@ -448,12 +450,12 @@ STEPS = 4
 E2E_ARGS = [*FAST, "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1"]
 
 
-def train_with(script: str, run_dir: Path, env: dict[str, str]) -> list[dict]:
-    env = dict(env, NP="2", PYTHON=sys.executable, HOROVODRUN=str(Path(sys.executable).parent / "horovodrun"))
-    for name in ("RECIPE", "DATA", "OUTPUT"):
+def train_with(script: str, run_dir: Path, env: dict[str, str], launcher_args=()) -> list[dict]:
+    env = dict(env, PYTHON=sys.executable, HOROVODRUN=str(Path(sys.executable).parent / "horovodrun"))
+    for name in ("NP", "RECIPE", "DATA", "OUTPUT", "HOSTS", "HOSTFILE", "HVDBERT_HOSTS_FILE"):
         env.pop(name, None)
-    result = subprocess.run(["bash", str(LAUNCH / script), "--output", str(run_dir), *E2E_ARGS],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    command = ["bash", str(LAUNCH / script), *launcher_args, "--output", str(run_dir), *E2E_ARGS]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{script} exited {result.returncode}\n{result.stderr[-4000:]}"
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
@@ -464,7 +466,7 @@ def train_with(script: str, run_dir: Path, env: dict[str, str]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def gloo_metrics(tmp_path_factory, hvdbert_env):
-    return train_with("local.sh", tmp_path_factory.mktemp("launch") / "local", hvdbert_env)
+    return train_with("local.sh", tmp_path_factory.mktemp("launch") / "local", hvdbert_env, ["-n", "2"])
 
 
 @pytest.mark.multiprocess
@@ -477,9 +479,18 @@ def test_local_sh_trains_with_two_workers(gloo_metrics):
 def test_mpirun_sh_trains_like_local_sh(tmp_path, hvdbert_env, gloo_metrics):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun is not installed (Debian package openmpi-bin)")
-    mpi_metrics = train_with("mpirun.sh", tmp_path / "mpirun", hvdbert_env)
+    mpi_metrics = train_with("mpirun.sh", tmp_path / "mpirun", hvdbert_env, ["-n", "2"])
     # Same recipe, seed, data and worker count: MPI and Gloo sum the same gradients.
     assert [m["loss"] for m in mpi_metrics] == pytest.approx([m["loss"] for m in gloo_metrics], rel=1e-5)
+
+
+
+@pytest.mark.multiprocess
+def test_multinode_sh_elastic_trains_on_the_discovered_hosts(tmp_path, hvdbert_env):
+    # launch/discover_hosts.sh without HVDBERT_HOSTS_FILE offers localhost with HVDBERT_SLOTS slots.
+    # On one host horovodrun cannot compare the interfaces of several hosts, so it is told: lo.
+    env = dict(hvdbert_env, HVDBERT_SLOTS="2")
+    train_with("multinode.sh", tmp_path / "elastic", env, ["--elastic", "--min-np", "2", "--max-np", "2", "--nic", "lo"])
 
 
 # An srun stand-in for a one-task allocation: drops srun's own flags and becomes the task, so a
