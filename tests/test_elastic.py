@@ -1,0 +1,92 @@
+"""Horovod elastic on localhost: a worker is killed mid-run, the job finishes on the survivor.
+
+Two "hosts" that are both this machine (localhost and 127.0.0.1, one slot each) come from
+launch/discover_hosts.sh via HVDBERT_HOSTS_FILE: Horovod blacklists the host of a failed worker, and
+with a single host name the survivor would be blacklisted with it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import BIN, FAST, REPO, TINY, read_metrics, run_module
+
+pytestmark = pytest.mark.multiprocess
+
+MAX_STEPS, GLOBAL_BATCH, COMMIT_EVERY = 40, 32, 5
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if "hvdbert.pretrain" in command and str(run_dir) in command and "horovodrun" not in command:
+            try:
+                if process.environ().get("HOROVOD_RANK") == str(rank):
+                    return process.info["pid"]
+            except psutil.Error:
+                continue
+    return None
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env):
+    # Both "hosts" have a local rank 0, and each would prepare the embedded corpus into the shared
+    # cache at once: prepare it first with one short plain run.
+    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(tmp_path / "warm-up"), *FAST,
+                                    "--set", "train.max_steps=1"], hvdbert_env)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+    run_dir = tmp_path / "run"
+    env = {**hvdbert_env, "HVDBERT_HOSTS_FILE": str(hosts)}
+    command = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
+               "--host-discovery-script", str(REPO / "launch" / "discover_hosts.sh"),
+               "--gloo-timeout-seconds", "60", "--start-timeout", "120",
+               sys.executable, "-m", "hvdbert.pretrain", "--elastic", "--recipe", str(TINY), "--output", str(run_dir),
+               *FAST, "--set", "train.log_every=1", "--set", f"train.max_steps={MAX_STEPS}",
+               "--set", f"elastic.commit_every={COMMIT_EVERY}", "--set", "checkpoint.every_steps=1000"]
+    log_path = tmp_path / "elastic.log"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while logged_steps(run_dir) < 8 and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        victim = rank_pid(run_dir, 1)
+        assert victim is not None and launcher.poll() is None, log_path.read_text()[-3000:]
+        killed_after = logged_steps(run_dir)
+        os.kill(victim, signal.SIGKILL)
+        assert launcher.wait(timeout=300) == 0, log_path.read_text()[-4000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    output = log_path.read_text()
+    assert "elastic reset: now 1 workers, accumulation 2" in output
+
+    records = read_metrics(run_dir)
+    final = records[-1]
+    print(f"elastic: killed rank 1 after {killed_after} logged steps; final step {final['step']}, "
+          f"samples seen {final['samples_seen']}, loss {final['loss']:.4f}")
+    assert final["step"] == MAX_STEPS and final["samples_seen"] == MAX_STEPS * GLOBAL_BATCH
+    assert math.isfinite(final["loss"]) and final["loss"] < records[0]["loss"]
+    assert records[0]["workers"] == 2 and final["workers"] == 1
+    assert final["accumulation_steps"] == 2 and final["global_batch_size"] == GLOBAL_BATCH
+    # Steps after the last commit before the failure are redone on the survivor, from the committed
+    # position: the final record of each step count shows the global batch kept throughout.
+    last_by_step = {r["step"]: r for r in records}
+    assert sorted(last_by_step) == list(range(1, MAX_STEPS + 1))
+    assert all(r["samples_seen"] == r["step"] * GLOBAL_BATCH for r in last_by_step.values())
+    state = json.loads((run_dir / "checkpoints" / f"step-{MAX_STEPS}" / "state.json").read_text())
+    assert state["world_size"] == 1 and state["samples_seen"] == MAX_STEPS * GLOBAL_BATCH

@@ -1,0 +1,92 @@
+"""Failures without elastic: a dead rank ends the job in bounded time; diverging training stops cleanly."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import BIN, FAST, REPO, TINY, read_metrics, run_module
+
+pytestmark = pytest.mark.multiprocess
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if "hvdbert.pretrain" in command and str(run_dir) in command and "horovodrun" not in command:
+            try:
+                environment = process.environ()
+                if environment.get("HOROVOD_RANK", environment.get("OMPI_COMM_WORLD_RANK")) == str(rank):
+                    return process.info["pid"]
+            except psutil.Error:
+                continue
+    return None
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
+def test_dead_rank_ends_the_job_non_zero_in_bounded_time(tmp_path, hvdbert_env, launcher):
+    run_dir = tmp_path / "run"
+    command = [str(BIN / "horovodrun"), f"--{launcher}", "-np", "2", "-H", "localhost:2", sys.executable, "-m",
+               "hvdbert.pretrain", "--recipe", str(TINY), "--output", str(run_dir), *FAST,
+               "--set", "train.log_every=1", "--set", "train.max_steps=1000"]
+    with open(tmp_path / "log", "w") as log:
+        job = subprocess.Popen(command, cwd=REPO, env=hvdbert_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        victim = rank_pid(run_dir, 1)
+        assert victim is not None, (tmp_path / "log").read_text()[-3000:]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        status = job.wait(timeout=120)
+        seconds = time.monotonic() - killed
+    finally:
+        if job.poll() is None:
+            job.kill()
+    print(f"{launcher}: rank 1 killed; job exited {status} after {seconds:.1f} s")
+    assert status != 0
+    assert seconds < 60
+    assert rank_pid(run_dir, 0) is None  # rank 0 did not stay behind
+
+
+def test_non_finite_losses_stop_with_a_diagnostic_checkpoint(tmp_path, hvdbert_env):
+    # AdamW with lr 1e30 overflows the weights at the first step: every later loss is NaN.
+    run_dir = tmp_path / "run"
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *FAST,
+                                             "--set", "train.log_every=1", "--set", "train.max_steps=50",
+                                             "--set", "optim.name=adamw", "--set", "optim.lr=1e30",
+                                             "--set", "train.grad_clip_norm=0.0", "--set", "train.max_bad_steps=2"],
+                        hvdbert_env, np=2, launcher="gloo", check=False)
+    assert result.returncode != 0
+    assert "3 consecutive steps (up to step 4) had a non-finite loss, more than train.max_bad_steps = 2" in result.stderr
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert math.isfinite(records[0]["loss"]) and not any(math.isfinite(r["loss"]) for r in records[1:])
+    diagnostic = run_dir / "checkpoints" / "diagnostic-step-4"
+    state = json.loads((diagnostic / "state.json").read_text())
+    assert state["kind"] == "diagnostic" and state["step"] == 4
+    assert not list((run_dir / "checkpoints").glob("step-*"))  # --resume auto will not pick it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 GradScaler needs CUDA")
+def test_fp16_scaler_skipped_steps_are_counted(tmp_path, hvdbert_env):
+    run_dir = tmp_path / "run"
+    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *FAST,
+                                    "--set", "train.log_every=1", "--set", "train.max_steps=6",
+                                    "--set", "train.precision=fp16"], hvdbert_env)
+    records = read_metrics(run_dir)
+    # GradScaler starts at 2**16 and backs off on overflow: the first steps of a fresh model skip.
+    assert all("scaler_skipped_steps" in r for r in records)
+    counts = [r["scaler_skipped_steps"] for r in records]
+    assert counts == sorted(counts) and counts[-1] >= 0
