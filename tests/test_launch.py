@@ -434,6 +434,23 @@ def test_slurm_sigterm_stops_without_requeue(stubs):
     assert not (stub_dir / "scontrol.calls").exists()
 
 
+def test_slurm_container_runs_the_check_and_the_training_in_the_image(stubs):
+    add, env, stub_dir = stubs
+    add("srun", """#!/usr/bin/env bash\necho "$*" >> "$STUB_DIR/srun.calls"\n""")
+    env.update(HVDBERT_ROOT=str(REPO), SLURM_JOB_ID="4242", SLURM_NTASKS="2",
+               CONTAINER_IMAGE="/shared/hvdbert.sqsh", CONTAINER_MOUNTS="/shared:/shared")
+    result = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    check, train = (stub_dir / "srun.calls").read_text().splitlines()
+    container = ("--container-image=/shared/hvdbert.sqsh --container-workdir=/opt/hvdbert "
+                 "--container-mounts=/shared:/shared")
+    assert check.startswith("--nodes=1 --ntasks=1 ") and container in check
+    assert check.endswith("python -m hvdbert.plan --recipe recipes/tiny.toml --workers 2")
+    assert container in train and "python -m hvdbert.pretrain --recipe recipes/tiny.toml" in train
+    assert not (stub_dir / "python.calls").exists()  # nothing ran outside the image
+
+
 def test_slurm_bad_worker_count_fails_before_srun(stubs):
     add, env, stub_dir = stubs
     add("srun", FAKE_SRUN)
