@@ -103,6 +103,7 @@ def main() -> int:
             seconds["forward_backward"] += t2 - t1
             seconds["optimizer"] += t3 - t2
     elapsed = now() - start
+    peak_flops = max(peak_flops, matmul_peak_flops(device, probe_dtype(spec["precision"])))  # as hvdbert.bench
     seq_per_s = steps * micro * world / elapsed
     flops_per_seq = training_flops_per_sequence(spec["model"], spec["seq_len"], spec["seq_len"])  # full head
     total_peak = torch.tensor([peak_flops], dtype=torch.float64)

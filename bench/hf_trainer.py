@@ -69,6 +69,7 @@ def main() -> int:
         trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                           callbacks=[clock])
         trainer.train()
+    peak_flops = max(peak_flops, matmul_peak_flops(device, probe_dtype(spec["precision"])))  # as hvdbert.bench
     start = clock.ends[warmup - 1] if warmup > 0 else clock.begins[0]
     elapsed = clock.ends[warmup + steps - 1] - start
     seq_per_s = steps * micro / elapsed
