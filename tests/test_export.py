@@ -1,0 +1,114 @@
+"""Export to transformers: loads offline, fill-mask works, logits equal the checkpoint's."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, REPO, TINY, run_module
+from hvdbert import checkpoint
+from hvdbert.model import build_model
+
+pytestmark = pytest.mark.multiprocess
+
+SHORT = FAST + ["--set", "train.max_steps=4", "--set", "checkpoint.every_steps=2", "--set", "train.log_every=1"]
+
+
+def offline(env: dict) -> dict:
+    return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def mlm_run(tmp_path_factory, hvdbert_env) -> Path:
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT], hvdbert_env)
+    return run_dir
+
+
+def checkpoint_mlm_logits(found: checkpoint.Checkpoint, input_ids: torch.Tensor) -> torch.Tensor:
+    model = build_model(found.recipe["model"], with_nsp=found.recipe["with_nsp"])
+    checkpoint.load_weights(model, found.weights(), found.path)
+    model.eval()
+    with torch.no_grad():
+        return model.cls.predictions(model.bert(input_ids=input_ids).last_hidden_state)
+
+
+def test_export_loads_offline_and_reproduces_the_checkpoint(mlm_run, hvdbert_env, tmp_path):
+    hf_dir = tmp_path / "hf"
+    result = run_module("hvdbert.export", ["--run", str(mlm_run), "--output", str(hf_dir)], offline(hvdbert_env))
+    assert "step 4" in result.stdout and "BertForMaskedLM" in result.stdout
+    assert (hf_dir / "model.safetensors").is_file() and not list(hf_dir.glob("*.bin"))
+    assert (hf_dir / "tokenizer.json").is_file() or (hf_dir / "vocab.txt").is_file()
+
+    # A fresh process with the hub switched off: AutoModelForMaskedLM and the fill-mask pipeline.
+    script = (
+        "import json, sys\n"
+        "from transformers import AutoModelForMaskedLM, pipeline\n"
+        "model = AutoModelForMaskedLM.from_pretrained(sys.argv[1])\n"
+        "fill = pipeline('fill-mask', model=sys.argv[1])\n"
+        "out = fill('the history of the [MASK] is long .')\n"
+        "print(json.dumps({'class': type(model).__name__, 'n': len(out), 'tokens': [o['token_str'] for o in out]}))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script, str(hf_dir)], cwd=REPO, env=offline(hvdbert_env),
+                            capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert report["class"] == "BertForMaskedLM" and report["n"] == 5
+
+    # The exported MLM logits equal the checkpoint's on the same input.
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    input_ids = tokenizer(["the history of the [MASK] is long .", "a city on the river [MASK] ."],
+                          padding=True, return_tensors="pt")["input_ids"]
+    exported = AutoModelForMaskedLM.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        exported_logits = exported(input_ids=input_ids).logits
+    found = checkpoint.latest_checkpoint(mlm_run)
+    difference = float((exported_logits - checkpoint_mlm_logits(found, input_ids)).abs().max())
+    print(f"export: max |logit difference| = {difference}")
+    assert difference <= 1e-5
+
+
+def test_export_refuses_to_overwrite(mlm_run, hvdbert_env, tmp_path):
+    hf_dir = tmp_path / "taken"
+    hf_dir.mkdir()
+    (hf_dir / "keep.txt").write_text("mine")
+    result = run_module("hvdbert.export", ["--run", str(mlm_run), "--output", str(hf_dir)], hvdbert_env, check=False)
+    assert result.returncode == 2 and "not empty" in result.stderr.strip().splitlines()[-1]
+    assert [p.name for p in hf_dir.iterdir()] == ["keep.txt"]
+    missing = run_module("hvdbert.export", ["--run", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")],
+                         hvdbert_env, check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_export_with_nsp_loads_as_bert_for_pretraining(mlm_run, hvdbert_env, tmp_path):
+    data_mlm = Path(json.loads((mlm_run / "recipe.json").read_text())["data_dir"])
+    nsp_data = tmp_path / "nsp-data"
+    run_module("hvdbert.prepare", ["--input", "builtin", "--output", str(nsp_data), "--format", "nsp",
+                                   "--seq-len", "64", "--tokenizer", str(data_mlm / "tokenizer"),
+                                   "--builtin-max-documents", "300"], hvdbert_env)
+    run_dir = tmp_path / "nsp-run"
+    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--data", str(nsp_data), "--output", str(run_dir), *FAST,
+                                    "--set", "data.format=nsp", "--set", "train.max_steps=2", "--set", "train.log_every=1"],
+               hvdbert_env)
+    assert "nsp_loss" in (run_dir / "metrics.jsonl").read_text()
+    hf_dir = tmp_path / "hf-nsp"
+    result = run_module("hvdbert.export", ["--run", str(run_dir), "--output", str(hf_dir)], offline(hvdbert_env))
+    assert "BertForPreTraining" in result.stdout
+
+    from transformers import AutoModelForMaskedLM, BertForPreTraining
+
+    pretraining = BertForPreTraining.from_pretrained(str(hf_dir)).eval()
+    found = checkpoint.latest_checkpoint(run_dir)
+    weights = found.weights()
+    for name in ("cls.seq_relationship.weight", "bert.pooler.dense.weight"):
+        assert torch.equal(pretraining.state_dict()[name], weights[name]), name
+    input_ids = torch.randint(5, 4000, (2, 20))
+    masked_lm = AutoModelForMaskedLM.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        difference = float((masked_lm(input_ids=input_ids).logits - checkpoint_mlm_logits(found, input_ids)).abs().max())
+    assert difference <= 1e-5
