@@ -209,3 +209,25 @@ def test_malicious_checkpoint_is_refused_by_resume(finished_run, hvdbert_env, tm
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     reference = read_metrics(finished_run)
     assert abs(read_metrics(run_dir)[-1]["loss"] - reference[-1]["loss"]) <= 1e-6
+
+
+@pytest.mark.multiprocess
+def test_phase_two_starts_from_phase_one_weights_only(finished_run, hvdbert_env, tmp_path):
+    """checkpoint.init_from: weights (position embeddings grown 128 -> 256), fresh optimizer and schedule."""
+    phase1 = finished_run / "checkpoints" / "step-4"
+    run_dir = tmp_path / "phase2"
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *FAST,
+                                             "--set", f"checkpoint.init_from={phase1}",
+                                             "--set", "model.max_position_embeddings=256",
+                                             "--set", "train.max_steps=2", "--set", "train.log_every=1"], hvdbert_env)
+    assert f"weights from {phase1}" in result.stderr
+    phase1_records, records = read_metrics(finished_run), read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["lr"] == phase1_records[0]["lr"]  # the schedule starts over (warmup step 1)
+    # it starts where phase 1 ended, not from random weights (8.33 at step 1 of a fresh model)
+    assert records[0]["loss"] < phase1_records[0]["loss"] - 0.1, (records[0]["loss"], phase1_records[0]["loss"])
+    final = open_checkpoint(run_dir / "checkpoints" / "step-2")
+    assert final.weights()[checkpoint.POSITION_EMBEDDINGS].shape == (256, 128)
+    optimizer_steps = {float(s["step"]) for s in final.training()["optimizer"]["state"].values()}
+    assert optimizer_steps == {2.0}  # a fresh optimizer: 2 steps, not 4 + 2
+    assert final.state["step"] == 2 and final.state["samples_seen"] == 64
