@@ -205,7 +205,7 @@ def agreed(dist: SingleProcess, action) -> str:
             outcome = action()
         except UsageError as refusal:
             error = refusal
-    failed = dist.broadcast_object(error is not None, name="startup_ok")
+    failed = dist.broadcast_object(error is not None, name="startup_failed")
     if error is not None:
         raise error
     if failed:
