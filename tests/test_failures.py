@@ -90,3 +90,28 @@ def test_fp16_scaler_skipped_steps_are_counted(tmp_path, hvdbert_env):
     assert all("scaler_skipped_steps" in r for r in records)
     counts = [r["scaler_skipped_steps"] for r in records]
     assert counts == sorted(counts) and counts[-1] >= 0
+
+
+def test_grad_scaler_skipped_steps_are_counted_and_leave_the_model_alone():
+    """The fp16 bookkeeping of train_step, run with torch's CPU GradScaler (fp16 training itself
+    needs CUDA): a scale so large that the scaled loss overflows makes the scaler skip the step."""
+    from hvdbert.dist import SingleProcess
+    from hvdbert.model import build_model
+    from hvdbert.optim import Lamb
+    from hvdbert.train import Precision, train_step
+
+    torch.manual_seed(0)
+    model = build_model({"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "intermediate_size": 32, "max_position_embeddings": 32}, with_nsp=False)
+    optimizer = Lamb([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    precision = Precision("fp32", torch.device("cpu"), torch.amp.GradScaler("cpu", init_scale=2.0**127))
+    batch = {"input_ids": torch.randint(5, 64, (2, 16)), "masked_positions": torch.tensor([[1, 2], [3, 4]]),
+             "masked_labels": torch.tensor([[7, 8], [9, 10]])}
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(model, optimizer, [batch], SingleProcess(), precision, grad_clip_norm=1.0)
+    assert precision.skipped_steps == 1  # 2**127 x loss overflows float32: skipped, scale halved
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    precision.scaler.update(2.0**8)
+    train_step(model, optimizer, [batch], SingleProcess(), precision, grad_clip_norm=1.0)
+    assert precision.skipped_steps == 1  # a sane scale: the step is taken
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
