@@ -224,6 +224,9 @@ def open_sample_log(run_dir: Path, enabled: bool, dist: SingleProcess):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.set)  # before Horovod starts: bad recipes fail fast
+    if args.elastic and os.environ.get("HOROVOD_ELASTIC") != "1":  # set by horovodrun's elastic driver
+        raise UsageError("--elastic needs Horovod elastic: launch with horovodrun --min-np N --max-np M "
+                         "--host-discovery-script launch/discover_hosts.sh (Gloo; see docs/resume.md)")
     dist = init_distributed(recipe.dist)
     setup_logging(dist)
     plan = make_plan(recipe, dist.size)

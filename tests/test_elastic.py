@@ -90,3 +90,10 @@ def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env):
     assert all(r["samples_seen"] == r["step"] * GLOBAL_BATCH for r in last_by_step.values())
     state = json.loads((run_dir / "checkpoints" / f"step-{MAX_STEPS}" / "state.json").read_text())
     assert state["world_size"] == 1 and state["samples_seen"] == MAX_STEPS * GLOBAL_BATCH
+
+
+def test_elastic_outside_an_elastic_launch_is_refused(tmp_path, hvdbert_env):
+    result = run_module("hvdbert.pretrain", ["--elastic", "--recipe", str(TINY), "--output", str(tmp_path / "run"),
+                                             *FAST], hvdbert_env, check=False)
+    assert result.returncode == 2 and "--elastic needs Horovod elastic" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
