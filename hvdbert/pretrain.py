@@ -5,7 +5,9 @@
                                                 [--elastic]
 
 Runs under horovodrun (Gloo or MPI), under mpirun, or as one plain process. With no --data, the
-embedded default corpus is prepared once (tokenizer trained on it) and cached.
+embedded default corpus is prepared once (tokenizer trained on it) and cached. Checkpoints go to
+RUN_DIR/checkpoints/step-<N>/; SIGTERM/SIGINT save one and exit 0; --resume auto continues, on any
+worker count; --elastic runs under Horovod elastic (docs/resume.md).
 """
 from __future__ import annotations
 
