@@ -347,3 +347,29 @@ def test_hub_dataset_without_a_hub_is_a_one_line_error(tmp_path, hvdbert_env, to
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "hf:someone/some-corpus: cannot open the hub dataset" in lines[0]
     assert nothing_written(tmp_path, "o")
+
+
+def test_killed_prepare_leaves_nothing_that_looks_valid(tmp_path, hvdbert_env, tokenizer_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("\n".join(english_documents(100)) + "\n") * 300, encoding="utf-8")  # 30,000 documents
+    argv = [sys.executable, "-m", "hvdbert.prepare", "--input", str(corpus), "--tokenizer", str(tokenizer_dir),
+            "--seq-len", "32", "--text-documents", "lines", "--documents-per-shard", "100",
+            "--output", str(tmp_path / "out")]
+    child = subprocess.Popen(argv, env=hvdbert_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not list(tmp_path.glob(".out.partial-*/shard-*.arrow")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, "prepare finished before it could be interrupted"
+    child.send_signal(signal.SIGKILL)  # no chance to clean up
+    child.wait()
+    assert not (tmp_path / "out").exists()  # only a hidden .out.partial-PID, with no manifest
+    assert not list(tmp_path.glob(".out.partial-*/manifest.json"))
+    # the same command again completes, and the leftover does not get in its way
+    subprocess.run(argv[:-1] + [str(tmp_path / "out")], env=hvdbert_env, check=True, capture_output=True,
+                   timeout=300)
+    assert Manifest.read(tmp_path / "out").num_documents == 30_000
