@@ -29,7 +29,7 @@ import numpy as np
 
 from hvdbert.data.inputs import FILE_FORMATS, TEXT_MODES, ReadStats, Source, check_readable, iter_documents, resolve_inputs
 from hvdbert.data.packing import MlmPacker, batched, nsp_pairs, split_sentences
-from hvdbert.data.shards import FORMATS, Manifest, PreparedData, token_dtype, write_shard
+from hvdbert.data.shards import FORMATS, Manifest, PreparedData, publish_directory, token_dtype, write_shard
 from hvdbert.data.tokenizer import load_tokenizer, tokenizer_hash, train_wordpiece
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 
@@ -328,13 +328,7 @@ def _finish(results, directory: Path, output: Path, options: Options, source: st
         invalid_utf8_lines=sum(stats.invalid_utf8_lines.values()), lowercase=lowercase,
     )
     manifest.write(directory)
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    if output.exists():
-        output.rmdir()  # empty, checked before anything was written
-    os.rename(directory, output)  # the complete directory appears at once, or not at all
+    publish_directory(directory, output)
     return manifest
 
 

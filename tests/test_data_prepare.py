@@ -373,3 +373,21 @@ def test_killed_prepare_leaves_nothing_that_looks_valid(tmp_path, hvdbert_env, t
     subprocess.run(argv[:-1] + [str(tmp_path / "out")], env=hvdbert_env, check=True, capture_output=True,
                    timeout=300)
     assert Manifest.read(tmp_path / "out").num_documents == 30_000
+
+
+def test_publish_refuses_a_directory_another_process_filled(tmp_path):
+    from hvdbert.data.shards import publish_directory
+    from hvdbert.errors import UsageError
+
+    mine, final = tmp_path / ".out.partial-1", tmp_path / "out"
+    mine.mkdir()
+    (mine / "manifest.json").write_text("mine")
+    final.mkdir()
+    (final / "manifest.json").write_text("theirs")  # a concurrent preparer published first
+    with pytest.raises(UsageError, match="was filled by another process"):
+        publish_directory(mine, final)
+    assert (final / "manifest.json").read_text() == "theirs"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    publish_directory(mine, empty)  # an empty output directory is replaced
+    assert (empty / "manifest.json").read_text() == "mine" and not mine.exists()

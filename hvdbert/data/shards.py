@@ -6,17 +6,15 @@
                                token_type_ids and next_sentence_label; word_start when the
                                input came with its own word segmentation (whole-word masking)
 
-A directory is written under a temporary name and renamed when complete (`atomic_output_dir`), so
+A directory is written under a temporary name and renamed when complete (`publish_directory`), so
 an interrupted preparation never leaves anything that looks valid. Shards are memory-mapped for
 reading: opening is instant and any sample is read directly by index.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -86,28 +84,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_output_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; rename it to `final` only if the block succeeds."""
-    final = Path(final)
-    if final.exists() and any(final.iterdir()):
-        raise UsageError(f"output directory {final} already exists and is not empty; choose a new one")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
+def publish_directory(temporary: Path, final: Path) -> None:
+    """fsync everything under `temporary`, then rename it to `final` (absent or empty): the complete
+    directory appears at once, or not at all. If another process published `final` first, raise."""
+    for path in temporary.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     try:
-        yield temporary
-        for path in temporary.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
         if final.exists():
-            final.rmdir()  # empty, checked above
+            final.rmdir()  # empty: callers refuse a non-empty output before writing anything
         os.rename(temporary, final)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    except OSError as error:  # ENOTEMPTY: a concurrent preparer of the same directory won
+        raise UsageError(f"output directory {final} was filled by another process while preparing "
+                         f"({error.strerror}); choose a new one") from None
 
 
 def write_shard(path: Path, blocks: Iterator[dict[str, np.ndarray]], seq_len: int, dtype: np.dtype,
