@@ -463,6 +463,25 @@ def summarise(configs: list[Config]) -> list[dict]:
     return rows
 
 
+def per_round(configs: list[Config]) -> list[dict]:
+    """seq/s, ratios to the peers and scaling efficiencies within each round of the interleaved
+    repeats: on a shared machine the load changes between rounds, so these are the fair ratios."""
+    rounds = []
+    for k in range(min((len(c.results) for c in configs), default=0)):
+        seq = {(c.label, c.workers): c.results[k]["seq_per_s"] for c in configs}
+        ratios = {}
+        for (label, workers), value in seq.items():
+            base = seq.get((label.split(" ")[0], 1))
+            if workers > 1 and base:
+                ratios[f"scaling_efficiency {label} x{workers}"] = value / (workers * base)
+            for peer in PEERS:
+                if label.startswith("hvdbert") and (peer, workers) in seq:
+                    ratios[f"{label} x{workers} / {peer} x{workers}"] = value / seq[(peer, workers)]
+        rounds.append({"seq_per_s": {f"{label} x{workers}": v for (label, workers), v in seq.items()},
+                       "ratios": ratios})
+    return rounds
+
+
 # --------------------------------------------------------------------------------------------------
 # Report: JSON, markdown table, plot
 
@@ -672,12 +691,17 @@ def main(argv: list[str] | None = None) -> int:
         "flops_formula": "per sequence: 6 x L x (4 H^2 + 2 H I) x S + 12 x L x H x S^2 + 6 x (H^2 + H V) x P, "
         "P = max_predictions_per_seq (hvdbert's gather-first head) or S (full head)",
         "rows": rows,
+        "rounds": per_round(configs),
     }
     (output / "bench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(rows)
+    if args.repeats > 1:
+        table += "\nRatios within each round of the interleaved repeats:\n\n"
+        for number, round_ in enumerate(summary["rounds"], 1):
+            table += f"- round {number}: " + ", ".join(f"{k} {v:.2f}" for k, v in round_["ratios"].items()) + "\n"
     (output / "bench.md").write_text(table, encoding="utf-8")
     shape = args.shape or Path(args.recipe).stem
     plot(rows, output / "bench.png", f"{shape}, micro-batch {recipe.batch.micro_batch_size}, seq "

@@ -32,6 +32,8 @@ def test_json_has_the_contract_fields(bench_run):
         assert math.isfinite(top[key]) and top[key] > 0, key
     assert set(top["breakdown_seconds"]) == set(BREAKDOWN)
     assert top == json.loads((output / "bench.json").read_text())
+    (round_,) = top["rounds"]  # one repeat: one round, with the 2-worker efficiency computed in it
+    assert round_["ratios"]["scaling_efficiency hvdbert x2"] == pytest.approx(top["scaling_efficiency"])
 
 
 def test_every_row_is_positive_and_its_breakdown_sums_to_the_step(bench_run):
