@@ -16,7 +16,6 @@ would call a function other than torch's tensor rebuilders.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hvdbert.errors import UsageError
+from hvdbert.files import file_sha256, fsync_path
 
 log = logging.getLogger("hvdbert")
 
@@ -64,22 +64,6 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -100,16 +84,16 @@ def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, 
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": rng_states()}, temporary / TRAINING)
         (temporary / RECIPE).write_text(json.dumps(resolved_recipe, indent=2) + "\n", encoding="utf-8")
-        files = {name: sha256(temporary / name) for name in (WEIGHTS, TRAINING, RECIPE)}
+        files = {name: file_sha256(temporary / name) for name in (WEIGHTS, TRAINING, RECIPE)}
         state = {"format_version": FORMAT_VERSION, **progress, "files": files}
         (temporary / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         for name in (*files, STATE):
-            _fsync(temporary / name)
-        _fsync(temporary)
+            fsync_path(temporary / name)
+        fsync_path(temporary)
         if directory.exists():  # a diagnostic checkpoint written twice at one step: replace it
             shutil.rmtree(directory)
         os.rename(temporary, directory)
-        _fsync(directory.parent)  # the rename itself survives a crash
+        fsync_path(directory.parent)  # the rename itself survives a crash
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -185,7 +169,7 @@ def open_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
         for name in (WEIGHTS, TRAINING, RECIPE):
             if not (path / name).is_file():
                 raise CorruptCheckpoint(f"{path} is not a complete hvdbert checkpoint: {name} is missing")
-            if sha256(path / name) != files.get(name):
+            if file_sha256(path / name) != files.get(name):
                 raise CorruptCheckpoint(f"{path / name} is damaged: its sha256 differs from state.json's")
     return Checkpoint(path, state, recipe)
 

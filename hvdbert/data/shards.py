@@ -12,7 +12,6 @@ reading: opening is instant and any sample is read directly by index.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from hvdbert.errors import UsageError
+from hvdbert.files import file_sha256, fsync_path
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -76,25 +76,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def publish_directory(temporary: Path, final: Path) -> None:
     """fsync everything under `temporary`, then rename it to `final` (absent or empty): the complete
     directory appears at once, or not at all. If another process published `final` first, raise."""
     for path in temporary.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_path(path)
+    fsync_path(temporary)
     try:
         if final.exists():
             final.rmdir()  # empty: callers refuse a non-empty output before writing anything
         os.rename(temporary, final)
+        fsync_path(final.parent)  # the rename itself survives a crash
     except OSError as error:  # ENOTEMPTY: a concurrent preparer of the same directory won
         raise UsageError(f"output directory {final} was filled by another process while preparing "
                          f"({error.strerror}); choose a new one") from None
