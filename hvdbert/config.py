@@ -70,7 +70,7 @@ class DistConfig:
     fp16_allreduce: bool = False  # hvd.Compression.fp16: half the bytes on the wire
     threads_per_worker: int = 1  # torch intra-op threads per rank on CPU
     fusion_threshold_mb: int = 64  # HOROVOD_FUSION_THRESHOLD
-    cycle_time_ms: float = 10.0  # HOROVOD_CYCLE_TIME: 10 ms beat Horovod's default on CPU/Gloo
+    cycle_time_ms: float = 0.0  # HOROVOD_CYCLE_TIME; 0 = by device: 10 on CPU/Gloo, 1 with CUDA
 
 
 @dataclass
@@ -275,6 +275,8 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{where}: {key} = {value} must be greater than 0")
+    if recipe.dist.cycle_time_ms < 0:
+        raise UsageError(f"{where}: dist.cycle_time_ms = {recipe.dist.cycle_time_ms} must be 0 (by device) or more")
     if not 0.0 <= recipe.optim.warmup_proportion < 1.0:
         raise UsageError(f"{where}: optim.warmup_proportion = {recipe.optim.warmup_proportion} must be in [0, 1)")
     if not 0.0 < recipe.data.mask_prob < 1.0:

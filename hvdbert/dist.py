@@ -78,6 +78,15 @@ class SingleProcess:
                          "and --host-discovery-script (see docs/resume.md)")
 
 
+def cycle_time_ms(cfg: DistConfig) -> float:
+    """dist.cycle_time_ms, or by device when 0: on CPU Horovod's background thread shares the cores
+    that compute, and a 10 ms cycle beat its 1 ms default over Gloo (docs/performance.md); with
+    CUDA and NCCL, Horovod's 1 ms default."""
+    if cfg.cycle_time_ms > 0:
+        return cfg.cycle_time_ms
+    return 1.0 if torch.cuda.is_available() else 10.0
+
+
 class HorovodDistributed(SingleProcess):
     """Horovod over Gloo or MPI (NCCL for GPU tensors when Horovod was built with it)."""
 
@@ -89,7 +98,7 @@ class HorovodDistributed(SingleProcess):
         if os.environ.get("HOROVOD_ELASTIC") != "1":
             # Not under elastic: with both the cycle time and the fusion threshold fixed, Horovod
             # 0.28.1 crashed (SIGSEGV in hvd.init) re-initialising after a lost worker, on every try here.
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cfg.cycle_time_ms))
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cycle_time_ms(cfg)))
         for name, value in FAILURE_TIMEOUTS.items():
             os.environ.setdefault(name, value)
         hvd.init()

@@ -119,3 +119,14 @@ def test_bad_input_is_one_line_and_exit_2(args, expected):
     assert expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cycle_time_is_chosen_by_device_unless_set():
+    from hvdbert.config import DistConfig
+    from hvdbert.dist import cycle_time_ms
+
+    assert cycle_time_ms(DistConfig()) == 10.0  # this machine has no CUDA: CPU/Gloo's 10 ms
+    assert cycle_time_ms(DistConfig(cycle_time_ms=2.5)) == 2.5
+    assert load_recipe(RECIPES / "bert-large-phase1.toml").dist.cycle_time_ms == 0.0
+    with pytest.raises(UsageError, match="dist.cycle_time_ms = -1.0 must be 0"):
+        load_recipe(RECIPES / "tiny.toml", ["dist.cycle_time_ms=-1"])
