@@ -34,7 +34,7 @@ def test_shell_block_parses(body):
 def test_shell_block_names_real_modules_scripts_and_recipes(body):
     for module in re.findall(r"python -m (hvdbert\.\w+)", body):
         assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
-    for path in re.findall(r"((?:launch|recipes)/[\w.-]+)", body):
+    for path in re.findall(r"(?<![\w/])((?:launch|recipes|bench/recipes)/[\w.-]+)", body):
         assert (REPO / path).exists(), path
 
 
