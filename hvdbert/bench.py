@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import torch
 from hvdbert.config import Recipe, load_recipe
 from hvdbert.data.loader import BatchStream
 from hvdbert.data.shards import PreparedData
-from hvdbert.dist import SingleProcess, init_distributed
+from hvdbert.dist import SingleProcess, horovod_available, init_distributed
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.model import build_model, count_parameters
 from hvdbert.optim import build_optimizer, init_state
@@ -624,14 +623,6 @@ def worker_main(args) -> int:
         args.worker.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     dist.shutdown()
     return 0
-
-
-def horovod_available() -> bool:
-    try:
-        import horovod.torch  # noqa: F401  (only asked whether it is there; dist.py uses it)
-    except ImportError:
-        return False
-    return True
 
 
 @cli_entry("hvdbert.bench")

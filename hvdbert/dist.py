@@ -185,15 +185,21 @@ class HorovodDistributed(SingleProcess):
         optimizer.set_backward_passes_per_step(accumulation_steps)
 
 
-def init_distributed(cfg: DistConfig) -> SingleProcess:
+def horovod_available() -> bool:
     try:
         import horovod.torch  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def init_distributed(cfg: DistConfig) -> SingleProcess:
+    if not horovod_available():
         launched = [v for v in _LAUNCHER_VARIABLES if v in os.environ]
         if launched:
             raise UsageError(
                 f"started by a multi-process launcher ({launched[0]} is set) but Horovod is not "
                 "installed; run `make setup` or launch one plain process"
-            ) from None
+            )
         return SingleProcess()
     return HorovodDistributed(cfg)
