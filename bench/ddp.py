@@ -10,24 +10,18 @@ gradient sync because DDP's bucketed allreduce overlaps backward and is waited f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from bench.peer_data import peer_arguments
+
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--result", type=Path, required=True)
-    args = parser.parse_args()
-    spec = json.loads(args.spec.read_text(encoding="utf-8"))
-    torch.set_num_threads(spec["threads"])
+    args, spec = peer_arguments(__doc__)
 
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler

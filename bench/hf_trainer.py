@@ -8,23 +8,17 @@ precision, warm-up and timed steps. One process, as `python run_mlm.py` runs: Tr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from bench.peer_data import peer_arguments
+
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--result", type=Path, required=True)
-    args = parser.parse_args()
-    spec = json.loads(args.spec.read_text(encoding="utf-8"))
-    torch.set_num_threads(spec["threads"])
+    args, spec = peer_arguments(__doc__)
 
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 

@@ -8,8 +8,25 @@ beside that data, so both sides see the same text, tokens and sequence length.
 """
 from __future__ import annotations
 
+import argparse
+import json
 from itertools import chain
 from pathlib import Path
+
+
+def peer_arguments(description: str) -> tuple[argparse.Namespace, dict]:
+    """The peers' command line (--spec, --data, --result, written by hvdbert.bench) and the spec;
+    sets torch's thread count from the spec before any work starts."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description.split("\n")[0])
+    parser.add_argument("--spec", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--result", type=Path, required=True)
+    args = parser.parse_args()
+    spec = json.loads(args.spec.read_text(encoding="utf-8"))
+    torch.set_num_threads(spec["threads"])
+    return args, spec
 
 
 def load_peer_tokenizer(data_dir: Path):
