@@ -51,6 +51,23 @@ parse_common_option() {
     esac
 }
 
+# The horovodrun launchers (local.sh, multinode.sh): parse_controller_option "$1" takes --gloo or
+# --mpi (Horovod's controller; returns 1 for anything else) and check_controller validates CONTROLLER.
+parse_controller_option() {
+    case $1 in
+        --gloo) CONTROLLER=gloo ;;
+        --mpi) CONTROLLER=mpi ;;
+        *) return 1 ;;
+    esac
+}
+
+check_controller() {
+    case $CONTROLLER in
+        gloo|mpi) ;;
+        *) die "CONTROLLER must be gloo or mpi, got '$CONTROLLER'" ;;
+    esac
+}
+
 # usage: prints the comment block at the top of the launcher, which documents it.
 usage() {
     awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/ { sub(/^# ?/, ""); print }' "$0"

@@ -21,17 +21,14 @@ NP=${NP:-2}
 CONTROLLER=${CONTROLLER:-gloo}
 while [ $# -gt 0 ]; do
     case $1 in
-        --gloo) CONTROLLER=gloo; shift ;;
-        --mpi) CONTROLLER=mpi; shift ;;
         --) shift; passthrough+=("$@"); break ;;
         *)
-            if parse_common_option "$@"; then shift "$consumed"; else passthrough+=("$1"); shift; fi ;;
+            if parse_controller_option "$1"; then shift
+            elif parse_common_option "$@"; then shift "$consumed"
+            else passthrough+=("$1"); shift; fi ;;
     esac
 done
-case $CONTROLLER in
-    gloo|mpi) ;;
-    *) die "CONTROLLER must be gloo or mpi, got '$CONTROLLER'" ;;
-esac
+check_controller
 finish_settings
 check_plan "$NP"
 need_command "$HOROVODRUN" HOROVODRUN

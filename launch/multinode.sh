@@ -47,19 +47,16 @@ while [ $# -gt 0 ]; do
                 --max-np) MAX_NP=$2 ;;
             esac
             shift 2 ;;
-        --gloo) CONTROLLER=gloo; shift ;;
-        --mpi) CONTROLLER=mpi; shift ;;
         --elastic) ELASTIC=1; shift ;;
         --) shift; passthrough+=("$@"); break ;;
         *)
-            if parse_common_option "$@"; then shift "$consumed"; else passthrough+=("$1"); shift; fi ;;
+            if parse_controller_option "$1"; then shift
+            elif parse_common_option "$@"; then shift "$consumed"
+            else passthrough+=("$1"); shift; fi ;;
     esac
 done
 
-case $CONTROLLER in
-    gloo|mpi) ;;
-    *) die "CONTROLLER must be gloo or mpi, got '$CONTROLLER'" ;;
-esac
+check_controller
 
 hvd_args=()
 plan_workers=()  # worker counts to check against the recipe (elastic runs can have several)
