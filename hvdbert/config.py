@@ -100,6 +100,10 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def model_field(self, name: str) -> Any:
+        """A BertConfig field as this recipe sets it, else BertConfig's own default."""
+        return self.model[name] if name in self.model else bert_config_fields()[name]
+
 
 CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -283,7 +287,7 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         raise UsageError(f"{where}: data.mask_prob = {recipe.data.mask_prob} must be in (0, 1)")
     if recipe.data.max_seq_len < 8:
         raise UsageError(f"{where}: data.max_seq_len = {recipe.data.max_seq_len} must be at least 8")
-    positions = recipe.model.get("max_position_embeddings", bert_config_fields()["max_position_embeddings"])
+    positions = recipe.model_field("max_position_embeddings")
     if recipe.data.max_seq_len > positions:
         raise UsageError(
             f"{where}: data.max_seq_len = {recipe.data.max_seq_len} exceeds "

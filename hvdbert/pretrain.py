@@ -74,8 +74,8 @@ def choose_device(dist: SingleProcess, precision: str) -> torch.device:
 
 
 def open_data(data_dir: Path | None, recipe: Recipe, dist: SingleProcess) -> PreparedData:
+    vocab_size = recipe.model_field("vocab_size")
     if data_dir is None:
-        vocab_size = recipe.model.get("vocab_size", 30522)
         directory = builtin_cache_dir(cache_root() / "data", vocab_size, recipe.data.max_seq_len,
                                       recipe.data.builtin_max_documents)
         if dist.local_rank == 0:  # one preparer per host; the others wait for it
@@ -96,7 +96,6 @@ def open_data(data_dir: Path | None, recipe: Recipe, dist: SingleProcess) -> Pre
             f"{recipe.data.format}; prepare with --format {recipe.data.format} or pass "
             f"--set data.format={manifest.format}"
         )
-    vocab_size = recipe.model.get("vocab_size", 30522)
     if manifest.vocab_size > vocab_size:
         raise UsageError(
             f"{data_dir}: the tokenizer has {manifest.vocab_size} tokens but model.vocab_size = "
