@@ -2,7 +2,7 @@
 
     RUN_DIR/checkpoints/step-<N>/
         model.safetensors   weights, BertForPreTraining's names (tied tensors stored once)
-        training.pt         optimizer state, GradScaler state, RNG states (read with weights_only=True)
+        training.pt         optimizer and GradScaler state (read with weights_only=True)
         recipe.json         the fully resolved recipe and plan the run was trained with
         state.json          step, samples seen (= data position), world size, tokenizer hash,
                             and the sha256 of every file above; written last
@@ -64,13 +64,6 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
 def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, resolved_recipe: dict) -> Path:
     """Write one complete checkpoint atomically to `directory` (which must not exist yet)."""
     directory = Path(directory)
@@ -80,9 +73,10 @@ def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, 
     temporary.mkdir()
     try:
         save_file(model_weights(model), str(temporary / WEIGHTS), metadata={"format": "pt"})
+        # No RNG state: dropout is seeded per micro-batch from samples_seen and masks are a pure
+        # function of (seed, sample, epoch), so nothing random depends on where a process's RNG stood.
         torch.save({"optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": rng_states()}, temporary / TRAINING)
+                    "scaler": scaler.state_dict() if scaler is not None else None}, temporary / TRAINING)
         (temporary / RECIPE).write_text(json.dumps(resolved_recipe, indent=2) + "\n", encoding="utf-8")
         files = {name: file_sha256(temporary / name) for name in (WEIGHTS, TRAINING, RECIPE)}
         state = {"format_version": FORMAT_VERSION, **progress, "files": files}
@@ -138,7 +132,7 @@ class Checkpoint:
             raise CorruptCheckpoint(f"{self.path / WEIGHTS}: not readable safetensors: {error}") from None
 
     def training(self) -> dict:
-        """Optimizer, scaler and RNG states. weights_only=True: tensors and plain containers only."""
+        """Optimizer and scaler state. weights_only=True: tensors and plain containers only."""
         try:
             return torch.load(self.path / TRAINING, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
@@ -182,13 +176,6 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         except CorruptCheckpoint as error:
             log.warning("hvdbert: skipping checkpoint %s: %s", path, error)
     return None
-
-
-def resolve_resume(run_dir: Path, resume: str) -> Checkpoint | None:
-    """`--resume auto` (the newest good checkpoint, or None: start afresh) or a checkpoint directory."""
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    return open_checkpoint(Path(resume))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +232,7 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
 
 
 def restore_training(checkpoint: Checkpoint, model, optimizer, scaler) -> None:
-    """Model, optimizer, GradScaler and RNG state from `checkpoint` (rank 0; broadcast afterwards)."""
+    """Model, optimizer and GradScaler state from `checkpoint` (rank 0; broadcast afterwards)."""
     load_weights(model, checkpoint.weights(), checkpoint.path / WEIGHTS)
     training = checkpoint.training()
     try:
@@ -255,7 +242,6 @@ def restore_training(checkpoint: Checkpoint, model, optimizer, scaler) -> None:
                          f"({error}); resume with the optim.name it was trained with") from None
     if scaler is not None and training.get("scaler"):
         scaler.load_state_dict(training["scaler"])
-    torch.set_rng_state(training["rng"]["torch"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,34 +276,31 @@ class Checkpointer:
     """Saves the whole training state every `every_steps` steps and on demand; rank 0 writes, every
     rank waits for it (so no rank exits, or is preempted, before the checkpoint is complete)."""
 
-    def __init__(self, run_dir: Path, every_steps: int, keep: int, dist, model, optimizer, precision,
-                 resolved_recipe: dict, tokenizer_sha256: str):
+    def __init__(self, run, run_dir: Path, resolved_recipe: dict):
+        self.run = run  # hvdbert.run.Run: model, optimizer, precision, plan, the distributed layer
         self.run_dir = Path(run_dir)
-        self.every_steps = every_steps
-        self.keep = keep
-        self.dist = dist
-        self.model = model
-        self.optimizer = optimizer
-        self.precision = precision
+        self.every_steps = run.recipe.checkpoint.every_steps
+        self.keep = run.recipe.checkpoint.keep
+        # pretrain.resolved_recipe(run); its plan is replaced by the run's current one at each save
         self.resolved_recipe = resolved_recipe
-        self.tokenizer_sha256 = tokenizer_sha256
 
     def _progress(self, state, kind: str) -> dict:
-        plan = self.resolved_recipe["plan"]
+        plan = self.run.plan
+        # samples_seen is in global sample units: a run on any worker count resumes there.
         return {**state.state_dict(), "kind": kind,
-                "data_position": state.samples_seen,  # global sample units: any worker count resumes here
-                "world_size": self.dist.size, "global_batch_size": plan["global_batch_size"],
-                "accumulation_steps": plan["accumulation_steps"],
+                "world_size": self.run.dist.size, "global_batch_size": plan.global_batch_size,
+                "accumulation_steps": plan.accumulation_steps,
                 "lr_schedule": {"note": "lr is a function of step (optim.lr_at)", **{
-                    k: plan[k] for k in ("lr", "warmup_steps", "max_steps", "decay_power", "end_lr")}},
-                "scaler_skipped_steps": self.precision.skipped_steps,
-                "tokenizer_sha256": self.tokenizer_sha256}
+                    k: getattr(plan, k) for k in ("lr", "warmup_steps", "max_steps", "decay_power", "end_lr")}},
+                "scaler_skipped_steps": self.run.precision.skipped_steps,
+                "tokenizer_sha256": self.resolved_recipe["tokenizer_sha256"]}
 
     def _write(self, directory: Path, state, kind: str) -> Path:
-        if self.dist.rank == 0:
-            write_checkpoint(directory, self.model, self.optimizer, self.precision.scaler,
-                             self._progress(state, kind), self.resolved_recipe)
-        self.dist.barrier()
+        run = self.run
+        if run.dist.rank == 0:
+            write_checkpoint(directory, run.model, run.optimizer, run.precision.scaler, self._progress(state, kind),
+                             {**self.resolved_recipe, "plan": run.plan.to_dict()})
+        run.dist.barrier()
         return directory
 
     def save(self, state) -> Path:
@@ -325,7 +308,7 @@ class Checkpointer:
         if directory.is_dir():  # e.g. a resumed run that had nothing left to do
             return directory
         self._write(directory, state, "regular")
-        if self.dist.rank == 0:
+        if self.run.dist.rank == 0:
             prune(self.run_dir, self.keep)
             log.info("hvdbert: checkpoint %s (%d samples seen)", directory, state.samples_seen)
         return directory

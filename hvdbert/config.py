@@ -13,17 +13,31 @@ import inspect
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hvdbert.errors import UsageError
 
 
+def choice(default: str, *allowed: str):
+    """A string field whose value must be one of `allowed` (the default first)."""
+    return field(default=default, metadata={"choices": (default, *allowed)})
+
+
+def bounded(default, valid: Callable[[Any], bool], rule: str):
+    """A numeric field whose value must satisfy `valid`; `rule` says so in the error message."""
+    return field(default=default, metadata={"valid": valid, "rule": rule})
+
+
+def positive(default):
+    return bounded(default, lambda value: value > 0, "must be greater than 0")  # NaN fails too
+
+
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps at the reference worker count
+    max_steps: int = positive(1000)  # optimizer steps at the reference worker count
     seed: int = 42
-    log_every: int = 10  # steps between logged (and cross-rank averaged) metrics
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA: torch.amp GradScaler)
+    log_every: int = positive(10)  # steps between logged (and cross-rank averaged) metrics
+    precision: str = choice("fp32", "bf16", "fp16")  # fp16 needs CUDA: torch.amp GradScaler
     grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     progress_bar: bool = True  # tqdm bar on rank 0
@@ -31,34 +45,37 @@ class TrainConfig:
 
 @dataclass
 class BatchConfig:
-    global_batch_size: int = 256  # sequences per optimizer step at the reference worker count
-    micro_batch_size: int = 32  # sequences per worker per forward/backward pass
-    reference_workers: int = 1  # the worker count the recipe's numbers were tuned for
+    global_batch_size: int = positive(256)  # sequences per optimizer step at the reference worker count
+    micro_batch_size: int = positive(32)  # sequences per worker per forward/backward pass
+    reference_workers: int = positive(1)  # the worker count the recipe's numbers were tuned for
     # fixed-global: the global batch stays; accumulation = global / (workers x micro); LR unchanged.
     # per-worker: the global batch grows with the workers; LR scaled by optim.lr_scaling.
-    scaling: str = "fixed-global"
+    scaling: str = choice("fixed-global", "per-worker")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lamb"  # lamb | adamw
-    lr: float = 1e-3  # peak learning rate at the reference worker count
-    lr_scaling: str = "none"  # none | linear (Goyal et al. 2017) | sqrt (You et al. 2019); per-worker only
+    name: str = choice("lamb", "adamw")
+    lr: float = positive(1e-3)  # peak learning rate at the reference worker count
+    # per-worker only: none | linear (Goyal et al. 2017) | sqrt (You et al. 2019)
+    lr_scaling: str = choice("none", "linear", "sqrt")
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-6
-    warmup_proportion: float = 0.01  # of max_steps, linear from 0 to the peak
+    warmup_proportion: float = bounded(0.01, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")  # of max_steps
     decay_power: float = 1.0  # polynomial decay after warmup; 0.5 in NVIDIA's BERT recipes
     end_lr: float = 0.0
 
 
 @dataclass
 class DataConfig:
-    max_seq_len: int = 128
-    format: str = "mlm"  # of the prepared data: mlm (packed text) | nsp (sentence pairs, trains NSP too)
-    max_predictions_per_seq: int = 20  # 20 at 128 and 80 at 512 (Devlin et al. 2018)
-    mask_prob: float = 0.15  # Devlin et al. 2018: 15% of tokens, of those 80% [MASK], 10% random, 10% kept
+    max_seq_len: int = bounded(128, lambda v: v >= 8, "must be at least 8")
+    # of the prepared data: mlm (packed text) | nsp (sentence pairs, trains NSP too)
+    format: str = choice("mlm", "nsp")
+    max_predictions_per_seq: int = positive(20)  # 20 at 128 and 80 at 512 (Devlin et al. 2018)
+    # Devlin et al. 2018: 15% of tokens, of those 80% [MASK], 10% random, 10% kept
+    mask_prob: float = bounded(0.15, lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
     whole_word_masking: bool = False
     prefetch_batches: int = 4  # micro-batches prepared ahead by the background loader thread
     builtin_max_documents: int = 0  # embedded corpus only: 0 takes every document
@@ -68,21 +85,22 @@ class DataConfig:
 @dataclass
 class DistConfig:
     fp16_allreduce: bool = False  # hvd.Compression.fp16: half the bytes on the wire
-    threads_per_worker: int = 1  # torch intra-op threads per rank on CPU
+    threads_per_worker: int = positive(1)  # torch intra-op threads per rank on CPU
     fusion_threshold_mb: int = 64  # HOROVOD_FUSION_THRESHOLD
-    cycle_time_ms: float = 0.0  # HOROVOD_CYCLE_TIME; 0 = by device: 10 on CPU/Gloo, 1 with CUDA
+    # HOROVOD_CYCLE_TIME; 0 = by device: 10 on CPU/Gloo, 1 with CUDA
+    cycle_time_ms: float = bounded(0.0, lambda v: v >= 0, "must be 0 (by device) or more")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 1000
-    keep: int = 3
+    every_steps: int = positive(1000)
+    keep: int = positive(3)
     init_from: str = ""  # a checkpoint whose weights (only) start this run, e.g. phase 1 for phase 2
 
 
 @dataclass
 class ElasticConfig:
-    commit_every: int = 10  # steps between hvd.elastic state commits
+    commit_every: int = positive(10)  # steps between hvd.elastic state commits
 
 
 @dataclass
@@ -104,14 +122,6 @@ class Recipe:
         """A BertConfig field as this recipe sets it, else BertConfig's own default."""
         return self.model[name] if name in self.model else bert_config_fields()[name]
 
-
-CHOICES = {
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "batch.scaling": ("fixed-global", "per-worker"),
-    "optim.name": ("lamb", "adamw"),
-    "optim.lr_scaling": ("none", "linear", "sqrt"),
-    "data.format": ("mlm", "nsp"),
-}
 
 _SECTION_CLASSES = {
     "train": TrainConfig,
@@ -239,12 +249,7 @@ def recipe_from_tree(tree: dict, where: str) -> Recipe:
             dotted = f"{section}.{key}"
             if key not in known:
                 raise _unknown(where, dotted, [f"{section}.{k}" for k in known])
-            value = _check_type(where, dotted, value, known[key])
-            if dotted in CHOICES and value not in CHOICES[dotted]:
-                raise UsageError(
-                    f"{where}: {dotted} = {value!r} is not valid; choose one of {', '.join(CHOICES[dotted])}"
-                )
-            setattr(config, key, value)
+            setattr(config, key, _check_type(where, dotted, value, known[key]))
     _check_ranges(recipe, where)
     return recipe
 
@@ -262,31 +267,16 @@ def _validate_model(where: str, values: Any) -> dict[str, Any]:
 
 
 def _check_ranges(recipe: Recipe, where: str) -> None:
-    positive = {
-        "train.max_steps": recipe.train.max_steps,
-        "train.log_every": recipe.train.log_every,
-        "batch.global_batch_size": recipe.batch.global_batch_size,
-        "batch.micro_batch_size": recipe.batch.micro_batch_size,
-        "batch.reference_workers": recipe.batch.reference_workers,
-        "optim.lr": recipe.optim.lr,
-        "data.max_seq_len": recipe.data.max_seq_len,
-        "data.max_predictions_per_seq": recipe.data.max_predictions_per_seq,
-        "dist.threads_per_worker": recipe.dist.threads_per_worker,
-        "checkpoint.every_steps": recipe.checkpoint.every_steps,
-        "checkpoint.keep": recipe.checkpoint.keep,
-        "elastic.commit_every": recipe.elastic.commit_every,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UsageError(f"{where}: {key} = {value} must be greater than 0")
-    if recipe.dist.cycle_time_ms < 0:
-        raise UsageError(f"{where}: dist.cycle_time_ms = {recipe.dist.cycle_time_ms} must be 0 (by device) or more")
-    if not 0.0 <= recipe.optim.warmup_proportion < 1.0:
-        raise UsageError(f"{where}: optim.warmup_proportion = {recipe.optim.warmup_proportion} must be in [0, 1)")
-    if not 0.0 < recipe.data.mask_prob < 1.0:
-        raise UsageError(f"{where}: data.mask_prob = {recipe.data.mask_prob} must be in (0, 1)")
-    if recipe.data.max_seq_len < 8:
-        raise UsageError(f"{where}: data.max_seq_len = {recipe.data.max_seq_len} must be at least 8")
+    """Each field's own rule (declared with the field), then the rules that span two sections."""
+    for section in _SECTION_CLASSES:
+        config = getattr(recipe, section)
+        for spec in dataclasses.fields(config):
+            value, dotted = getattr(config, spec.name), f"{section}.{spec.name}"
+            if "choices" in spec.metadata and value not in spec.metadata["choices"]:
+                raise UsageError(f"{where}: {dotted} = {value!r} is not valid; "
+                                 f"choose one of {', '.join(spec.metadata['choices'])}")
+            if "valid" in spec.metadata and not spec.metadata["valid"](value):
+                raise UsageError(f"{where}: {dotted} = {value} {spec.metadata['rule']}")
     positions = recipe.model_field("max_position_embeddings")
     if recipe.data.max_seq_len > positions:
         raise UsageError(
@@ -299,9 +289,3 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, merge, override and validate a recipe file."""
     tree = apply_overrides(read_recipe_tree(Path(path)), list(overrides or []))
     return recipe_from_tree(tree, str(path))
-
-
-def recipe_from_dict(resolved: dict) -> Recipe:
-    """Rebuild a Recipe from Recipe.to_dict() output (as stored in recipe.json and checkpoints)."""
-    tree = {k: v for k, v in resolved.items() if k != "source"}
-    return recipe_from_tree(tree, resolved.get("source", "recipe.json"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -30,6 +30,33 @@ FAILURE_TIMEOUTS = {
 }
 
 
+class Distributed(Protocol):
+    """What the rest of hvdbert asks of the distributed layer: who am I, and the collectives.
+
+    Implemented by `SingleProcess` (no Horovod), `HorovodDistributed`, and the benchmark's PyTorch DDP
+    peer. Collectives are called by every rank in the same order; `name` identifies them to Horovod."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    backend: str
+
+    def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module: ...
+    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool): ...
+    def broadcast_model_and_optimizer(self, model: torch.nn.Module, optimizer) -> None: ...
+    def broadcast_object(self, obj: Any, name: str) -> Any: ...
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor: ...
+    def allreduce_sum_async(self, tensor: torch.Tensor, name: str) -> Any: ...
+    def wait(self, handle: Any) -> torch.Tensor: ...
+    def barrier(self) -> None: ...
+    def synchronize(self, optimizer) -> None: ...
+    def skip_synchronize(self, optimizer) -> contextlib.AbstractContextManager: ...
+    def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None: ...
+    def elastic_run(self, fn, state_objects: dict, on_reset): ...
+    def shutdown(self) -> None: ...
+
+
 class SingleProcess:
     """One process, no Horovod: collectives are identities."""
 
@@ -38,6 +65,9 @@ class SingleProcess:
     local_rank = 0
     local_size = 1
     backend = "none"
+
+    def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module:
+        return forward  # Horovod reduces through the optimizer's hooks, not the forward
 
     def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool):
         return optimizer
@@ -193,7 +223,7 @@ def horovod_available() -> bool:
     return True
 
 
-def init_distributed(cfg: DistConfig) -> SingleProcess:
+def init_distributed(cfg: DistConfig) -> Distributed:
     if not horovod_available():
         launched = [v for v in _LAUNCHER_VARIABLES if v in os.environ]
         if launched:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 
 class UsageError(Exception):
@@ -37,3 +37,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def rank_zero_decides(rank: int, broadcast: Callable[[Any], Any], action: Callable[[], Any]) -> Any:
+    """Run `action` on rank 0 and give every rank its result; if it refuses (UsageError), every rank
+    stops alike: rank 0 raises the error (reported as one line), the others exit 2 quietly, and none
+    is left waiting in a collective. `broadcast(value)` sends rank 0's value to every rank (Horovod's
+    broadcast_object, mpi4py's bcast)."""
+    outcome: tuple[str, Any] = ("ok", None)
+    error = None
+    if rank == 0:
+        try:
+            outcome = ("ok", action())
+        except UsageError as refusal:
+            error, outcome = refusal, ("refused", None)
+    status, result = broadcast(outcome)
+    if error is not None:
+        raise error
+    if status == "refused":
+        raise SystemExit(2)
+    return result

@@ -16,9 +16,6 @@ class NullMetrics:
     def advance(self, steps: int) -> None:
         pass
 
-    def write_summary(self, text: str) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
@@ -45,9 +42,6 @@ class RunMetrics(NullMetrics):
 
     def advance(self, steps: int) -> None:
         self.bar.update(steps)
-
-    def write_summary(self, text: str) -> None:
-        self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()

@@ -62,5 +62,18 @@ def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) 
                       nsp_loss=nsp_loss)
 
 
+class PretrainingForward(torch.nn.Module):
+    """The training forward (`pretraining_loss`) as a module's forward. It owns no weights of its own:
+    it exists so that a data-parallel wrapper which hooks `forward` (PyTorch DDP in the benchmark's
+    peer) runs hvdbert's gather-first loss; Horovod leaves it as it is."""
+
+    def __init__(self, model: BertForPreTraining):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        return pretraining_loss(self.model, batch)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -14,6 +14,7 @@ the shards by block number. K MPI ranks with N processes each are W = K x N work
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import logging
@@ -31,7 +32,7 @@ from hvdbert.data.inputs import FILE_FORMATS, TEXT_MODES, ReadStats, Source, che
 from hvdbert.data.packing import MlmPacker, batched, nsp_pairs, split_sentences
 from hvdbert.data.shards import FORMATS, Manifest, PreparedData, publish_directory, token_dtype, write_shard
 from hvdbert.data.tokenizer import load_tokenizer, tokenizer_hash, train_wordpiece
-from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
 
 log = logging.getLogger("hvdbert.prepare")
 ENCODE_BATCH_DOCUMENTS = 1000
@@ -251,29 +252,24 @@ def prepare(options: Options, output: Path, tokenizer_dir: Path | None = None, v
     if options.format not in FORMATS:
         raise UsageError(f"--format {options.format!r} is not valid; choose one of {', '.join(FORMATS)}")
     output = Path(output)
-    outcome: tuple[str, str] = ("ok", "")
-    temporary = None
-    if comm.rank == 0:
+    broadcast = functools.partial(comm.bcast, root=0)  # Horovod-free: prepare needs only mpi4py
+
+    def start() -> str:  # rank 0: check the input, set up the tokenizer in a fresh partial directory
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise UsageError(f"--output {output} already exists and is not empty; choose a new directory")
+        check_readable(list(options.sources), options.text_field)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
         try:
-            if output.exists() and (not output.is_dir() or any(output.iterdir())):
-                raise UsageError(f"--output {output} already exists and is not empty; choose a new directory")
-            check_readable(list(options.sources), options.text_field)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir()
             _setup_tokenizer(temporary, tokenizer_dir, vocab_size, lowercase, options, tokenizer_documents)
-            outcome = ("ok", str(temporary))
-        except BaseException as error:
-            if temporary is not None:
-                shutil.rmtree(temporary, ignore_errors=True)
-            if not isinstance(error, UsageError) or comm.size == 1:
-                raise
-            outcome = ("error", str(error))
-    outcome = comm.bcast(outcome, root=0)  # Horovod-free: prepare needs only mpi4py
-    if outcome[0] == "error":
-        raise UsageError(outcome[1])
-    directory = Path(outcome[1])
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        return str(temporary)
+
+    directory = Path(rank_zero_decides(comm.rank, broadcast, start))
 
     try:
         results = _run_local_parts(comm, num_proc, options, directory)
@@ -281,23 +277,19 @@ def prepare(options: Options, output: Path, tokenizer_dir: Path | None = None, v
         results = [("error", f"{type(error).__name__}: {error}")]
     gathered = comm.gather(results, root=0)  # every rank's shards are complete past this point
 
-    manifest, outcome = None, ("ok", "")
-    if comm.rank == 0:
+    def finish() -> Manifest:  # rank 0: every rank's shards are complete; write the manifest, publish
         try:
-            results = [r for rank_results in gathered for r in rank_results]
-            errors = [message for status, message in results if status == "error"]
+            errors = [message for rank_results in gathered for status, message in rank_results if status == "error"]
             if errors:
                 raise UsageError(errors[0])
-            manifest = _finish(results, directory, output, options, source, lowercase)
-        except BaseException as error:
+            return _finish([r for rank_results in gathered for r in rank_results], directory, output, options,
+                           source, lowercase)
+        except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
-            if not isinstance(error, UsageError) or comm.size == 1:
-                raise
-            outcome = ("error", str(error))
-    outcome = comm.bcast(outcome, root=0)
-    if outcome[0] == "error":
-        raise UsageError(outcome[1])
-    return manifest
+            raise
+
+    manifest = rank_zero_decides(comm.rank, broadcast, finish)
+    return manifest if comm.rank == 0 else None
 
 
 def _finish(results, directory: Path, output: Path, options: Options, source: str, lowercase: bool) -> Manifest:

@@ -17,28 +17,16 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from hvdbert import checkpoint
-from hvdbert.config import Recipe, load_recipe
-from hvdbert.data.loader import BatchStream, StreamLayout
-from hvdbert.data.masking import MaskingRule
-from hvdbert.data.shards import PreparedData
-from hvdbert.data.tokenizer import tokenizer_hash
-from hvdbert.dist import SingleProcess, init_distributed
-from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.config import load_recipe
+from hvdbert.dist import Distributed, init_distributed
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
 from hvdbert.metrics import NullMetrics, RunMetrics
-from hvdbert.model import build_model, count_parameters
-from hvdbert.optim import build_optimizer, init_state
-from hvdbert.plan import Plan, make_plan
-from hvdbert.prepare import builtin_cache_dir, prepare_builtin
-from hvdbert.train import Precision, TrainingDiverged, TrainState, train
+from hvdbert.model import count_parameters
+from hvdbert.run import Run, build_run
+from hvdbert.train import TrainingDiverged, train
 
 log = logging.getLogger("hvdbert")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HVDBERT_CACHE", Path.home() / ".cache" / "hvdbert"))
 
 
 def parse_args(argv: list[str] | None):
@@ -56,79 +44,16 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
-def setup_logging(dist: SingleProcess) -> None:
+def setup_logging(dist: Distributed) -> None:
     # Rank 0 speaks; the others report only warnings and errors, prefixed with their rank.
     level = logging.INFO if dist.rank == 0 else logging.WARNING
     prefix = "" if dist.size == 1 else f"[rank {dist.rank}] "
     logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
 
 
-def choose_device(dist: SingleProcess, precision: str) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    if precision == "fp16":
-        raise UsageError("train.precision = fp16 needs a CUDA GPU and none is available; "
-                         "use train.precision = bf16 or fp32 on CPU")
-    return torch.device("cpu")
-
-
-def open_data(data_dir: Path | None, recipe: Recipe, dist: SingleProcess) -> PreparedData:
-    vocab_size = recipe.model_field("vocab_size")
-    if data_dir is None:
-        directory = builtin_cache_dir(cache_root() / "data", vocab_size, recipe.data.max_seq_len,
-                                      recipe.data.builtin_max_documents)
-        if dist.local_rank == 0:  # one preparer per host; the others wait for it
-            prepare_builtin(directory, vocab_size, recipe.data.max_seq_len, recipe.data.builtin_max_documents)
-        dist.barrier()
-        data_dir = directory
-    data = PreparedData(data_dir)
-    manifest = data.manifest
-    if manifest.seq_len != recipe.data.max_seq_len:
-        raise UsageError(
-            f"{data_dir}: prepared with sequence length {manifest.seq_len}, but the recipe has "
-            f"data.max_seq_len = {recipe.data.max_seq_len}; prepare with --seq-len "
-            f"{recipe.data.max_seq_len} or pass --set data.max_seq_len={manifest.seq_len}"
-        )
-    if manifest.format != recipe.data.format:
-        raise UsageError(
-            f"{data_dir}: prepared in format {manifest.format}, but the recipe has data.format = "
-            f"{recipe.data.format}; prepare with --format {recipe.data.format} or pass "
-            f"--set data.format={manifest.format}"
-        )
-    if manifest.vocab_size > vocab_size:
-        raise UsageError(
-            f"{data_dir}: the tokenizer has {manifest.vocab_size} tokens but model.vocab_size = "
-            f"{vocab_size}; set model.vocab_size to at least {manifest.vocab_size}"
-        )
-    # The tokenizer stored with the data is the one the sequences were made with (and the one export
-    # ships): it must be the one the manifest names.
-    stored = tokenizer_hash(data.tokenizer_dir)
-    if stored != manifest.tokenizer_sha256:
-        raise UsageError(
-            f"{data.tokenizer_dir}: this tokenizer (sha256 {stored[:12]}) is not the one the data was "
-            f"prepared with ({manifest.tokenizer_sha256[:12]} in manifest.json); prepare the data again"
-        )
-    return data
-
-
-def open_stream(data: PreparedData, recipe: Recipe, plan: Plan, dist: SingleProcess, start_position: int,
-                device: torch.device) -> BatchStream:
-    """This worker's batches from global sample position `start_position` on, for `plan`'s layout."""
-    special = data.manifest.special_token_ids
-    rule = MaskingRule(
-        mask_prob=recipe.data.mask_prob, max_predictions=recipe.data.max_predictions_per_seq,
-        mask_id=special["mask"], vocab_size=data.manifest.vocab_size,
-        special_ids=(special["pad"], special["cls"], special["sep"]),
-        whole_word=recipe.data.whole_word_masking,
-    )
-    layout = StreamLayout(dist.size, dist.rank, plan.micro_batch_size, plan.accumulation_steps)
-    return BatchStream(data, layout, rule, recipe.train.seed, start_position,
-                       recipe.data.prefetch_batches, pin_memory=device.type == "cuda")
-
-
-def resolved_recipe(recipe: Recipe, plan: Plan, data: PreparedData) -> dict:
-    return {**recipe.to_dict(), "plan": plan.to_dict(), "data_dir": str(data.directory), "with_nsp": data.has_nsp}
+def resolved_recipe(run: Run) -> dict:
+    return {**run.recipe.to_dict(), "plan": run.plan.to_dict(), "data_dir": str(run.data.directory),
+            "with_nsp": run.data.has_nsp, "tokenizer_sha256": run.data.manifest.tokenizer_sha256}
 
 
 def _rewrite_lines(path: Path, edit) -> None:
@@ -163,11 +88,11 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, samp
     os.replace(temporary, run_dir / "recipe.json")
 
 
-def restore_on_rank0(args, recipe: Recipe, data: PreparedData, model, optimizer, precision: Precision,
-                     state: TrainState) -> str:
-    """Rank 0 only: load `--resume` or `checkpoint.init_from` into model/optimizer/state (the caller
-    broadcasts). Every check happens here, before anything in the run directory is written."""
-    tokenizer = data.manifest.tokenizer_sha256
+def restore_on_rank0(args, run: Run) -> str:
+    """Rank 0 only: load `--resume` or `checkpoint.init_from` into the run's model, optimizer and state
+    (the caller broadcasts). Every check happens here, before anything in the run directory is written."""
+    recipe, model, optimizer, precision, state = run.recipe, run.model, run.optimizer, run.precision, run.state
+    tokenizer = run.data.manifest.tokenizer_sha256
     if args.resume:
         if args.resume == "auto":
             candidates = [path for _, path in reversed(checkpoint.step_dirs(args.output))]
@@ -197,24 +122,7 @@ def restore_on_rank0(args, recipe: Recipe, data: PreparedData, model, optimizer,
     return "random initialisation"
 
 
-def agreed(dist: SingleProcess, action) -> str:
-    """Run `action` on rank 0; if it refuses (UsageError), every rank stops: rank 0 reports the
-    one-line error, the others exit with the same status quietly (none is left waiting)."""
-    outcome, error = "", None
-    if dist.rank == 0:
-        try:
-            outcome = action()
-        except UsageError as refusal:
-            error = refusal
-    failed = dist.broadcast_object(error is not None, name="startup_failed")
-    if error is not None:
-        raise error
-    if failed:
-        raise SystemExit(2)
-    return outcome
-
-
-def open_sample_log(run_dir: Path, enabled: bool, dist: SingleProcess):
+def open_sample_log(run_dir: Path, enabled: bool, dist: Distributed):
     if not enabled:
         return None
     (run_dir / "sample_ids").mkdir(exist_ok=True)
@@ -230,58 +138,33 @@ def main(argv: list[str] | None = None) -> int:
                          "--host-discovery-script launch/discover_hosts.sh (Gloo; see docs/resume.md)")
     dist = init_distributed(recipe.dist)
     setup_logging(dist)
-    plan = make_plan(recipe, dist.size)
-    device = choose_device(dist, recipe.train.precision)
-    if device.type == "cpu":
-        torch.set_num_threads(recipe.dist.threads_per_worker)  # one rank per core by default
-    data = open_data(args.data, recipe, dist)
-
-    torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe.model, with_nsp=data.has_nsp).to(device)
-    optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
-                                    plan.accumulation_steps, recipe.dist.fp16_allreduce)
-    init_state(optimizer)  # Horovod's wrapper is a new optimizer object: create its state here
-    precision = Precision.create(recipe.train.precision, device)
-    state = TrainState()
-    resolved = resolved_recipe(recipe, plan, data)
+    run = build_run(recipe, args.data, dist)
+    resolved = resolved_recipe(run)
 
     def restore_and_prepare() -> str:
-        outcome = restore_on_rank0(args, recipe, data, model, optimizer, precision, state)
-        prepare_run_dir(args.output, resolved, state.step if args.resume else None,
+        outcome = restore_on_rank0(args, run)
+        prepare_run_dir(args.output, resolved, run.state.step if args.resume else None,
                         dist.size if recipe.data.record_sample_ids else 0)
         return outcome
 
-    log.info("hvdbert: %s", agreed(dist, restore_and_prepare))
-    # Horovod: rank 0 read the checkpoint (or initialised at random); everyone starts from its state.
-    state.load_state_dict(dist.broadcast_object(state.state_dict(), name="train_state"))
-    dist.broadcast_model_and_optimizer(model, optimizer)
-    if precision.scaler is not None:
-        precision.scaler.load_state_dict(dist.broadcast_object(precision.scaler.state_dict(), name="scaler"))
+    log.info("hvdbert: %s", rank_zero_decides(dist.rank, lambda v: dist.broadcast_object(v, name="startup"),
+                                              restore_and_prepare))
+    run.broadcast_from_rank0()
 
     stop = checkpoint.StopRequest()
     stop.install()
-    checkpointer = checkpoint.Checkpointer(args.output, recipe.checkpoint.every_steps, recipe.checkpoint.keep,
-                                           dist, model, optimizer, precision, resolved,
-                                           data.manifest.tokenizer_sha256)
+    checkpointer = checkpoint.Checkpointer(run, args.output, resolved)
+    plan = run.plan
     log.info("hvdbert: %d workers (%s), %s parameters, global batch %d = %d workers x %d micro x %d "
              "accumulation, %d steps, data %s (%d sequences)", dist.size, dist.backend,
-             f"{count_parameters(model):,}", plan.global_batch_size, plan.workers, plan.micro_batch_size,
-             plan.accumulation_steps, plan.max_steps, data.directory, len(data))
+             f"{count_parameters(run.model):,}", plan.global_batch_size, plan.workers, plan.micro_batch_size,
+             plan.accumulation_steps, plan.max_steps, run.data.directory, len(run.data))
     sample_log = open_sample_log(args.output, recipe.data.record_sample_ids, dist)
     try:
         if args.elastic:
-            summary = run_elastic(recipe, data, plan, dist, device, model, optimizer, precision, state,
-                                  args.output, checkpointer, stop, sample_log)
+            summary = run_elastic(run, args.output, checkpointer, stop, sample_log)
         else:
-            stream = open_stream(data, recipe, plan, dist, state.samples_seen, device)
-            metrics = (RunMetrics(args.output, state.step, plan.max_steps, recipe.train.progress_bar)
-                       if dist.rank == 0 else NullMetrics())
-            try:
-                summary = train(model, optimizer, stream, plan, state, dist, precision, recipe.train, metrics,
-                                checkpointer, stop, sample_log)
-            finally:
-                stream.close()
-                metrics.close()
+            summary = train_once(run, args.output, checkpointer, stop, sample_log)
     except TrainingDiverged as error:
         if dist.rank == 0:
             print(f"hvdbert.pretrain: error: {error}", file=sys.stderr, flush=True)
@@ -298,43 +181,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_elastic(recipe: Recipe, data: PreparedData, plan: Plan, dist: SingleProcess, device: torch.device,
-                model, optimizer, precision: Precision, state: TrainState, run_dir: Path, checkpointer,
-                stop, sample_log) -> dict:
+def train_once(run: Run, run_dir: Path, checkpointer, stop, sample_log, after_step=None) -> dict:
+    """Train from the run's position to the end of its plan, with a stream and metrics of its own."""
+    run.open_stream()
+    metrics = (RunMetrics(run_dir, run.state.step, run.plan.max_steps, run.recipe.train.progress_bar)
+               if run.dist.rank == 0 else NullMetrics())
+    try:
+        return train(run, metrics, checkpointer, stop, sample_log, after_step)
+    finally:
+        run.close_stream()
+        metrics.close()
+
+
+def run_elastic(run: Run, run_dir: Path, checkpointer, stop, sample_log) -> dict:
     """Horovod elastic: workers may leave (and join) mid-run. The model, optimizer and progress
     counters are committed every elastic.commit_every steps; after a reset, the plan (accumulation,
     LR) is recomputed for the new worker count and the data stream restarts at the committed global
     sample position, so the global batch and the sample order are those of an uninterrupted run."""
-    current = {"plan": plan}
+    dist, state = run.dist, run.state
 
     def on_reset() -> None:  # Horovod calls this after re-forming the ring with the new workers
-        current["plan"] = new_plan = make_plan(recipe, dist.size)
-        dist.set_accumulation_steps(optimizer, new_plan.accumulation_steps)
-        checkpointer.resolved_recipe = {**checkpointer.resolved_recipe, "plan": new_plan.to_dict()}
-        log.warning("hvdbert: elastic reset: now %d workers, accumulation %d", dist.size,
-                    new_plan.accumulation_steps)
+        plan = run.replan()
+        log.warning("hvdbert: elastic reset: now %d workers, accumulation %d", dist.size, plan.accumulation_steps)
 
-    def run(elastic_state) -> dict:
+    def once(elastic_state) -> dict:
         state.load_state_dict({"step": elastic_state.step, "samples_seen": elastic_state.samples_seen})
-        plan = current["plan"]
-        stream = open_stream(data, recipe, plan, dist, state.samples_seen, device)
-        metrics = (RunMetrics(run_dir, state.step, plan.max_steps, recipe.train.progress_bar)
-                   if dist.rank == 0 else NullMetrics())
 
-        def commit(progress: TrainState) -> None:
-            if progress.step % recipe.elastic.commit_every == 0:
+        def commit(progress) -> None:
+            if progress.step % run.recipe.elastic.commit_every == 0:
                 elastic_state.step, elastic_state.samples_seen = progress.step, progress.samples_seen
                 elastic_state.commit()  # Horovod: also where a host change is noticed
 
-        try:
-            return train(model, optimizer, stream, plan, state, dist, precision, recipe.train, metrics,
-                         checkpointer, stop, sample_log, after_step=commit)
-        finally:
-            stream.close()
-            metrics.close()
+        return train_once(run, run_dir, checkpointer, stop, sample_log, after_step=commit)
 
-    return dist.elastic_run(run, {"model": model, "optimizer": optimizer, "step": state.step,
-                                  "samples_seen": state.samples_seen}, on_reset)
+    return dist.elastic_run(once, {"model": run.model, "optimizer": run.optimizer, "step": state.step,
+                                   "samples_seen": state.samples_seen}, on_reset)
 
 
 if __name__ == "__main__":

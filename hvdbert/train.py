@@ -4,17 +4,19 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
-from hvdbert.config import TrainConfig
-from hvdbert.data.loader import BatchStream, StreamLayout
-from hvdbert.dist import SingleProcess
+from hvdbert.data.loader import StreamLayout
+from hvdbert.data.masking import splitmix64
+from hvdbert.dist import Distributed
 from hvdbert.metrics import NullMetrics
-from hvdbert.model import pretraining_loss
 from hvdbert.optim import lr_at, set_lr
-from hvdbert.plan import Plan
+
+if TYPE_CHECKING:
+    from hvdbert.run import Run
 
 # Per-step statistics, summed locally and reduced across ranks only when a step is logged.
 STAT_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "micro_batches", "tokens")
@@ -37,6 +39,11 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
+
+    def advance(self, layout: StreamLayout) -> None:
+        """One optimizer step done: the data stream moved on by the same global batch."""
+        self.step += 1
+        self.samples_seen += layout.global_batch_size
 
 
 @dataclass
@@ -72,40 +79,36 @@ class StepGuard:
         self.bad_step = False
         self._pending = None
 
-    def submit(self, dist: SingleProcess, loss_sum: torch.Tensor) -> None:
+    def submit(self, dist: Distributed, loss_sum: torch.Tensor) -> None:
         stop = float(self.stop is not None and self.stop.requested)
         flags = torch.stack([loss_sum.new_tensor(stop), (~torch.isfinite(loss_sum)).to(loss_sum.dtype)])
         self._pending = dist.allreduce_sum_async(flags, name="step_flags")
 
-    def collect(self, dist: SingleProcess) -> bool:
+    def collect(self, dist: Distributed) -> bool:
         """Wait for the flags (a host sync); returns True when this step must not update the model."""
         stop, bad = dist.wait(self._pending).tolist()
         self.stop_agreed, self.bad_step = stop > 0, bad > 0
         return self.bad_step
 
 
-def dropout_seeds(seed: int, layout: StreamLayout, step_start: int) -> list[int]:
+def dropout_seeds(seed: int, layout: StreamLayout, samples_seen: int) -> list[int]:
     """One torch seed per micro-batch, from (recipe seed, global position of its first sample).
 
     Dropout then depends only on which samples a micro-batch holds: a resumed run draws the same masks
     as an uninterrupted one, and so does a run on another worker count, with no RNG state to save per
     rank (per-rank states would not even map onto a different number of ranks)."""
-    return [_mix64(_mix64(seed) ^ int(layout.positions(step_start, a)[0]))
-            for a in range(layout.accumulation_steps)]
+    firsts = np.array([layout.positions(samples_seen, a)[0] for a in range(layout.accumulation_steps)],
+                      dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = splitmix64(splitmix64(np.uint64(seed)) ^ firsts)
+    return [int(x) >> 1 for x in mixed]  # torch.manual_seed takes values below 2**63
 
 
-def _mix64(x: int) -> int:
-    """SplitMix64's finaliser (Steele et al. 2014), kept below 2**63 for torch.manual_seed."""
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) >> 1
-
-
-def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], dist: SingleProcess,
+def train_step(forward, optimizer, micro_batches: list[dict[str, torch.Tensor]], dist: Distributed,
                precision: Precision, grad_clip_norm: float, dropout_seeds: list[int] | None = None,
                guard: StepGuard | None = None) -> torch.Tensor:
-    """Forward/backward over this worker's micro-batches, allreduce, clip, step.
+    """Forward/backward over this worker's micro-batches, allreduce, clip, step. `forward` is the
+    run's training forward (model.PretrainingForward, possibly wrapped by the distributed layer).
 
     Returns the step's statistics (STAT_NAMES) as one tensor. Without a guard there is no host sync;
     with one, a step whose loss is not finite on any rank leaves the model and optimizer untouched.
@@ -117,7 +120,7 @@ def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], d
         if dropout_seeds is not None:
             torch.manual_seed(dropout_seeds[index])
         with precision.autocast():
-            out = pretraining_loss(model, batch)
+            out = forward(batch)
         # Horovod sums the local passes of a step (backward_passes_per_step) before averaging across
         # workers, so each pass contributes loss / accumulation_steps.
         loss = out.loss / accumulation_steps
@@ -154,35 +157,55 @@ def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], d
     return stats
 
 
-def train(model, optimizer, stream: BatchStream, plan: Plan, state: TrainState, dist: SingleProcess,
-          precision: Precision, cfg: TrainConfig, metrics: NullMetrics, checkpointer=None, stop=None,
-          sample_log=None, after_step: Callable[[TrainState], None] | None = None) -> dict:
-    """Run optimizer steps until plan.max_steps (or an agreed stop); log every `cfg.log_every` steps,
-    checkpoint through `checkpointer`. Returns a summary."""
-    model.train()
+@dataclass
+class StepResult:
+    stats: torch.Tensor  # STAT_NAMES, this worker's sums
+    lr: float
+    data_wait_seconds: float  # waiting for the loader's micro-batches
+    micro_batches: list[dict[str, torch.Tensor]]
+
+
+def run_step(run: "Run", guard: StepGuard, dist: Distributed | None = None) -> StepResult:
+    """One optimizer step of `run`: the next micro-batches from its stream, the LR for this step,
+    per-micro-batch dropout seeds, `train_step`, and the progress counters. `train()` and the
+    benchmark both run this, so what is measured is what trains. `dist` stands in for `run.dist`
+    (the benchmark passes one with clocks on it)."""
+    stream = run.stream
+    wait_start = time.perf_counter()
+    micro_batches = stream.next_step()
+    data_wait_seconds = time.perf_counter() - wait_start
+    lr = lr_at(run.state.step, run.plan)
+    set_lr(run.optimizer, lr)
+    seeds = dropout_seeds(run.recipe.train.seed, stream.layout, run.state.samples_seen)
+    stats = train_step(run.forward, run.optimizer, micro_batches, dist or run.dist, run.precision,
+                       run.recipe.train.grad_clip_norm, seeds, guard)
+    run.state.advance(stream.layout)
+    return StepResult(stats, lr, data_wait_seconds, micro_batches)
+
+
+def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample_log=None,
+          after_step: Callable[[TrainState], None] | None = None) -> dict:
+    """Run optimizer steps on `run.stream` until the plan's max_steps (or an agreed stop); log every
+    train.log_every steps, checkpoint through `checkpointer`. Returns a summary."""
+    cfg, plan, state, precision = run.recipe.train, run.plan, run.state, run.precision
+    run.model.train()
     guard = StepGuard(stop)
     window = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
     window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
     run_start, first_step, last_record, bad_steps, stopped = time.perf_counter(), state.step, None, 0, ""
     while state.step < plan.max_steps:
-        wait_start = time.perf_counter()
-        micro_batches = stream.next_step()
-        data_wait_seconds += time.perf_counter() - wait_start
+        result = run_step(run, guard)
+        data_wait_seconds += result.data_wait_seconds
         if sample_log is not None:
-            sample_log.write(" ".join(str(int(i)) for b in micro_batches for i in b["sample_ids"]) + "\n")
-        lr = lr_at(state.step, plan)
-        set_lr(optimizer, lr)
-        seeds = dropout_seeds(cfg.seed, stream.layout, state.samples_seen)
-        window += train_step(model, optimizer, micro_batches, dist, precision, cfg.grad_clip_norm, seeds, guard)
-        state.step += 1
-        state.samples_seen += plan.global_batch_size
+            sample_log.write(" ".join(str(int(i)) for b in result.micro_batches for i in b["sample_ids"]) + "\n")
+        window += result.stats
         bad_steps = bad_steps + 1 if guard.bad_step else 0
         window_steps += 1
         metrics.advance(1)
 
         if state.step % cfg.log_every == 0 or state.step == plan.max_steps or guard.stop_agreed:
-            last_record = log_window(window, window_steps, time.perf_counter() - window_start, data_wait_seconds,
-                                     lr, plan, state, precision, stream.data.has_nsp, dist)
+            last_record = log_window(run, window, window_steps, time.perf_counter() - window_start,
+                                     data_wait_seconds, result.lr)
             metrics.log(last_record)
             window.zero_()
             window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
@@ -211,11 +234,12 @@ def train(model, optimizer, stream: BatchStream, plan: Plan, state: TrainState, 
     }
 
 
-def log_window(window: torch.Tensor, window_steps: int, seconds: float, data_wait_seconds: float, lr: float,
-               plan: Plan, state: TrainState, precision: Precision, has_nsp: bool, dist: SingleProcess) -> dict:
+def log_window(run: "Run", window: torch.Tensor, window_steps: int, seconds: float, data_wait_seconds: float,
+               lr: float) -> dict:
     """The metrics record of the steps since the last one: one allreduce (the only cross-rank sync
     besides gradients and the step flags)."""
-    stat = dict(zip(STAT_NAMES, dist.allreduce_sum(window, name="metrics").tolist()))
+    plan, state, precision = run.plan, run.state, run.precision
+    stat = dict(zip(STAT_NAMES, run.dist.allreduce_sum(window, name="metrics").tolist()))
     micro = max(stat["micro_batches"], 1.0)
     record = {
         "step": state.step,
@@ -232,7 +256,7 @@ def log_window(window: torch.Tensor, window_steps: int, seconds: float, data_wai
         "samples_seen": state.samples_seen,
         "data_wait_fraction": data_wait_seconds / seconds,
     }
-    if has_nsp:
+    if run.data.has_nsp:
         record["nsp_loss"] = stat["nsp_loss"] / micro
     if precision.scaler is not None:
         record["scaler_skipped_steps"] = precision.skipped_steps

@@ -16,10 +16,10 @@ from hvdbert.config import load_recipe
 from hvdbert.data.loader import BatchStream, StreamLayout
 from hvdbert.data.masking import MaskingRule
 from hvdbert.dist import init_distributed
-from hvdbert.model import build_model
+from hvdbert.model import PretrainingForward, build_model
 from hvdbert.optim import build_optimizer, init_state, lr_at, set_lr
 from hvdbert.plan import make_plan
-from hvdbert.pretrain import open_data
+from hvdbert.run import open_data
 from hvdbert.train import Precision, train_step
 
 
@@ -50,7 +50,7 @@ def main(recipe_path: str, out_dir: str, steps: int) -> None:
     precision = Precision.create("fp32", torch.device("cpu"))
     for step in range(steps):
         set_lr(optimizer, lr_at(step, plan))
-        train_step(model, optimizer, stream.next_step(), dist, precision, recipe.train.grad_clip_norm)
+        train_step(PretrainingForward(model), optimizer, stream.next_step(), dist, precision, recipe.train.grad_clip_norm)
     stream.close()
     report = {"before": before, "after_broadcast": after_broadcast, "after_steps": fingerprint(model),
               "optimizer_steps": [float(s["step"]) for s in optimizer.state.values()]}

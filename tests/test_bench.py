@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,3 +101,30 @@ def test_find_max_batch_says_it_needs_a_gpu(hvdbert_env):
     result = run_module("hvdbert.bench", ["--recipe", str(TINY), "--find-max-batch", *FAST], hvdbert_env,
                         check=False)
     assert result.returncode == 2 and "CUDA" in result.stderr
+
+
+def test_ddp_peer_runs_hvdbert_step_from_outside_the_repository(hvdbert_env, tmp_path):
+    """--peers from any directory (the peers are modules of the installed package), and the DDP peer
+    on hvdbert's model computes hvdbert's losses step by step: only the communication layer differs."""
+    env = {k: v for k, v in hvdbert_env.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "hvdbert.bench", "--recipe", str(TINY), "--workers", "1,2",
+                             "--steps", "3", "--warmup-steps", "1", "--peers", "ddp-hvdbert-model",
+                             "--output", "out", *FAST], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r["system"], r["workers"]): r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]}
+    assert set(rows) == {("hvdbert", 1), ("hvdbert", 2), ("ddp-hvdbert-model", 1), ("ddp-hvdbert-model", 2)}
+    for workers in (1, 2):
+        ours, theirs = rows[("hvdbert", workers)], rows[("ddp-hvdbert-model", workers)]
+        assert theirs["backend"] == "torch-ddp-gloo" and theirs["global_batch_size"] == ours["global_batch_size"]
+        assert len(ours["step_losses"]) == len(theirs["step_losses"]) == 4
+        assert max(abs(a - b) for a, b in zip(ours["step_losses"], theirs["step_losses"])) <= 1e-5
+        assert ours["vs_ddp-hvdbert-model"] == pytest.approx(ours["seq_per_s"] / theirs["seq_per_s"])
+    assert "vs DDP, same model" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_run_mlm_peers_refuse_another_corpus(hvdbert_env, tmp_path):
+    result = run_module("hvdbert.bench", ["--recipe", str(TINY), "--data", str(tmp_path), "--peers", "hf"],
+                        hvdbert_env, check=False)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "ddp-hvdbert-model" in result.stderr

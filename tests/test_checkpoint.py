@@ -16,9 +16,10 @@ from hvdbert import checkpoint
 from hvdbert.checkpoint import Checkpointer, CorruptCheckpoint, open_checkpoint
 from hvdbert.config import load_recipe
 from hvdbert.dist import SingleProcess
-from hvdbert.model import build_model
+from hvdbert.model import PretrainingForward, build_model
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import make_plan
+from hvdbert.run import Run
 from hvdbert.train import Precision, TrainState
 
 SMALL = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -45,9 +46,13 @@ def take_step(model, optimizer) -> None:
 
 
 def checkpointer_for(run_dir: Path, recipe, plan, model, optimizer, keep=3) -> Checkpointer:
-    resolved = {**recipe.to_dict(), "plan": plan.to_dict(), "data_dir": "", "with_nsp": False}
-    return Checkpointer(run_dir, 2, keep, SingleProcess(), model, optimizer, Precision("fp32", torch.device("cpu")),
-                        resolved, tokenizer_sha256="t" * 64)
+    recipe.checkpoint.every_steps, recipe.checkpoint.keep = 2, keep
+    resolved = {**recipe.to_dict(), "plan": plan.to_dict(), "data_dir": "", "with_nsp": False,
+                "tokenizer_sha256": "t" * 64}
+    run = Run(recipe=recipe, dist=SingleProcess(), device=torch.device("cpu"), data=None, plan=plan, model=model,
+              forward=PretrainingForward(model), optimizer=optimizer,
+              precision=Precision("fp32", torch.device("cpu")), state=TrainState())
+    return Checkpointer(run, run_dir, resolved)
 
 
 def test_round_trip_restores_weights_optimizer_and_counters(tmp_path):

@@ -88,7 +88,7 @@ def test_pretrain_refuses_data_that_does_not_match_the_recipe(tmp_path, hvdbert_
     from hvdbert.config import load_recipe
     from hvdbert.dist import SingleProcess
     from hvdbert.errors import UsageError
-    from hvdbert.pretrain import open_data
+    from hvdbert.run import open_data
 
     data = tmp_path / "data"
     run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "80", "--tokenizer", str(tokenizer_dir),

@@ -233,7 +233,7 @@ def test_chinese_characters_and_whole_word_masking(tmp_path):
         special = data.manifest.special_token_ids
         rule = MaskingRule(0.15, 5, special["mask"], data.manifest.vocab_size,
                            (special["pad"], special["cls"], special["sep"]), whole_word=True)
-        stream = BatchStream(data, StreamLayout(1, 0, 64, 1), rule, seed=3, start_position=0, prefetch_batches=1)
+        stream = BatchStream(data, StreamLayout(1, 0, 64, 1), rule, seed=3, samples_seen=0, prefetch_batches=1)
         try:
             batch = stream.batch_at(np.arange(64))
         finally:

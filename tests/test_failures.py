@@ -96,7 +96,7 @@ def test_grad_scaler_skipped_steps_are_counted_and_leave_the_model_alone():
     """The fp16 bookkeeping of train_step, run with torch's CPU GradScaler (fp16 training itself
     needs CUDA): a scale so large that the scaled loss overflows makes the scaler skip the step."""
     from hvdbert.dist import SingleProcess
-    from hvdbert.model import build_model
+    from hvdbert.model import PretrainingForward, build_model
     from hvdbert.optim import Lamb
     from hvdbert.train import Precision, train_step
 
@@ -108,10 +108,10 @@ def test_grad_scaler_skipped_steps_are_counted_and_leave_the_model_alone():
     batch = {"input_ids": torch.randint(5, 64, (2, 16)), "masked_positions": torch.tensor([[1, 2], [3, 4]]),
              "masked_labels": torch.tensor([[7, 8], [9, 10]])}
     before = [p.detach().clone() for p in model.parameters()]
-    train_step(model, optimizer, [batch], SingleProcess(), precision, grad_clip_norm=1.0)
+    train_step(PretrainingForward(model), optimizer, [batch], SingleProcess(), precision, grad_clip_norm=1.0)
     assert precision.skipped_steps == 1  # 2**127 x loss overflows float32: skipped, scale halved
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     precision.scaler.update(2.0**8)
-    train_step(model, optimizer, [batch], SingleProcess(), precision, grad_clip_norm=1.0)
+    train_step(PretrainingForward(model), optimizer, [batch], SingleProcess(), precision, grad_clip_norm=1.0)
     assert precision.skipped_steps == 1  # a sane scale: the step is taken
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

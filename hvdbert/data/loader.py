@@ -1,9 +1,9 @@
 """The training data stream: which samples each worker reads at each step, masked, prefetched.
 
-Positions are counted in global sample units (`samples_seen`). Position p belongs to epoch
-p // N (N sequences) and reads sample permute(p % N): a pseudo-random permutation per epoch that
+Positions are counted in global sample units; a step starts at `samples_seen`, the run's position.
+Position p belongs to epoch p // N (N sequences) and reads sample permute(p % N): a pseudo-random permutation per epoch that
 needs no memory and no scan, so a run resumes at any position at once. In an optimizer step that
-starts at position s, worker r's micro-batch a covers positions
+starts at position s = samples_seen, worker r's micro-batch a covers positions
     s + (a x workers + r) x micro  ...  + micro
 so every position is read exactly once, and one worker with k micro-batches reads what k workers
 with one micro-batch each would read: the split does not change the data of a step.
@@ -13,12 +13,10 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator
-
 import numpy as np
 import torch
 
-from hvdbert.data.masking import MaskingRule, _splitmix64, mask_tokens
+from hvdbert.data.masking import MaskingRule, splitmix64, mask_tokens
 from hvdbert.data.shards import PreparedData
 
 _FEISTEL_ROUNDS = 4
@@ -34,13 +32,13 @@ def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
     mask = np.uint64((1 << half_bits) - 1)
     shift = np.uint64(half_bits)
     with np.errstate(over="ignore"):
-        keys = [_splitmix64(np.uint64(seed) * np.uint64(1_000_003) ^ np.uint64(epoch) << np.uint64(8)
+        keys = [splitmix64(np.uint64(seed) * np.uint64(1_000_003) ^ np.uint64(epoch) << np.uint64(8)
                             ^ np.uint64(r)) for r in range(_FEISTEL_ROUNDS)]
 
         def encrypt(x: np.ndarray) -> np.ndarray:
             left, right = x >> shift, x & mask
             for key in keys:
-                left, right = right, left ^ (_splitmix64(right ^ key) & mask)
+                left, right = right, left ^ (splitmix64(right ^ key) & mask)
             return (left << shift) | right
 
         out = encrypt(positions)
@@ -62,8 +60,9 @@ class StreamLayout:
     def global_batch_size(self) -> int:
         return self.workers * self.micro_batch_size * self.accumulation_steps
 
-    def positions(self, step_start: int, micro_step: int) -> np.ndarray:
-        first = step_start + (micro_step * self.workers + self.rank) * self.micro_batch_size
+    def positions(self, samples_seen: int, micro_step: int) -> np.ndarray:
+        """This worker's positions in micro-batch `micro_step` of the step that starts at `samples_seen`."""
+        first = samples_seen + (micro_step * self.workers + self.rank) * self.micro_batch_size
         return np.arange(first, first + self.micro_batch_size, dtype=np.int64)
 
 
@@ -71,7 +70,7 @@ class BatchStream:
     """Micro-batches for one worker from a global position on, prepared by a background thread."""
 
     def __init__(self, data: PreparedData, layout: StreamLayout, rule: MaskingRule, seed: int,
-                 start_position: int, prefetch_batches: int, pin_memory: bool = False):
+                 samples_seen: int, prefetch_batches: int, pin_memory: bool = False):
         self.data = data
         self.layout = layout
         self.rule = rule
@@ -82,7 +81,7 @@ class BatchStream:
                               else None)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch_batches))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(start_position,), daemon=True,
+        self._thread = threading.Thread(target=self._produce, args=(samples_seen,), daemon=True,
                                         name="hvdbert-data")
         self._thread.start()
 
@@ -114,19 +113,19 @@ class BatchStream:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
         return tensors
 
-    def _produce(self, position: int) -> None:
+    def _produce(self, samples_seen: int) -> None:
         layout = self.layout
         try:
             while not self._stop.is_set():
                 for micro_step in range(layout.accumulation_steps):
-                    batch = self.batch_at(layout.positions(position, micro_step))
+                    batch = self.batch_at(layout.positions(samples_seen, micro_step))
                     while not self._stop.is_set():
                         try:
                             self._queue.put(batch, timeout=0.1)
                             break
                         except queue.Full:
                             continue
-                position += layout.global_batch_size
+                samples_seen += layout.global_batch_size  # as TrainState.advance
         except BaseException as error:  # surfaced in the training thread by next_step()
             self._queue.put(error)
 
@@ -143,7 +142,3 @@ class BatchStream:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
-        while True:
-            yield self.next_step()

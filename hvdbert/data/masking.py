@@ -16,7 +16,7 @@ IGNORE_INDEX = -100  # label value the loss skips
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A 64-bit mixing function (Steele et al. 2014, SplitMix64's finaliser); wraps modulo 2**64."""
     x = x + _GOLDEN
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -27,10 +27,10 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def uniform(seed: int, epoch: int, samples: np.ndarray, width: int, stream: int) -> np.ndarray:
     """Uniform [0, 1) floats of shape (len(samples), width), a pure function of the arguments."""
     with np.errstate(over="ignore"):
-        key = _splitmix64(np.uint64(seed) * np.uint64(0x100000001B3) ^ np.uint64(epoch))
-        key = _splitmix64(key ^ np.uint64(stream) * _GOLDEN)
-        rows = _splitmix64(key ^ np.asarray(samples, dtype=np.uint64))
-        bits = _splitmix64(rows[:, None] + np.arange(width, dtype=np.uint64)[None, :] * _GOLDEN)
+        key = splitmix64(np.uint64(seed) * np.uint64(0x100000001B3) ^ np.uint64(epoch))
+        key = splitmix64(key ^ np.uint64(stream) * _GOLDEN)
+        rows = splitmix64(key ^ np.asarray(samples, dtype=np.uint64))
+        bits = splitmix64(rows[:, None] + np.arange(width, dtype=np.uint64)[None, :] * _GOLDEN)
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

@@ -1,6 +1,6 @@
 """Peer: a plain PyTorch DistributedDataParallel loop (Gloo on CPU, NCCL on GPU).
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m bench.ddp \
+    python -m torch.distributed.run --standalone --nproc-per-node N -m hvdbert.bench.peers.ddp \
         --spec SPEC.json --data DATA_DIR --result RESULT.json
 
 What a user writes from the PyTorch DDP tutorial: transformers' BertForMaskedLM, run_mlm.py's data
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.peer_data import peer_arguments
+from hvdbert.bench.peers.data import peer_arguments
 
 
 def main() -> int:
@@ -27,8 +27,9 @@ def main() -> int:
     from torch.utils.data import DataLoader, DistributedSampler
     from transformers import DataCollatorForLanguageModeling
 
-    from bench.peer_data import model_from_spec, peak_memory_bytes, run_mlm_dataset
-    from hvdbert.bench import device_name, matmul_peak_flops, probe_dtype, training_flops_per_sequence
+    from hvdbert.bench.peers.data import model_from_spec, run_mlm_dataset
+    from hvdbert.bench.flops import (device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
+                                     training_flops_per_sequence)
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -102,7 +103,7 @@ def main() -> int:
     flops_per_seq = training_flops_per_sequence(spec["model"], spec["seq_len"], spec["seq_len"])  # full head
     total_peak = torch.tensor([peak_flops], dtype=torch.float64)
     dist.all_reduce(total_peak)
-    memory, memory_kind = peak_memory_bytes()
+    memory, memory_kind = peak_memory_bytes(device)
     if rank == 0:
         record = {
             "system": "ddp", "workers": world, "backend": dist.get_backend(), "device": device_name(device),

@@ -68,13 +68,3 @@ def model_from_spec(spec: dict):
     from transformers import AutoModelForMaskedLM, BertConfig
 
     return AutoModelForMaskedLM.from_config(BertConfig(**spec["model"]))
-
-
-def peak_memory_bytes() -> tuple[int, str]:
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"

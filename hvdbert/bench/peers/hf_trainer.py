@@ -1,6 +1,6 @@
 """Peer: transformers' Trainer with run_mlm.py's recipe, timed step by step.
 
-    python -m bench.hf_trainer --spec SPEC.json --data DATA_DIR --result RESULT.json
+    python -m hvdbert.bench.peers.hf_trainer --spec SPEC.json --data DATA_DIR --result RESULT.json
 
 SPEC (written by hvdbert.bench) gives the model fields, micro-batch, sequence length, threads,
 precision, warm-up and timed steps. One process, as `python run_mlm.py` runs: Trainer's defaults
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.peer_data import peer_arguments
+from hvdbert.bench.peers.data import peer_arguments
 
 
 def main() -> int:
@@ -22,8 +22,9 @@ def main() -> int:
 
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from bench.peer_data import model_from_spec, peak_memory_bytes, run_mlm_dataset
-    from hvdbert.bench import device_name, matmul_peak_flops, probe_dtype, training_flops_per_sequence
+    from hvdbert.bench.peers.data import model_from_spec, run_mlm_dataset
+    from hvdbert.bench.flops import (device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
+                                     training_flops_per_sequence)
 
     tokenizer, train_dataset = run_mlm_dataset(args.data, spec["seq_len"])
     cuda = torch.cuda.is_available()
@@ -68,7 +69,7 @@ def main() -> int:
     elapsed = clock.ends[warmup + steps - 1] - start
     seq_per_s = steps * micro / elapsed
     flops_per_seq = training_flops_per_sequence(spec["model"], spec["seq_len"], spec["seq_len"])  # full head
-    memory, memory_kind = peak_memory_bytes()
+    memory, memory_kind = peak_memory_bytes(device)
     record = {
         "system": "hf", "workers": 1, "backend": "none", "device": device_name(device),
         "precision": spec["precision"], "threads_per_worker": spec["threads"] if not cuda else None,

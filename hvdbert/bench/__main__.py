@@ -1,0 +1,5 @@
+import sys
+
+from hvdbert.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,106 @@
+"""Peer: PyTorch DistributedDataParallel over Gloo, running hvdbert's own model, data and step.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m hvdbert.bench.peers.ddp_model \
+        --recipe RECIPE.toml --data DATA_DIR --steps S --warmup-steps W --worker RESULT.json [--set ...]
+
+Everything but the communication layer is hvdbert's: the `Run` that pretrain builds (model with its
+gather-first MLM head, optimizer, BatchStream), the measured loop and `train.run_step`. Only the
+distributed layer differs: `TorchDDP` implements hvdbert's `Distributed` protocol with
+torch.distributed, and gradients are averaged by DDP's bucketed allreduce, which overlaps backward
+(Horovod overlaps through its optimizer's gradient hooks). So the ratio of this peer to hvdbert at the
+same worker count is Horovod against DDP on the same work.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as torch_dist
+
+from hvdbert.errors import UsageError, cli_entry
+
+
+class TorchDDP:
+    """hvdbert's distributed layer over torch.distributed (Gloo on CPU, NCCL with CUDA), with DDP."""
+
+    def __init__(self) -> None:
+        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = torch_dist.get_rank()
+        self.size = torch_dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.backend = f"torch-ddp-{torch_dist.get_backend()}"
+
+    def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module:
+        # DDP: broadcasts rank 0's weights now, then averages gradients during every backward through
+        # this module (each micro-batch's; with loss / accumulation_steps the sum is the average).
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        return torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
+
+    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool):
+        if fp16_allreduce:
+            raise UsageError("the ddp-hvdbert-model peer has no fp16 allreduce; drop dist.fp16_allreduce")
+        return optimizer
+
+    def broadcast_model_and_optimizer(self, model: torch.nn.Module, optimizer) -> None:
+        for tensor in model.state_dict().values():
+            torch_dist.broadcast(tensor, src=0)
+        for state in optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    torch_dist.broadcast(value, src=0)
+
+    def broadcast_object(self, obj: Any, name: str) -> Any:
+        holder = [obj]
+        torch_dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        result = tensor.clone()
+        torch_dist.all_reduce(result, op=torch_dist.ReduceOp.SUM)
+        return result
+
+    def allreduce_sum_async(self, tensor: torch.Tensor, name: str) -> Any:
+        result = tensor.clone()
+        return torch_dist.all_reduce(result, op=torch_dist.ReduceOp.SUM, async_op=True), result
+
+    def wait(self, handle: Any) -> torch.Tensor:
+        work, result = handle
+        work.wait()
+        return result
+
+    def barrier(self) -> None:
+        torch_dist.barrier()
+
+    def synchronize(self, optimizer) -> None:
+        pass  # DDP has averaged the gradients by the end of the last backward
+
+    @contextlib.contextmanager
+    def skip_synchronize(self, optimizer) -> Iterator[None]:
+        yield
+
+    def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None:
+        pass
+
+    def elastic_run(self, fn, state_objects: dict, on_reset):
+        raise UsageError("the ddp-hvdbert-model peer has no elastic mode")
+
+    def shutdown(self) -> None:
+        torch_dist.destroy_process_group()
+
+
+@cli_entry("hvdbert.bench.peers.ddp_model")
+def main(argv: list[str] | None = None) -> int:
+    from hvdbert.bench.cli import parse_args, worker_main
+
+    args = parse_args(argv)
+    if args.worker is None:
+        raise UsageError("--worker RESULT.json is required (hvdbert.bench passes it)")
+    return worker_main(args, TorchDDP(), system="ddp-hvdbert-model")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The bench's report: the markdown table, the plot and the machine it ran on."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+SYSTEM_NAMES = {"hvdbert": "hvdbert (Horovod)", "hf": "HF Trainer (run_mlm)", "ddp": "PyTorch DDP (Gloo)",
+                "ddp-hvdbert-model": "PyTorch DDP (Gloo), hvdbert's model and step"}
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def _times(ratio) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}x"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| system | workers | seq/s | tokens/s | step ms | data wait ms | fwd+bwd ms | grad sync ms | "
+        "optimizer ms | peak mem MiB | MFU | scaling eff. | vs HF Trainer | vs DDP | vs DDP, same model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = SYSTEM_NAMES[r["system"]] + r["label"][len(r["system"]):]
+        b = r.get("breakdown_seconds") or {}
+        ms = lambda key: _fmt(b[key] * 1000 if key in b and b[key] is not None else None, ".0f")  # noqa: E731
+        lines.append(
+            f"| {name} | {r['workers']} | {_fmt(r['seq_per_s'], '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+            f"{_fmt(r['step_seconds'] * 1000, '.0f')} | {ms('data_wait')} | {ms('forward_backward')} | "
+            f"{ms('gradient_sync')} | {ms('optimizer')} | {_fmt(r['peak_memory_bytes'] / 2**20, '.0f')} | "
+            f"{_fmt(r.get('mfu') and 100 * r['mfu'], '.1f')}% | {_fmt(r['scaling_efficiency'], '.2f')} | "
+            f"{_times(r['vs_hf'])} | {_times(r['vs_ddp'])} | {_times(r['vs_ddp-hvdbert-model'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        series = sorted((r for r in rows if r["label"] == label), key=lambda r: r["workers"])
+        name = SYSTEM_NAMES[series[0]["system"]] + label[len(series[0]["system"]):]
+        workers = [r["workers"] for r in series]
+        left.plot(workers, [r["seq_per_s"] for r in series], marker="o", label=name)
+        efficiency = [(r["workers"], r["scaling_efficiency"]) for r in series if r["scaling_efficiency"]]
+        if efficiency:
+            right.plot(*zip(*efficiency), marker="o", label=name)
+    all_workers = sorted({r["workers"] for r in rows})
+    left.set(xlabel="workers", ylabel="sequences / s", title="Throughput", xticks=all_workers)
+    right.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    right.set(xlabel="workers", ylabel="seq/s at N / (N x seq/s at 1)", title="Scaling efficiency",
+              xticks=all_workers, ylim=(0, 1.1))
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def machine_description() -> dict:
+    return {
+        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
