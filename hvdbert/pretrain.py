@@ -32,6 +32,7 @@ from hvdbert.model import build_model, count_parameters
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import Plan, make_plan
 from hvdbert.prepare import builtin_cache_dir, prepare_builtin
+from hvdbert.runlock import lock_run_dir
 from hvdbert.train import Precision, TrainingDiverged, TrainState, train
 
 log = logging.getLogger("hvdbert")
@@ -148,6 +149,7 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, samp
                          "or continue it with --resume auto")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_step is not None:
+        checkpoint.discard_later(run_dir, resume_step)
         _rewrite_lines(run_dir / "metrics.jsonl",
                        lambda lines: [line for line in lines if json.loads(line)["step"] <= resume_step])
         # Line k of rank-<r>.txt is step k + 1: a rank that did not exist before the resume (another
@@ -173,6 +175,7 @@ def restore_on_rank0(args, recipe: Recipe, data: PreparedData, model, optimizer,
             candidates = [path for _, path in reversed(checkpoint.step_dirs(args.output))]
         else:
             candidates = [Path(args.resume)]
+        refusals = []
         for path in candidates:
             try:
                 found = checkpoint.open_checkpoint(path)
@@ -182,11 +185,17 @@ def restore_on_rank0(args, recipe: Recipe, data: PreparedData, model, optimizer,
                 if args.resume != "auto":
                     raise
                 log.warning("hvdbert: skipping checkpoint %s: %s", path, error)
+                refusals.append(error)
                 continue
             state.load_state_dict(found.state)
             precision.skipped_steps = int(found.state.get("scaler_skipped_steps", 0))
             return (f"resumed from {path}: step {state.step}, {state.samples_seen} samples seen "
                     f"(saved by {found.state['world_size']} workers)")
+        if refusals:  # starting afresh would throw away the history those checkpoints stand for
+            raise UsageError(f"--resume auto: none of the {len(refusals)} checkpoint(s) in "
+                             f"{args.output / checkpoint.CHECKPOINTS} can be loaded (newest: {refusals[0]}); "
+                             "nothing was changed: restore a good copy, or resume one explicitly with "
+                             "--resume CHECKPOINT_DIR, or train afresh into a new --output")
         if not recipe.checkpoint.init_from:
             return "--resume auto: no checkpoint yet, starting from scratch"
     if recipe.checkpoint.init_from:
@@ -245,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     state = TrainState()
     resolved = resolved_recipe(recipe, plan, data)
 
+    held = []  # rank 0's lock on the run directory, kept until the process exits
+
     def restore_and_prepare() -> str:
+        held.append(lock_run_dir(args.output))  # before anything there is read: one run at a time
         outcome = restore_on_rank0(args, recipe, data, model, optimizer, precision, state)
         prepare_run_dir(args.output, resolved, state.step if args.resume else None,
                         dist.size if recipe.data.record_sample_ids else 0)
