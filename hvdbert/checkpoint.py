@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hvdbert.errors import UsageError
-from hvdbert.files import file_sha256, fsync_path
+from hvdbert.files import file_sha256, fsync_path, write_failure
 
 log = logging.getLogger("hvdbert")
 
@@ -109,8 +109,11 @@ def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, 
         fsync_path(directory.parent)  # the rename itself survives a crash
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-    except BaseException:
+    except BaseException as error:
+        cause = write_failure(error, temporary)  # before the partial files are removed: a full disk
         shutil.rmtree(temporary, ignore_errors=True)
+        if cause is not None:
+            raise cause from None
         raise
     return directory
 

@@ -26,13 +26,14 @@ from hvdbert.data.masking import MaskingRule
 from hvdbert.data.shards import PreparedData
 from hvdbert.data.tokenizer import tokenizer_hash
 from hvdbert.dist import SingleProcess, init_distributed
-from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry, launcher_rank
+from hvdbert.files import check_output_location
 from hvdbert.metrics import NullMetrics, RunMetrics
 from hvdbert.model import build_model, count_parameters
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import Plan, make_plan
 from hvdbert.prepare import builtin_cache_dir, prepare_builtin
-from hvdbert.runlock import lock_run_dir
+from hvdbert.runlock import check_free, lock_run_dir
 from hvdbert.train import Precision, TrainingDiverged, TrainState, train
 
 log = logging.getLogger("hvdbert")
@@ -84,7 +85,14 @@ def open_data(data_dir: Path | None, recipe: Recipe, dist: SingleProcess) -> Pre
         dist.barrier()
         data_dir = directory
     data = PreparedData(data_dir)
-    manifest = data.manifest
+    check_data(data, recipe)
+    return data
+
+
+def check_data(data: PreparedData, recipe: Recipe) -> None:
+    """Refuse prepared data the recipe cannot train on (sequence length, format, vocabulary)."""
+    data_dir, manifest = data.directory, data.manifest
+    vocab_size = recipe.model_field("vocab_size")
     if manifest.seq_len != recipe.data.max_seq_len:
         raise UsageError(
             f"{data_dir}: prepared with sequence length {manifest.seq_len}, but the recipe has "
@@ -104,13 +112,15 @@ def open_data(data_dir: Path | None, recipe: Recipe, dist: SingleProcess) -> Pre
         )
     # The tokenizer stored with the data is the one the sequences were made with (and the one export
     # ships): it must be the one the manifest names.
+    if not (data.tokenizer_dir / "tokenizer.json").is_file():
+        raise UsageError(f"{data.tokenizer_dir}/tokenizer.json is missing: the tokenizer the data was prepared "
+                         "with must stay beside it; prepare the data again")
     stored = tokenizer_hash(data.tokenizer_dir)
     if stored != manifest.tokenizer_sha256:
         raise UsageError(
             f"{data.tokenizer_dir}: this tokenizer (sha256 {stored[:12]}) is not the one the data was "
             f"prepared with ({manifest.tokenizer_sha256[:12]} in manifest.json); prepare the data again"
         )
-    return data
 
 
 def open_stream(data: PreparedData, recipe: Recipe, plan: Plan, dist: SingleProcess, start_position: int,
@@ -141,12 +151,31 @@ def _rewrite_lines(path: Path, edit) -> None:
     os.replace(temporary, path)
 
 
+def refuse_used_run_dir(run_dir: Path, resuming: bool) -> None:
+    if not resuming and (run_dir / "metrics.jsonl").exists():
+        raise UsageError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --output "
+                         "or continue it with --resume auto")
+
+
+def preflight(recipe: Recipe, output: Path, data_dir: Path | None, resume: str | None) -> None:
+    """What can be refused before any worker starts, without writing anything: the launchers run it
+    (through `hvdbert.plan --output ...`) before horovodrun, and every worker runs it before
+    Horovod starts. The run re-checks all of it on rank 0 under the run directory's lock."""
+    check_output_location(output)
+    refuse_used_run_dir(output, resume is not None)
+    check_free(output)
+    if resume not in (None, "auto"):
+        checkpoint.open_checkpoint(Path(resume), verify=False)  # the sha256 sums are checked on rank 0
+    if recipe.checkpoint.init_from:
+        checkpoint.open_checkpoint(Path(recipe.checkpoint.init_from), verify=False)
+    if data_dir is not None:
+        check_data(PreparedData(data_dir), recipe)
+
+
 def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, sample_log_ranks: int) -> None:
     """A fresh run refuses a used directory; a resumed one (resume_step: its checkpoint's step, 0 when
     `--resume auto` found none) keeps metrics.jsonl and the sample-id logs up to that step."""
-    if resume_step is None and (run_dir / "metrics.jsonl").exists():
-        raise UsageError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --output "
-                         "or continue it with --resume auto")
+    refuse_used_run_dir(run_dir, resume_step is not None)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_step is not None:
         checkpoint.discard_later(run_dir, resume_step)
@@ -233,7 +262,13 @@ def open_sample_log(run_dir: Path, enabled: bool, dist: SingleProcess):
 @cli_entry("hvdbert.pretrain")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    recipe = load_recipe(args.recipe, args.set)  # before Horovod starts: bad recipes fail fast
+    try:  # before Horovod starts: bad input fails fast, alike on every rank
+        recipe = load_recipe(args.recipe, args.set)
+        preflight(recipe, args.output, args.data, args.resume)
+    except UsageError:
+        if launcher_rank() != 0:  # rank 0 alone says why
+            raise SystemExit(2) from None
+        raise
     if args.elastic and os.environ.get("HOROVOD_ELASTIC") != "1":  # set by horovodrun's elastic driver
         raise UsageError("--elastic needs Horovod elastic: launch with horovodrun --min-np N --max-np M "
                          "--host-discovery-script launch/discover_hosts.sh (Gloo; see docs/resume.md)")

@@ -43,6 +43,11 @@ def holder_of(path: Path) -> str:
         return "an unknown process"
 
 
+def in_use(run_dir: Path, path: Path) -> UsageError:
+    return UsageError(f"{run_dir} is in use by another run ({holder_of(path)}); one run writes to a run "
+                      "directory at a time: wait for it to end, stop it, or choose another --output")
+
+
 def lock_run_dir(run_dir: Path) -> RunLock:
     """Create RUN_DIR if needed and lock it, or refuse (UsageError) naming the run that holds it."""
     run_dir = Path(run_dir)
@@ -54,9 +59,7 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     except OSError as error:
         os.close(fd)
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise UsageError(f"{run_dir} is in use by another run ({holder_of(path)}); one run writes to a "
-                             "run directory at a time: wait for it to end, stop it, or choose another "
-                             "--output") from None
+            raise in_use(run_dir, path) from None
         # Some network filesystems (Lustre mounted without -o flock) have no locks at all.
         log.warning("hvdbert: cannot lock %s (%s): make sure no other run uses this directory",
                     path, error.strerror)
@@ -65,3 +68,20 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
     return RunLock(path, fd)
+
+
+def check_free(run_dir: Path) -> None:
+    """Refuse (UsageError) when a run holds RUN_DIR's lock now; writes nothing (a pre-flight check:
+    the run itself takes the lock with lock_run_dir)."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file (a new run directory) or none readable: nothing to ask
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise in_use(run_dir, path) from None
+    finally:
+        os.close(fd)
