@@ -134,6 +134,7 @@ def open_stream(data: PreparedData, recipe: Recipe, plan: Plan, dist: SingleProc
         whole_word=recipe.data.whole_word_masking,
     )
     layout = StreamLayout(dist.size, dist.rank, plan.micro_batch_size, plan.accumulation_steps)
+    data.share_verification(dist.rank, dist.size)  # each shard's sha256 is checked by one rank
     return BatchStream(data, layout, rule, recipe.train.seed, start_position,
                        recipe.data.prefetch_batches, pin_memory=device.type == "cuda")
 
