@@ -27,7 +27,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA: torch.amp GradScaler)
     grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
-    progress_bar: bool = True  # tqdm bar on rank 0
+    progress_bar: bool = True  # rank 0: a tqdm bar on a terminal, else a line every log_every steps
 
 
 @dataclass
