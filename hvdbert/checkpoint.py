@@ -7,8 +7,9 @@
         state.json          step, samples seen (= data position), world size, tokenizer hash,
                             and the sha256 of every file above; written last
 
-Rank 0 writes into `checkpoints/.step-<N>.partial-<pid>/`, fsyncs every file and the directory, then
-renames it to `step-<N>`: a directory named `step-<N>` is always complete. A reader still checks the
+Rank 0 writes into `checkpoints/.step-<N>.partial-<host>-<pid>/`, fsyncs every file and the
+directory, then renames it to `step-<N>`: a directory named `step-<N>` is always complete. An existing
+`step-<N>` (damaged, or of a history a resume replaced) is replaced, never kept in place of the new one. A reader still checks the
 sha256 sums, so a checkpoint damaged later (a truncated copy, a full disk on another tool's side) is
 skipped by `--resume auto` with a warning rather than loaded. Nothing here unpickles code: weights are
 safetensors and the rest goes through `torch.load(weights_only=True)`, which refuses any pickle that
@@ -23,6 +24,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hvdbert.errors import UsageError
-from hvdbert.files import file_sha256, fsync_path
+from hvdbert.files import file_sha256, fsync_path, write_failure
 
 log = logging.getLogger("hvdbert")
 
@@ -64,11 +66,17 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _scratch_name(directory: Path, kind: str) -> Path:
+    """A hidden sibling of `directory` that names its writer: `.step-<N>.<kind>-<host>-<pid>`. The
+    host and pid let prune() tell a dead writer's leftovers from a live writer's work in progress."""
+    return directory.parent / f".{directory.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
 def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, resolved_recipe: dict) -> Path:
-    """Write one complete checkpoint atomically to `directory` (which must not exist yet)."""
+    """Write one complete checkpoint atomically to `directory`, replacing one already there."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    temporary = _scratch_name(directory, "partial")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
@@ -84,12 +92,22 @@ def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, 
         for name in (*files, STATE):
             fsync_path(temporary / name)
         fsync_path(temporary)
-        if directory.exists():  # a diagnostic checkpoint written twice at one step: replace it
-            shutil.rmtree(directory)
+        replaced = None
+        if directory.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first, so
+            # that at every moment either it or the new one is reachable (under one of two names).
+            replaced = _scratch_name(directory, "replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(directory, replaced)
         os.rename(temporary, directory)
         fsync_path(directory.parent)  # the rename itself survives a crash
-    except BaseException:
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+    except BaseException as error:
+        cause = write_failure(error, temporary)  # before the partial files are removed: a full disk
         shutil.rmtree(temporary, ignore_errors=True)
+        if cause is not None:
+            raise cause from None
         raise
     return directory
 
@@ -103,12 +121,52 @@ def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+SCRATCH_DIR = re.compile(r"^\.(?:diagnostic-)?step-\d+\.(?:partial|replaced)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def _writer_is_gone(name: str) -> bool:
+    """True for a scratch directory whose writer no longer runs: written by this process (a save
+    that failed half-way), or on this host by a process that has exited. Another host's scratch
+    directories are left alone: from here, nothing tells whether their writer still runs."""
+    match = SCRATCH_DIR.match(name)
+    if match is None:
+        return False
+    host, pid = match.group("host"), int(match.group("pid"))
+    if host is not None and host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, owned by someone else
+        return False
+    return False
+
+
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints (and drop partial directories of dead writers)."""
+    """Keep the newest `keep` checkpoints, and drop the scratch directories of writers that are gone
+    (never those of a writer still at work: another run on this directory must not lose its save)."""
     for _, path in step_dirs(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
-    for path in (Path(run_dir) / CHECKPOINTS).glob(".step-*.partial-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.is_dir() and _writer_is_gone(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def discard_later(run_dir: Path, step: int) -> list[Path]:
+    """Remove the checkpoints after `step` when a run resumes at `step`: they belong to the history
+    the resume replaces (or were skipped as damaged), and a later `--resume auto` must not pick one
+    of them over the new history's own checkpoints."""
+    later = [path for n, path in step_dirs(run_dir) if n > step]
+    for path in later:
+        log.warning("hvdbert: removing %s: it comes after the resumed step %d, from the history this "
+                    "resume replaces", path, step)
+        shutil.rmtree(path)
+    return later
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,6 +234,18 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         except CorruptCheckpoint as error:
             log.warning("hvdbert: skipping checkpoint %s: %s", path, error)
     return None
+
+
+def holds_state(directory: Path, state) -> bool:
+    """True when `directory` is an intact checkpoint of exactly this step and data position; anything
+    else found under its name (damaged, or of another history) is to be replaced."""
+    if not directory.is_dir():
+        return False
+    try:
+        found = open_checkpoint(directory)
+    except UsageError:
+        return False
+    return (found.step, int(found.state["samples_seen"])) == (state.step, state.samples_seen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,12 +375,17 @@ class Checkpointer:
 
     def save(self, state) -> Path:
         directory = self.run_dir / CHECKPOINTS / f"step-{state.step}"
-        if directory.is_dir():  # e.g. a resumed run that had nothing left to do
-            return directory
-        self._write(directory, state, "regular")
-        if self.run.dist.rank == 0:
-            prune(self.run_dir, self.keep)
-            log.info("hvdbert: checkpoint %s (%d samples seen)", directory, state.samples_seen)
+        run = self.run
+        if run.dist.rank == 0:
+            if holds_state(directory, state):  # a resumed run that had nothing left to do
+                log.info("hvdbert: checkpoint %s is up to date", directory)
+            else:
+                write_checkpoint(directory, run.model, run.optimizer, run.precision.scaler,
+                                 self._progress(state, "regular"),
+                                 {**self.resolved_recipe, "plan": run.plan.to_dict()})
+                prune(self.run_dir, self.keep)
+                log.info("hvdbert: checkpoint %s (%d samples seen)", directory, state.samples_seen)
+        run.dist.barrier()  # every rank waits: none exits (or is preempted) before the save is complete
         return directory
 
     def save_diagnostic(self, state) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ class TrainConfig:
     precision: str = choice("fp32", "bf16", "fp16")  # fp16 needs CUDA: torch.amp GradScaler
     grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
-    progress_bar: bool = True  # tqdm bar on rank 0
+    progress_bar: bool = True  # rank 0: a tqdm bar on a terminal, else a line every log_every steps
 
 
 @dataclass
@@ -164,8 +165,10 @@ def _check_type(where: str, key: str, value: Any, default: Any) -> Any:
         wanted = "an integer"
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML reads nan and inf as floats; no setting means them
+                raise UsageError(f"{where}: {key} = {value!r} is not a finite number")
             return float(value)
-        wanted = "a number"
+        wanted = "a finite number"
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
@@ -197,6 +200,11 @@ def read_recipe_tree(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
         tree = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}); TOML files are UTF-8") from None
+    except OSError as error:
+        raise UsageError(f"recipe {path}: cannot read it: {error.strerror}") from None
     inherit = tree.pop("inherit", [])
     if isinstance(inherit, str):
         inherit = [inherit]
@@ -220,7 +228,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return dotted.strip().split("."), value
 
 
-def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+def apply_overrides(tree: dict, overrides: list[str], origins: dict[str, str] | None = None) -> dict:
+    """Apply `--set` overrides to `tree`; `origins` (when given) maps each key they touch, and each
+    section above it, to the `--set` that set it, so that errors name the flag, not the file."""
     for text in overrides:
         keys, value = parse_override(text)
         node = tree
@@ -229,63 +239,111 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise UsageError(f"--set {text!r}: {key} is not a section")
         node[keys[-1]] = value
+        if origins is not None:
+            for depth in range(1, len(keys) + 1):
+                origins[".".join(keys[:depth])] = f"--set {text}"
     return tree
 
 
-def recipe_from_tree(tree: dict, where: str) -> Recipe:
-    """Validate a merged recipe tree against the dataclasses and BertConfig."""
+def recipe_from_tree(tree: dict, where: str, origins: dict[str, str] | None = None) -> Recipe:
+    """Validate a merged recipe tree against the dataclasses and BertConfig. Errors name `where` (the
+    recipe file), or the `--set` that `origins` says a key came from."""
     recipe = Recipe(source=where)
+    origins = origins or {}
+
+    def at(dotted: str) -> str:
+        return origins.get(dotted, where)
+
     for section, values in tree.items():
         if section == "model":
-            recipe.model = _validate_model(where, values)
+            recipe.model = _validate_model(at, values)
             continue
         if section not in _SECTION_CLASSES:
-            raise _unknown(where, section, [*_SECTION_CLASSES, "model", "inherit"])
+            raise _unknown(at(section), section, [*_SECTION_CLASSES, "model", "inherit"])
         if not isinstance(values, dict):
-            raise UsageError(f"{where}: {section} must be a table ([{section}]), got {values!r}")
+            raise UsageError(f"{at(section)}: {section} must be a table ([{section}]), got {values!r}")
         config = getattr(recipe, section)
         known = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         for key, value in values.items():
             dotted = f"{section}.{key}"
             if key not in known:
-                raise _unknown(where, dotted, [f"{section}.{k}" for k in known])
-            setattr(config, key, _check_type(where, dotted, value, known[key]))
-    _check_ranges(recipe, where)
+                raise _unknown(at(dotted), dotted, [f"{section}.{k}" for k in known])
+            setattr(config, key, _check_type(at(dotted), dotted, value, known[key]))
+    _check_ranges(recipe, at)
+    _check_model(recipe, at)
     return recipe
 
 
-def _validate_model(where: str, values: Any) -> dict[str, Any]:
+def _validate_model(at, values: Any) -> dict[str, Any]:
     if not isinstance(values, dict):
-        raise UsageError(f"{where}: model must be a table ([model]) of BertConfig fields")
+        raise UsageError(f"{at('model')}: model must be a table ([model]) of BertConfig fields")
     known = bert_config_fields()
     model = {}
     for key, value in values.items():
         if key not in known:
-            raise _unknown(where, f"model.{key}", [f"model.{k}" for k in known])
-        model[key] = _check_type(where, f"model.{key}", value, known[key])
+            raise _unknown(at(f"model.{key}"), f"model.{key}", [f"model.{k}" for k in known])
+        model[key] = _check_type(at(f"model.{key}"), f"model.{key}", value, known[key])
     return model
 
 
-def _check_ranges(recipe: Recipe, where: str) -> None:
+def _check_model(recipe: Recipe, at) -> None:
+    """What BertConfig accepts but the model cannot be built (or trained) with: caught here, with
+    the key named, instead of as a traceback from deep inside transformers."""
+    from transformers.activations import ACT2FN
+
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size"):
+        value = recipe.model_field(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UsageError(f"{at('model.' + name)}: model.{name} = {value!r} must be an integer greater than 0")
+    hidden, heads = recipe.model_field("hidden_size"), recipe.model_field("num_attention_heads")
+    if hidden % heads:
+        # name the --set that made them disagree, when one did
+        origin = next((at(k) for k in ("model.num_attention_heads", "model.hidden_size") if at(k) != at("")),
+                      at(""))
+        raise UsageError(f"{origin}: model.hidden_size = {hidden} is not a multiple of "
+                         f"model.num_attention_heads = {heads}; each head takes hidden_size / "
+                         f"num_attention_heads dimensions (e.g. hidden_size = {heads * max(1, hidden // heads)})")
+    activation = recipe.model_field("hidden_act")
+    if isinstance(activation, str) and activation not in ACT2FN:
+        raise UsageError(f"{at('model.hidden_act')}: model.hidden_act = {activation!r} is not valid; "
+                         f"choose one of {_valid_list(ACT2FN)}")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        value = recipe.model_field(name)
+        if not 0.0 <= value < 1.0:
+            raise UsageError(f"{at('model.' + name)}: model.{name} = {value} must be in [0, 1)")
+    if recipe.model_field("layer_norm_eps") <= 0:
+        raise UsageError(f"{at('model.layer_norm_eps')}: model.layer_norm_eps = "
+                         f"{recipe.model_field('layer_norm_eps')} must be greater than 0")
+
+
+def _check_ranges(recipe: Recipe, at) -> None:
     """Each field's own rule (declared with the field), then the rules that span two sections."""
     for section in _SECTION_CLASSES:
         config = getattr(recipe, section)
         for spec in dataclasses.fields(config):
             value, dotted = getattr(config, spec.name), f"{section}.{spec.name}"
             if "choices" in spec.metadata and value not in spec.metadata["choices"]:
-                raise UsageError(f"{where}: {dotted} = {value!r} is not valid; "
+                raise UsageError(f"{at(dotted)}: {dotted} = {value!r} is not valid; "
                                  f"choose one of {', '.join(spec.metadata['choices'])}")
             if "valid" in spec.metadata and not spec.metadata["valid"](value):
-                raise UsageError(f"{where}: {dotted} = {value} {spec.metadata['rule']}")
+                raise UsageError(f"{at(dotted)}: {dotted} = {value} {spec.metadata['rule']}")
     positions = recipe.model_field("max_position_embeddings")
     if recipe.data.max_seq_len > positions:
         raise UsageError(
-            f"{where}: data.max_seq_len = {recipe.data.max_seq_len} exceeds "
+            f"{at('data.max_seq_len')}: data.max_seq_len = {recipe.data.max_seq_len} exceeds "
             f"model.max_position_embeddings = {positions}; raise model.max_position_embeddings"
         )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, merge, override and validate a recipe file."""
-    tree = apply_overrides(read_recipe_tree(Path(path)), list(overrides or []))
-    return recipe_from_tree(tree, str(path))
+    origins: dict[str, str] = {}
+    tree = apply_overrides(read_recipe_tree(Path(path)), list(overrides or []), origins)
+    return recipe_from_tree(tree, str(path), origins)
+
+
+def recipe_from_dict(resolved: dict) -> Recipe:
+    """Rebuild a Recipe from Recipe.to_dict() output (as stored in recipe.json and checkpoints)."""
+    tree = {k: v for k, v in resolved.items() if k != "source"}
+    return recipe_from_tree(tree, resolved.get("source", "recipe.json"))

@@ -2,9 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
+import os
 import sys
 from typing import Any, Callable
+
+
+# Failures of the machine rather than of hvdbert: reported in one line, like bad input, since the user
+# fixes them the same way (free space, another location). Other OSErrors keep their traceback.
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "choose a location you can write",
+    errno.EACCES: "choose a location you can use",
+    errno.EPERM: "choose a location you can use",
+    errno.EIO: "check the disk",
+    errno.EFBIG: "check the file size limit (ulimit -f)",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
 
 
 class UsageError(Exception):
@@ -25,6 +41,13 @@ def cli_entry(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., 
             except UsageError as error:
                 message = " ".join(str(error).split())  # one line, whatever the message holds
                 print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+                return 2
+            except OSError as error:
+                if error.errno not in ENVIRONMENT_ERRORS:
+                    raise
+                where = f"{error.filename}: " if error.filename else ""
+                print(f"{prog}: error: {where}{error.strerror}; {ENVIRONMENT_ERRORS[error.errno]}",
+                      file=sys.stderr, flush=True)
                 return 2
 
         return wrapper
@@ -57,3 +80,10 @@ def rank_zero_decides(rank: int, broadcast: Callable[[Any], Any], action: Callab
     if status == "refused":
         raise SystemExit(2)
     return result
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it (horovodrun, mpirun, srun with PMI), 0 when run
+    alone: lets every rank refuse bad input before Horovod starts while only rank 0 prints it."""
+    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0

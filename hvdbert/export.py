@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 from hvdbert import checkpoint
+from hvdbert.data.tokenizer import load_tokenizer, tokenizer_hash
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.files import check_output_location
 
 
 def build_exported(found: checkpoint.Checkpoint):
@@ -37,16 +39,32 @@ def build_exported(found: checkpoint.Checkpoint):
     return model.eval()
 
 
+def check_vocabulary(found: checkpoint.Checkpoint, tokenizer_dir: Path, tokenizer) -> None:
+    """Refuse a tokenizer whose ids are not the ones the model was trained on: the export would load
+    and run, and predict nonsense. The checkpoint records the sha256 of its data's tokenizer; another
+    copy of the same vocabulary (a re-saved tokenizer) is compared token by token with the data's."""
+    trained = found.state.get("tokenizer_sha256")
+    if not trained or tokenizer_hash(tokenizer_dir) == trained:
+        return
+    data_tokenizer = Path(found.recipe.get("data_dir", "")) / "tokenizer"
+    if data_tokenizer.is_dir() and tokenizer_hash(data_tokenizer) == trained:
+        if load_tokenizer(data_tokenizer).get_vocab() == tokenizer.get_vocab():
+            return
+        raise UsageError(f"--tokenizer {tokenizer_dir} has another vocabulary than the one {found.path} was "
+                         f"trained with ({data_tokenizer}); pass that one")
+    raise UsageError(f"--tokenizer {tokenizer_dir} is not the tokenizer {found.path} was trained with "
+                     f"(sha256 {trained[:12]}); pass the prepared data's tokenizer (DATA_DIR/tokenizer)")
+
+
 def export(found: checkpoint.Checkpoint, tokenizer_dir: Path, output: Path) -> None:
     """Write model and tokenizer to a temporary directory beside `output`, then rename it."""
-    from transformers import AutoTokenizer
-
     if output.exists() and any(output.iterdir()):
         raise UsageError(f"--output {output} already exists and is not empty; choose a new directory")
     if not (tokenizer_dir / "tokenizer_config.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
         raise UsageError(f"tokenizer not found in {tokenizer_dir} (the run's DATA_DIR/tokenizer); pass --tokenizer DIR")
     model = build_exported(found)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_vocabulary(found, tokenizer_dir, tokenizer)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -69,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="export this checkpoint instead of the newest one")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: DATA_DIR/tokenizer of the run)")
     args = parser.parse_args(argv)
+    check_output_location(args.output)
     if args.checkpoint:
         found = checkpoint.open_checkpoint(args.checkpoint)
     else:
@@ -76,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--run {args.run} does not exist; pass a directory hvdbert.pretrain wrote")
         found = checkpoint.latest_checkpoint(args.run)
         if found is None:
-            raise UsageError(f"--run {args.run} holds no complete checkpoint under checkpoints/step-<N>")
+            damaged = len(checkpoint.step_dirs(args.run))
+            why = (f"its {damaged} checkpoint(s) are all damaged (see the warnings above)" if damaged
+                   else "it holds no checkpoint under checkpoints/step-<N>")
+            raise UsageError(f"--run {args.run}: nothing to export: {why}")
     tokenizer_dir = args.tokenizer or Path(found.recipe.get("data_dir", "")) / "tokenizer"
     export(found, tokenizer_dir, args.output)
     kind = "BertForPreTraining" if found.recipe.get("with_nsp", False) else "BertForMaskedLM"

@@ -1,4 +1,8 @@
-"""What a run reports: metrics.jsonl, TensorBoard events and a progress bar, on rank 0 only.
+"""What a run reports: metrics.jsonl, TensorBoard events and progress, on rank 0 only.
+
+Progress is a tqdm bar when stderr is a terminal. Anywhere else (horovodrun and mpirun pipe the
+workers' output, a SLURM log, `2> file`) a bar's carriage returns pile up into one ever-growing
+line, so a plain line is printed at every logged step (train.log_every) instead.
 
 Other ranks get a `NullMetrics` with the same methods, so the training loop never asks for its rank.
 """
@@ -6,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 
@@ -27,8 +32,11 @@ class RunMetrics(NullMetrics):
 
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tb"))
+        terminal = sys.stderr.isatty()
         self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not progress_bar)
+                        disable=not (progress_bar and terminal))
+        self.progress_lines = progress_bar and not terminal
+        self.max_steps = max_steps
 
     def log(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -39,6 +47,9 @@ class RunMetrics(NullMetrics):
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              seq_s=f"{record['seq_per_s']:.1f}", refresh=False)
+        if self.progress_lines:
+            print(f"hvdbert: step {step}/{self.max_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                  f"{record['seq_per_s']:.1f} seq/s", file=sys.stderr, flush=True)
 
     def advance(self, steps: int) -> None:
         self.bar.update(steps)

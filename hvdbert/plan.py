@@ -17,6 +17,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from hvdbert.config import Recipe, load_recipe
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
@@ -132,8 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe key (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    # The launchers' pre-flight: what `hvdbert.pretrain` with these arguments would refuse, found
+    # before horovodrun starts any worker.
+    parser.add_argument("--output", type=Path, help="also check pretrain's run directory (writable, not in "
+                                                    "use, not a finished run unless --resume)")
+    parser.add_argument("--data", type=Path, help="also check pretrain's prepared data against the recipe")
+    parser.add_argument("--resume", metavar="auto|CHECKPOINT_DIR", help="as pretrain's --resume")
     args = parser.parse_args(argv)
-    plan = make_plan(load_recipe(args.recipe, args.set), args.workers)
+    recipe = load_recipe(args.recipe, args.set)
+    plan = make_plan(recipe, args.workers)
+    if args.output is not None:
+        from hvdbert.pretrain import preflight  # torch and transformers: only when asked
+
+        preflight(recipe, args.output, args.data, args.resume)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
     return 0
 

@@ -31,12 +31,17 @@ import numpy as np
 from hvdbert.data.inputs import FILE_FORMATS, TEXT_MODES, ReadStats, Source, check_readable, iter_documents, resolve_inputs
 from hvdbert.data.packing import MlmPacker, batched, nsp_pairs, split_sentences
 from hvdbert.data.shards import FORMATS, Manifest, PreparedData, publish_directory, token_dtype, write_shard
-from hvdbert.data.tokenizer import load_tokenizer, tokenizer_hash, train_wordpiece
+from hvdbert.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_wordpiece
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
+from hvdbert.files import check_output_location
 
 log = logging.getLogger("hvdbert.prepare")
 ENCODE_BATCH_DOCUMENTS = 1000
 DEFAULT_DOCUMENTS_PER_SHARD = 10_000
+# The WordPiece trainer reserves memory for the vocabulary asked for, about 66 bytes a token
+# (2**28 asked 17.7 GB and aborted the process); 2**21 is twice XLM-V's 901,629 tokens, the largest
+# vocabulary of a BERT-family model we know of.
+MAX_VOCAB_SIZE = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,11 @@ def _setup_tokenizer(directory: Path, tokenizer_dir: Path | None, vocab_size: in
         tokenizer = train_wordpiece(documents, vocab_size, lowercase)
     if len(tokenizer) > 1 << 31:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens; at most 2**31 are supported")
+    if tokenizer_dir is None and len(tokenizer) > vocab_size:
+        # WordPiece keeps every character of the corpus whatever the size asked for
+        raise UsageError(f"--vocab-size {vocab_size} is too small for this corpus: its characters and the "
+                         f"{len(SPECIAL_TOKENS)} special tokens alone make {len(tokenizer)} tokens; choose at "
+                         f"least {len(tokenizer)} (model.vocab_size for the embedded corpus)")
     tokenizer.save_pretrained(str(directory / "tokenizer"))
     return tokenizer
 
@@ -376,6 +386,9 @@ def parse_args(argv: list[str] | None):
     for name in ("vocab_size", "documents_per_shard", "num_proc"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be greater than 0")
+    if args.vocab_size > MAX_VOCAB_SIZE:
+        raise UsageError(f"--vocab-size {args.vocab_size}: at most {MAX_VOCAB_SIZE} tokens are supported")
+    check_output_location(args.output)
     if args.seq_len < 8:
         raise UsageError(f"--seq-len {args.seq_len}: must be at least 8")
     if not 0.0 <= args.short_seq_prob <= 1.0:

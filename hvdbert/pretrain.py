@@ -18,12 +18,15 @@ import sys
 from pathlib import Path
 
 from hvdbert import checkpoint
-from hvdbert.config import load_recipe
+from hvdbert.config import Recipe, load_recipe
+from hvdbert.data.shards import PreparedData
 from hvdbert.dist import Distributed, init_distributed
-from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry, launcher_rank, rank_zero_decides
+from hvdbert.files import check_output_location
 from hvdbert.metrics import NullMetrics, RunMetrics
 from hvdbert.model import count_parameters
-from hvdbert.run import Run, build_run
+from hvdbert.run import Run, build_run, check_data
+from hvdbert.runlock import check_free, lock_run_dir
 from hvdbert.train import TrainingDiverged, train
 
 log = logging.getLogger("hvdbert")
@@ -65,14 +68,34 @@ def _rewrite_lines(path: Path, edit) -> None:
     os.replace(temporary, path)
 
 
+def refuse_used_run_dir(run_dir: Path, resuming: bool) -> None:
+    if not resuming and (run_dir / "metrics.jsonl").exists():
+        raise UsageError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --output "
+                         "or continue it with --resume auto")
+
+
+def preflight(recipe: Recipe, output: Path, data_dir: Path | None, resume: str | None) -> None:
+    """What can be refused before any worker starts, without writing anything: the launchers run it
+    (through `hvdbert.plan --output ...`) before horovodrun, and every worker runs it before
+    Horovod starts. The run re-checks all of it on rank 0 under the run directory's lock."""
+    check_output_location(output)
+    refuse_used_run_dir(output, resume is not None)
+    check_free(output)
+    if resume not in (None, "auto"):
+        checkpoint.open_checkpoint(Path(resume), verify=False)  # the sha256 sums are checked on rank 0
+    if recipe.checkpoint.init_from:
+        checkpoint.open_checkpoint(Path(recipe.checkpoint.init_from), verify=False)
+    if data_dir is not None:
+        check_data(PreparedData(data_dir), recipe)
+
+
 def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, sample_log_ranks: int) -> None:
     """A fresh run refuses a used directory; a resumed one (resume_step: its checkpoint's step, 0 when
     `--resume auto` found none) keeps metrics.jsonl and the sample-id logs up to that step."""
-    if resume_step is None and (run_dir / "metrics.jsonl").exists():
-        raise UsageError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --output "
-                         "or continue it with --resume auto")
+    refuse_used_run_dir(run_dir, resume_step is not None)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_step is not None:
+        checkpoint.discard_later(run_dir, resume_step)
         _rewrite_lines(run_dir / "metrics.jsonl",
                        lambda lines: [line for line in lines if json.loads(line)["step"] <= resume_step])
         # Line k of rank-<r>.txt is step k + 1: a rank that did not exist before the resume (another
@@ -98,6 +121,7 @@ def restore_on_rank0(args, run: Run) -> str:
             candidates = [path for _, path in reversed(checkpoint.step_dirs(args.output))]
         else:
             candidates = [Path(args.resume)]
+        refusals = []
         for path in candidates:
             try:
                 found = checkpoint.open_checkpoint(path)
@@ -107,11 +131,17 @@ def restore_on_rank0(args, run: Run) -> str:
                 if args.resume != "auto":
                     raise
                 log.warning("hvdbert: skipping checkpoint %s: %s", path, error)
+                refusals.append(error)
                 continue
             state.load_state_dict(found.state)
             precision.skipped_steps = int(found.state.get("scaler_skipped_steps", 0))
             return (f"resumed from {path}: step {state.step}, {state.samples_seen} samples seen "
                     f"(saved by {found.state['world_size']} workers)")
+        if refusals:  # starting afresh would throw away the history those checkpoints stand for
+            raise UsageError(f"--resume auto: none of the {len(refusals)} checkpoint(s) in "
+                             f"{args.output / checkpoint.CHECKPOINTS} can be loaded (newest: {refusals[0]}); "
+                             "nothing was changed: restore a good copy, or resume one explicitly with "
+                             "--resume CHECKPOINT_DIR, or train afresh into a new --output")
         if not recipe.checkpoint.init_from:
             return "--resume auto: no checkpoint yet, starting from scratch"
     if recipe.checkpoint.init_from:
@@ -132,7 +162,13 @@ def open_sample_log(run_dir: Path, enabled: bool, dist: Distributed):
 @cli_entry("hvdbert.pretrain")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    recipe = load_recipe(args.recipe, args.set)  # before Horovod starts: bad recipes fail fast
+    try:  # before Horovod starts: bad input fails fast, alike on every rank
+        recipe = load_recipe(args.recipe, args.set)
+        preflight(recipe, args.output, args.data, args.resume)
+    except UsageError:
+        if launcher_rank() != 0:  # rank 0 alone says why
+            raise SystemExit(2) from None
+        raise
     if args.elastic and os.environ.get("HOROVOD_ELASTIC") != "1":  # set by horovodrun's elastic driver
         raise UsageError("--elastic needs Horovod elastic: launch with horovodrun --min-np N --max-np M "
                          "--host-discovery-script launch/discover_hosts.sh (Gloo; see docs/resume.md)")
@@ -141,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     run = build_run(recipe, args.data, dist)
     resolved = resolved_recipe(run)
 
+    held = []  # rank 0's lock on the run directory, kept until the process exits
+
     def restore_and_prepare() -> str:
+        held.append(lock_run_dir(args.output))  # before anything there is read: one run at a time
         outcome = restore_on_rank0(args, run)
         prepare_run_dir(args.output, resolved, run.state.step if args.resume else None,
                         dist.size if recipe.data.record_sample_ids else 0)

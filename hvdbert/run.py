@@ -53,7 +53,14 @@ def open_data(data_dir: Path | None, recipe: Recipe, dist: Distributed) -> Prepa
         dist.barrier()
         data_dir = directory
     data = PreparedData(data_dir)
-    manifest = data.manifest
+    check_data(data, recipe)
+    return data
+
+
+def check_data(data: PreparedData, recipe: Recipe) -> None:
+    """Refuse prepared data the recipe cannot train on (sequence length, format, vocabulary, tokenizer)."""
+    data_dir, manifest = data.directory, data.manifest
+    vocab_size = recipe.model_field("vocab_size")
     if manifest.seq_len != recipe.data.max_seq_len:
         raise UsageError(
             f"{data_dir}: prepared with sequence length {manifest.seq_len}, but the recipe has "
@@ -73,13 +80,15 @@ def open_data(data_dir: Path | None, recipe: Recipe, dist: Distributed) -> Prepa
         )
     # The tokenizer stored with the data is the one the sequences were made with (and the one export
     # ships): it must be the one the manifest names.
+    if not (data.tokenizer_dir / "tokenizer.json").is_file():
+        raise UsageError(f"{data.tokenizer_dir}/tokenizer.json is missing: the tokenizer the data was prepared "
+                         "with must stay beside it; prepare the data again")
     stored = tokenizer_hash(data.tokenizer_dir)
     if stored != manifest.tokenizer_sha256:
         raise UsageError(
             f"{data.tokenizer_dir}: this tokenizer (sha256 {stored[:12]}) is not the one the data was "
             f"prepared with ({manifest.tokenizer_sha256[:12]} in manifest.json); prepare the data again"
         )
-    return data
 
 
 @dataclass
@@ -111,6 +120,7 @@ class Run:
         )
         layout = StreamLayout(self.dist.size, self.dist.rank, self.plan.micro_batch_size,
                               self.plan.accumulation_steps)
+        self.data.share_verification(self.dist.rank, self.dist.size)  # each shard's sha256 is checked by one rank
         self.stream = BatchStream(self.data, layout, rule, recipe.train.seed, self.state.samples_seen,
                                   recipe.data.prefetch_batches, pin_memory=self.device.type == "cuda")
         return self.stream

@@ -4,14 +4,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, TINY, read_metrics, run_module
+from conftest import FAST, REPO, TINY, read_metrics, run_module
 from hvdbert import checkpoint
 from hvdbert.checkpoint import Checkpointer, CorruptCheckpoint, open_checkpoint
 from hvdbert.config import load_recipe
@@ -20,6 +25,7 @@ from hvdbert.model import PretrainingForward, build_model
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import make_plan
 from hvdbert.run import Run
+from hvdbert.runlock import LOCK_FILE
 from hvdbert.train import Precision, TrainState
 
 SMALL = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -167,7 +173,9 @@ def finished_run(tmp_path_factory, hvdbert_env):
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    """Every file of the run, but the lock file (which names whoever opened the run last)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 def refused(run_dir: Path, env, extra: list[str], expect: str) -> None:
@@ -236,3 +244,110 @@ def test_phase_two_starts_from_phase_one_weights_only(finished_run, hvdbert_env,
     optimizer_steps = {float(s["step"]) for s in final.training()["optimizer"]["state"].values()}
     assert optimizer_steps == {2.0}  # a fresh optimizer: 2 steps, not 4 + 2
     assert final.state["step"] == 2 and final.state["samples_seen"] == 64
+
+
+# ------------------------------------------------------------------------------------------------
+# Never lose a step, never mix two histories, one writer per run directory
+
+
+def resume(run_dir: Path, env, *extra: str) -> subprocess.CompletedProcess:
+    return run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT, *extra], env)
+
+
+@pytest.mark.multiprocess
+def test_a_damaged_last_checkpoint_is_replaced_by_the_resumed_run(finished_run, hvdbert_env, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    last = run_dir / "checkpoints" / "step-4"
+    os.truncate(last / "model.safetensors", 1000)
+    result = resume(run_dir, hvdbert_env, "--resume", "auto")
+    assert "skipping checkpoint" in result.stderr and "resumed from" in result.stderr
+    assert f"checkpoint {last} (" in result.stderr  # written again, not kept as it was
+    saved = open_checkpoint(last)  # verifies every sha256
+    assert saved.step == 4
+    original = open_checkpoint(finished_run / "checkpoints" / "step-4").weights()
+    assert all(torch.equal(original[name], tensor) for name, tensor in saved.weights().items())
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+@pytest.mark.multiprocess
+def test_resuming_an_earlier_checkpoint_drops_the_later_history(finished_run, hvdbert_env, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    old_step_4 = open_checkpoint(run_dir / "checkpoints" / "step-4").state
+    result = resume(run_dir, hvdbert_env, "--resume", str(run_dir / "checkpoints" / "step-2"),
+                    "--set", "optim.lr=0.001", "--set", "train.max_steps=3")
+    assert "removing" in result.stderr and "step-4" in result.stderr
+    # step-4 belonged to the old history (lr 0.01): it must not outlive the resume beside step-3
+    assert [s for s, _ in checkpoint.step_dirs(run_dir)] == [2, 3]
+    assert open_checkpoint(run_dir / "checkpoints" / "step-3").recipe["optim"]["lr"] == 0.001
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert old_step_4["step"] == 4
+    # a later --resume auto continues the new history, not the old one
+    result = resume(run_dir, hvdbert_env, "--resume", "auto", "--set", "optim.lr=0.001")
+    assert "step-3" in result.stderr.split("resumed from", 1)[1].splitlines()[0]
+    assert open_checkpoint(run_dir / "checkpoints" / "step-4").recipe["optim"]["lr"] == 0.001
+
+
+@pytest.mark.multiprocess
+def test_resume_auto_refuses_when_no_checkpoint_can_be_loaded(finished_run, hvdbert_env, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    for _, path in checkpoint.step_dirs(run_dir):
+        os.truncate(path / "model.safetensors", 1000)
+    refused(run_dir, hvdbert_env, ["--resume", "auto"], "none of the 2 checkpoint(s)")
+    assert len(read_metrics(run_dir)) == 4  # the history is kept, not restarted from scratch
+
+
+def test_prune_leaves_a_live_writers_partial_directory_alone(tmp_path):
+    recipe, plan, model, optimizer = small_training(seed=1)
+    saver = checkpointer_for(tmp_path, recipe, plan, model, optimizer, keep=2)
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    try:
+        at_work = root / f".step-5.partial-{host}-{live.pid}"  # another run, still writing
+        leftover = root / f".step-5.partial-{host}-{dead.pid}"  # a writer killed half-way
+        elsewhere = root / f".step-5.partial-other-host-{dead.pid}"  # cannot be told from here
+        for path in (at_work, leftover, elsewhere):
+            path.mkdir()
+        saver.save(TrainState(step=2, samples_seen=64))
+        assert at_work.is_dir() and elsewhere.is_dir() and not leftover.exists()
+    finally:
+        live.kill()
+        live.wait()
+    saver.save(TrainState(step=4, samples_seen=128))
+    assert not at_work.exists()  # its writer is gone now
+
+
+@pytest.mark.multiprocess
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, hvdbert_env):
+    run_dir = tmp_path / "run"
+    args = ["--recipe", str(TINY), "--output", str(run_dir), *FAST, "--set", "train.max_steps=100000",
+            "--set", "train.log_every=1", "--set", "checkpoint.every_steps=5"]
+    first = subprocess.Popen([sys.executable, "-m", "hvdbert.pretrain", *args, "--resume", "auto"], cwd=REPO,
+                             env=hvdbert_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").is_file() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        assert (run_dir / "metrics.jsonl").is_file()
+        second = run_module("hvdbert.pretrain", [*args, "--resume", "auto"], hvdbert_env, check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.startswith("hvdbert.pretrain: error: ") and "is in use by another run" in line
+        assert f"pid {first.pid} on {socket.gethostname()}" in line and "Traceback" not in second.stderr
+        first.send_signal(subprocess.signal.SIGTERM)  # a checkpoint, then exit 0
+        assert first.wait(timeout=300) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: every step once
+    resume_result = run_module("hvdbert.pretrain", [*args, "--resume", "auto", "--set",
+                                                    f"train.max_steps={steps[-1] + 1}"], hvdbert_env)
+    assert "resumed from" in resume_result.stderr  # the lock went with the process that held it

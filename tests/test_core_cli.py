@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import FAST, TINY, read_metrics, run_module
+from conftest import FAST, REPO, TINY, read_metrics, run_module
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -45,3 +50,89 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, hvdbert_env):
                                     "--set", "train.log_every=3", "--set", "optim.name=adamw"], hvdbert_env)
     losses = [r["loss"] for r in read_metrics(run_dir)]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, hvdbert_env):
+    # run_module pipes stderr, as horovodrun and mpirun do for their workers
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(tmp_path / "run"), *FAST,
+                                             "--set", "train.progress_bar=true", "--set", "train.max_steps=4",
+                                             "--set", "train.log_every=2"], hvdbert_env)
+    progress = [line for line in result.stderr.splitlines() if line.startswith("hvdbert: step ")]
+    assert [line.split()[2] for line in progress] == ["2/4", "4/4"], result.stderr
+    assert all(" loss " in line and " seq/s" in line for line in progress)
+    assert "\r" not in result.stderr and "it/s" not in result.stderr and "step/s" not in result.stderr
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--set", "optim.lr=nan"], "--set optim.lr=nan: optim.lr = nan is not a finite number"),
+    (["--set", "optim.lr=inf"], "--set optim.lr=inf: optim.lr = inf is not a finite number"),
+    (["--set", "model.num_hidden_layers=-1"], "model.num_hidden_layers = -1 must be an integer greater than 0"),
+    (["--set", "model.hidden_size=100", "--set", "model.num_attention_heads=3"],
+     "--set model.num_attention_heads=3: model.hidden_size = 100 is not a multiple of model.num_attention_heads"),
+    (["--set", 'model.hidden_act="nope"'], "model.hidden_act = 'nope' is not valid; choose one of gelu,"),
+    (["--set", "train.max_steps=abc"], "--set train.max_steps=abc: train.max_steps = 'abc' has the wrong type"),
+    (["--output", "/proc/hvdbert-run"], "--output /proc/hvdbert-run: cannot write in /proc"),
+])
+def test_more_bad_input_is_one_line_exit_2(tmp_path, hvdbert_env, extra, expected):
+    run_dir = tmp_path / "run"
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *FAST, *extra],
+                        hvdbert_env, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvdbert.pretrain: error: ") and expected in lines[0], lines
+    assert not run_dir.exists()
+
+
+def test_an_output_that_is_a_file_or_a_recipe_that_is_not_utf8_is_one_line(tmp_path, hvdbert_env):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me\n")
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(a_file), *FAST],
+                        hvdbert_env, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"hvdbert.pretrain: error: --output {a_file} is a file, not a directory; choose a directory"]
+    assert a_file.read_text() == "keep me\n"
+    recipe = tmp_path / "latin1.toml"
+    recipe.write_bytes(TINY.read_bytes() + "# caf\u00e9\n".encode("latin-1"))
+    result = run_module("hvdbert.pretrain", ["--recipe", str(recipe), "--output", str(tmp_path / "run"), *FAST],
+                        hvdbert_env, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "not UTF-8 text (byte 0xe9" in lines[0], lines
+
+
+def in_private_mount(command: list[str], mount_options: str, target: Path) -> list[str]:
+    """`command` in a private mount namespace where `mount MOUNT_OPTIONS target` has been done: the
+    mount is seen by that process only, and gone with it."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare to mount a read-only or full filesystem for one process")
+    script = f'mount {mount_options} "$0" && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, str(target), *command]
+
+
+def test_read_only_output_is_one_line(tmp_path, hvdbert_env):
+    target = tmp_path / "mount"
+    target.mkdir()
+    command = in_private_mount([sys.executable, "-m", "hvdbert.pretrain", "--recipe", str(TINY), "--output",
+                                str(target / "run"), *FAST], '--bind -o ro "$0"', target)
+    result = subprocess.run(command, cwd=REPO, env=hvdbert_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"hvdbert.pretrain: error: --output {target / 'run'}: cannot write in {target} (Read-only file system); "
+        "choose a location you can write"]
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_run(tmp_path, hvdbert_env):
+    # 3 MB: room for metrics and the first checkpoint of a tiny model (about 1.2 MB with the optimizer
+    # state), not for two
+    target = tmp_path / "small-disk"
+    target.mkdir()
+    run_dir = target / "run"
+    command = in_private_mount([sys.executable, "-m", "hvdbert.pretrain", "--recipe", str(TINY), "--output",
+                                str(run_dir), *FAST, "--set", "train.max_steps=4", "--set",
+                                "checkpoint.every_steps=2", "--set", "checkpoint.keep=5", "--set",
+                                "train.log_every=1", "--set", "model.num_hidden_layers=1"],
+                               '-t tmpfs -o size=3m tmpfs', target)
+    result = subprocess.run(command, cwd=REPO, env=hvdbert_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("hvdbert.pretrain: error: ") and "No space left on device" in line, line
+    assert "Traceback" not in result.stderr

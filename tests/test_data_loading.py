@@ -1,15 +1,18 @@
 """Load-time masking and the sample stream: rates, determinism, epochs, resume, nsp batches."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import FAST, TINY, run_module
 from hvdbert.data.loader import BatchStream, StreamLayout, permute
 from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
+from hvdbert.errors import UsageError
 from hvdbert.prepare import main as prepare_main
 
 SPECIAL = (0, 2, 3)  # pad, cls, sep
@@ -161,3 +164,83 @@ def test_every_sample_once_per_epoch_and_resume_is_immediate(nsp_data):
     far = streams[0].batch_at(np.arange(10**12, 10**12 + 16))
     assert time.perf_counter() - start < 1.0
     assert len(set(far["sample_ids"].tolist())) == 16
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged shards: one line naming the shard, never a traceback or silent training
+
+
+@pytest.fixture(scope="module")
+def mlm_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mlm") / "data"
+    assert prepare_main(["--input", "builtin", "--builtin-max-documents", "300", "--vocab-size", "1000",
+                         "--seq-len", "64", "--documents-per-shard", "100", "--output", str(out)]) == 0
+    return out
+
+
+def damaged_copy(source: Path, target: Path, how: str) -> Path:
+    """A copy of prepared data with shard-00001 truncated, or 400 bytes in its middle overwritten
+    with token ids outside (0xFF) or inside (id 7) the vocabulary; the file keeps its size then."""
+    import shutil
+
+    shutil.copytree(source, target)
+    shard = target / "shard-00001.arrow"
+    size = shard.stat().st_size
+    if how == "truncated":
+        os.truncate(shard, size // 2)
+        return shard
+    middle = (size // 2) & ~7  # Arrow buffers are 8-byte aligned: whole uint16 ids
+    with open(shard, "r+b") as f:
+        f.seek(middle)
+        f.write(b"\xff" * 400 if how == "out-of-vocabulary" else b"\x07\x00" * 200)
+    assert shard.stat().st_size == size
+    return shard
+
+
+def test_a_truncated_shard_is_refused_when_opened(mlm_data, tmp_path):
+    shard = damaged_copy(mlm_data, tmp_path / "data", "truncated")
+    with pytest.raises(UsageError, match=f"{shard} is damaged .truncated or overwritten."):
+        PreparedData(tmp_path / "data")
+
+
+def test_out_of_vocabulary_ids_stop_at_the_first_read(mlm_data, tmp_path):
+    shard = damaged_copy(mlm_data, tmp_path / "data", "out-of-vocabulary")
+    data = PreparedData(tmp_path / "data")
+    with pytest.raises(UsageError, match=f"{shard} is damaged: it holds token id 65535, outside the vocabulary"):
+        data.get(np.arange(len(data)))
+
+
+def test_damage_inside_the_vocabulary_is_found_by_the_sha256_check(mlm_data, tmp_path):
+    shard = damaged_copy(mlm_data, tmp_path / "data", "inside-vocabulary")
+    data = PreparedData(tmp_path / "data")
+    first = data.manifest.shards[0]["num_sequences"]
+    data.get(np.arange(first))  # shard 0 only: intact
+    data.verifier.wait()
+    data.get(np.arange(first, first + 4))  # reads shard 1, whose ids all look valid, and starts its check
+    with pytest.raises(UsageError, match=f"{shard} is damaged: its sha256 .* differs from manifest.json's"):
+        data.verifier.wait()
+    with pytest.raises(UsageError, match="shard-00001.arrow is damaged"):
+        data.get(np.arange(4))  # every later read stops too
+
+
+def test_a_shard_is_verified_by_one_rank_of_many(mlm_data):
+    data = PreparedData(mlm_data)
+    data.share_verification(1, 2)
+    data.get(np.arange(len(data)))
+    data.verifier.wait()
+    assert data.verifier._requested == {i for i in range(len(data.manifest.shards)) if i % 2 == 1}
+
+
+@pytest.mark.parametrize("how, expected", [("truncated", "is damaged (truncated or overwritten)"),
+                                           ("inside-vocabulary", "is damaged: its sha256")])
+def test_pretrain_stops_with_one_line_naming_the_damaged_shard(mlm_data, tmp_path, hvdbert_env, how, expected):
+    shard = damaged_copy(mlm_data, tmp_path / "data", how)
+    run_dir = tmp_path / "run"
+    # 300 steps would finish with exit status 0 if the damage went unnoticed
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--data", str(tmp_path / "data"),
+                                             "--output", str(run_dir), *FAST, "--set", "train.max_steps=300"],
+                        hvdbert_env, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"hvdbert.pretrain: error: {shard} {expected}"), line
+    assert "Traceback" not in result.stderr

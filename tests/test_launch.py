@@ -257,7 +257,8 @@ def test_local_sh_builds_the_horovodrun_command(stubs):
         "--output", "runs/tiny", "--set", "train.max_steps=3", "--resume", "auto"]
     # The worker count was checked first, against the recipe with the same overrides.
     assert plan_calls(stub_dir) == [
-        "-m hvdbert.plan --recipe recipes/tiny.toml --set train.max_steps=3 --workers 2"]
+        "-m hvdbert.plan --recipe recipes/tiny.toml --set train.max_steps=3 --data /data/wiki --output runs/tiny "
+        "--resume auto --workers 2"]
 
 
 def test_local_sh_flags_override_the_environment(stubs):
@@ -310,6 +311,45 @@ def test_bad_settings_end_with_one_line_and_status_2(stubs):
         result = run_launcher(script, args, env)
         assert result.returncode == 2, (script, args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_pre_flight_refuses_what_every_worker_would_before_any_starts(stubs, tmp_path):
+    add, env, stub_dir = stubs
+    env["PYTHON"] = sys.executable  # the real hvdbert.plan and its pre-flight
+    add("horovodrun")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for args, message in [
+        (["--output", str(a_file)], "is a file, not a directory"),
+        (["--output", "/proc/hvdbert-run"], "cannot write in /proc"),
+        (["--output", str(used)], "already holds a run"),
+        (["--output", str(used), "--resume", str(tmp_path / "missing")], "does not exist"),
+        (["--data", str(tmp_path), "--output", str(tmp_path / "new")], "is not prepared data"),
+    ]:
+        result = run_launcher("local.sh", args, env)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("hvdbert.plan: error: ") and message in lines[0], lines
+        assert not (stub_dir / "horovodrun.args").exists()  # no worker started
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_interpreter_without_hvdbert_gets_one_line_saying_how_to_fix_it(stubs, tmp_path):
+    add, env, stub_dir = stubs
+    add("horovodrun")
+    bare = tmp_path / "bare"  # a plain virtual environment: Python without hvdbert
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    env["PYTHON"] = str(bare / "bin" / "python")
+    env.pop("PYTHONPATH", None)
+    result = run_launcher("local.sh", [], env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    # from the repository root hvdbert itself imports; its packages do not
+    assert len(lines) == 1 and "cannot run hvdbert (No module named '" in lines[0], lines
+    assert "PYTHON=.venv/bin/python" in lines[0] and not (stub_dir / "horovodrun.args").exists()
 
 
 # The tiny recipe's 32-sequence batch in micro-batches of 8: 4 workers can split it.
@@ -446,7 +486,8 @@ def test_slurm_container_runs_the_check_and_the_training_in_the_image(stubs):
     container = ("--container-image=/shared/hvdbert.sqsh --container-workdir=/opt/hvdbert "
                  "--container-mounts=/shared:/shared")
     assert check.startswith("--nodes=1 --ntasks=1 ") and container in check
-    assert check.endswith("python -m hvdbert.plan --recipe recipes/tiny.toml --workers 2")
+    assert check.endswith("python -m hvdbert.plan --recipe recipes/tiny.toml --output runs/tiny-4242 --resume auto "
+                          "--workers 2")
     assert container in train and "python -m hvdbert.pretrain --recipe recipes/tiny.toml" in train
     assert not (stub_dir / "python.calls").exists()  # nothing ran outside the image
 

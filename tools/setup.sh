@@ -87,8 +87,9 @@ EOF
 fi
 log "installing Horovod from $wheel_dir"
 "$py" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
-# Horovod's own run-time dependencies (the wheel was installed without them).
-"$py" -m pip install -q -c "$constraints" cloudpickle psutil pyyaml packaging
+# Horovod's run-time dependencies, exactly as its wheel declares them (cffi among them): installing
+# the same wheel again, now with dependencies, resolves them and reinstalls nothing else.
+"$py" -m pip install -q -c "$constraints" "$wheel_dir"/horovod-*.whl
 
 log "installing hvdbert (editable)"
 "$py" -m pip install -q --no-deps --no-build-isolation -e "$root"

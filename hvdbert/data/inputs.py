@@ -122,6 +122,10 @@ def resolve_inputs(inputs: list[str], file_format: str = "auto") -> list[Source]
 
 
 def _text_lines(path: str, stats: ReadStats) -> Iterator[tuple[int, str]]:
+    """The lines of a UTF-8 file. A few bad bytes are replaced by U+FFFD (and counted); a file where
+    most lines are not UTF-8 is in another encoding (or not text), and is refused: training on
+    U+FFFD sequences would look like success."""
+    invalid = text_lines = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
@@ -129,7 +133,12 @@ def _text_lines(path: str, stats: ReadStats) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError:
                 line = raw.decode("utf-8", errors="replace")
                 stats.invalid_utf8_lines[path] = stats.invalid_utf8_lines.get(path, 0) + 1
+                invalid += 1
+            text_lines += bool(raw.strip())
             yield number, line.rstrip("\r\n")
+    if invalid and invalid * 2 > text_lines:
+        raise UsageError(f"{path}: {invalid} of its {text_lines} lines are not UTF-8: it is in another "
+                         "encoding or not text; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def _text_documents(path: str, mode: str, stats: ReadStats) -> Iterator[str]:
@@ -185,6 +194,15 @@ def _column_documents(rows, where: str, text_field: str) -> Iterator[str]:
             yield text
 
 
+def _check_text_type(where: str, text_field: str, arrow_type) -> None:
+    """A column of numbers (or anything but strings) would otherwise read as "holds no text"."""
+    import pyarrow as pa
+
+    if not (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)):
+        raise UsageError(f"{where}: column {text_field!r} holds {arrow_type}, not text; choose a text column "
+                         "with --text-field")
+
+
 def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
@@ -197,6 +215,7 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
     if text_field not in parquet.schema_arrow.names:
         raise UsageError(f"{path}: no column {text_field!r} (found: {', '.join(parquet.schema_arrow.names)}); "
                          "choose it with --text-field")
+    _check_text_type(path, text_field, parquet.schema_arrow.field(text_field).type)
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if isinstance(text, str) and text.strip():
@@ -212,6 +231,7 @@ def _saved_documents(path: str, text_field: str) -> Iterator[str]:
         if text_field not in split.column_names:
             raise UsageError(f"{path}: no column {text_field!r} (found: {', '.join(split.column_names)}); "
                              "choose it with --text-field")
+        _check_text_type(path, text_field, split.data.schema.field(text_field).type)
         for batch in split.select_columns([text_field]).iter(batch_size=1024):
             for text in batch[text_field]:
                 if isinstance(text, str) and text.strip():

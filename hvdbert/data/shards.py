@@ -9,11 +9,20 @@
 A directory is written under a temporary name and renamed when complete (`publish_directory`), so
 an interrupted preparation never leaves anything that looks valid. Shards are memory-mapped for
 reading: opening is instant and any sample is read directly by index.
+
+Damage after preparation (a truncated copy, flipped bytes) is caught three ways: a shard that is
+not a complete Arrow file is refused when the data is opened; every batch read is checked to hold
+token ids of the vocabulary (cheap: one max per batch); and the first time a process reads from a
+shard, a background thread computes its sha256 and compares it with the manifest's, so even
+damage that stays inside the vocabulary stops the run, without making start-up wait for a
+terabyte corpus to be hashed. Each stops with one line naming the shard.
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -134,6 +143,56 @@ def write_shard(path: Path, blocks: Iterator[dict[str, np.ndarray]], seq_len: in
             "sha256": file_sha256(Path(path)) if writer is not None else ""}
 
 
+class ShardVerifier:
+    """sha256 of shards against the manifest, one shard at a time in a background thread, each shard
+    once: `request(i)` queues shard i, `check()` raises (UsageError, naming it) once one differs."""
+
+    def __init__(self, directory: Path, shards: list[dict]):
+        self.directory = directory
+        self.shards = shards
+        self.error: UsageError | None = None
+        self._requested: set[int] = set()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def request(self, index: int) -> None:
+        if index in self._requested:
+            return
+        self._requested.add(index)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="hvdbert-verify")
+            self._thread.start()
+        self._queue.put(index)
+
+    def _run(self) -> None:
+        while self.error is None:
+            index = self._queue.get()
+            if index is None:
+                return
+            entry = self.shards[index]
+            path = self.directory / entry["file"]
+            try:
+                digest = file_sha256(path)
+            except OSError as error:
+                self.error = UsageError(f"{path}: cannot read it ({error.strerror})")
+                return
+            if digest != entry["sha256"]:
+                self.error = UsageError(f"{path} is damaged: its sha256 {digest[:12]} differs from "
+                                        f"{MANIFEST}'s {entry['sha256'][:12]}; copy or prepare the data again")
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def wait(self) -> None:
+        """Until every requested shard is checked (or one failed); for tools and tests."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+
 class PreparedData:
     """Read-only, memory-mapped view of a prepared data directory; samples are read by index."""
 
@@ -146,15 +205,22 @@ class PreparedData:
         self.manifest = Manifest.read(self.directory)
         self.tokenizer_dir = self.directory / "tokenizer"
         self._columns: list[dict[str, np.ndarray]] = []
+        self._shard_of_batch: list[int] = []
+        self.verifier = ShardVerifier(self.directory, self.manifest.shards)
+        self._verify_part = (0, 1)  # (k, n): this process verifies the shards i with i % n == k
         counts = []
-        for shard in self.manifest.shards:
+        for shard_index, shard in enumerate(self.manifest.shards):
             path = self.directory / shard["file"]
             if not path.is_file():
                 raise UsageError(f"{self.directory}: shard {shard['file']} listed in {MANIFEST} is missing")
             # Each record batch is used where it lies in the mapped file (no copy, no combine):
             # a shard is indexed as its batches, one after the other.
-            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            try:
+                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+                batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            except (pa.ArrowInvalid, OSError) as error:
+                raise UsageError(f"{path} is damaged (truncated or overwritten): not a complete Arrow file "
+                                 f"({str(error).strip().splitlines()[0]}); copy or prepare the data again") from None
             rows_in_shard = sum(batch.num_rows for batch in batches)
             if rows_in_shard != shard["num_sequences"]:
                 raise UsageError(
@@ -171,6 +237,7 @@ class PreparedData:
                     else:
                         columns[name] = column.to_numpy(zero_copy_only=True)
                 self._columns.append(columns)
+                self._shard_of_batch.append(shard_index)
                 counts.append(batch.num_rows)
         self._offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         if self._offsets[-1] != self.manifest.num_sequences:
@@ -188,18 +255,33 @@ class PreparedData:
     def has_nsp(self) -> bool:
         return self.manifest.format == "nsp"
 
+    def share_verification(self, part: int, parts: int) -> None:
+        """Verify only shards i with i % parts == part: with one part per rank, each shard is hashed
+        once per job rather than once per rank."""
+        self._verify_part = (part, parts)
+
     def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Rows for global sample indices, in the given order, as int64 arrays."""
+        self.verifier.check()
         indices = np.asarray(indices, dtype=np.int64)
-        shard_of = np.searchsorted(self._offsets, indices, side="right") - 1
+        batch_of = np.searchsorted(self._offsets, indices, side="right") - 1
         names = self._columns[0].keys()
         out = {name: np.empty((len(indices), *self._columns[0][name].shape[1:]), dtype=np.int64)
                for name in names}
-        for shard in np.unique(shard_of):
-            rows = shard_of == shard
-            local = indices[rows] - self._offsets[shard]
+        part, parts = self._verify_part
+        for batch in np.unique(batch_of):
+            rows = batch_of == batch
+            local = indices[rows] - self._offsets[batch]
+            shard = self._shard_of_batch[batch]
+            if shard % parts == part:
+                self.verifier.request(shard)  # the first read of a shard starts its check
             for name in names:
-                out[name][rows] = self._columns[shard][name][local]
+                out[name][rows] = self._columns[batch][name][local]
+            ids = out["input_ids"][rows]
+            if ids.size and (ids.max() >= self.manifest.vocab_size or ids.min() < 0):
+                raise UsageError(f"{self.directory / self.manifest.shards[shard]['file']} is damaged: it holds "
+                                 f"token id {int(ids.max())}, outside the vocabulary of {self.manifest.vocab_size}; "
+                                 "copy or prepare the data again")
         return out
 
     @property

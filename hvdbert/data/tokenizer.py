@@ -51,8 +51,10 @@ def load_tokenizer(directory: str | Path):
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{directory}: cannot load the tokenizer: {error}") from None
+    except Exception as error:  # a malformed file: the Rust parser raises a bare Exception, others KeyError
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"{directory}: cannot load the tokenizer ({type(error).__name__}: {first_line}); "
+                         "pass a transformers tokenizer directory (tokenizer.json or vocab.txt)") from None
     missing = [t for t in ("[CLS]", "[SEP]", "[MASK]", "[PAD]") if tokenizer.convert_tokens_to_ids(t) is None
                or tokenizer.convert_tokens_to_ids(t) == tokenizer.unk_token_id]
     if missing:

@@ -1,0 +1,87 @@
+"""One writer per run directory: an advisory lock that rank 0 holds for the whole run.
+
+Two runs on one `--output` (a SLURM job requeued while the first is still shutting down, a
+command started twice) would both append to metrics.jsonl and prune each other's checkpoints.
+Rank 0 takes an exclusive `flock` on RUN_DIR/lock before it reads or writes anything there and
+keeps it until the process exits (the kernel releases it then, also after `kill -9`, so a
+leftover file never blocks anyone). The file records who holds it, for the refusal message.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from hvdbert.errors import UsageError
+
+log = logging.getLogger("hvdbert")
+
+LOCK_FILE = "lock"
+
+
+class RunLock:
+    """An open, locked RUN_DIR/lock (or, where the filesystem has no locks, an unlocked stand-in)."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path = path
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def holder_of(path: Path) -> str:
+    try:
+        return " ".join(path.read_text(encoding="utf-8").split()) or "a process that has not said who it is"
+    except OSError:
+        return "an unknown process"
+
+
+def in_use(run_dir: Path, path: Path) -> UsageError:
+    return UsageError(f"{run_dir} is in use by another run ({holder_of(path)}); one run writes to a run "
+                      "directory at a time: wait for it to end, stop it, or choose another --output")
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Create RUN_DIR if needed and lock it, or refuse (UsageError) naming the run that holds it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise in_use(run_dir, path) from None
+        # Some network filesystems (Lustre mounted without -o flock) have no locks at all.
+        log.warning("hvdbert: cannot lock %s (%s): make sure no other run uses this directory",
+                    path, error.strerror)
+        return RunLock(path, None)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+    return RunLock(path, fd)
+
+
+def check_free(run_dir: Path) -> None:
+    """Refuse (UsageError) when a run holds RUN_DIR's lock now; writes nothing (a pre-flight check:
+    the run itself takes the lock with lock_run_dir)."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file (a new run directory) or none readable: nothing to ask
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise in_use(run_dir, path) from None
+    finally:
+        os.close(fd)
