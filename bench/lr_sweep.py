@@ -42,10 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def runs(args: argparse.Namespace) -> list[dict]:
     seeds = [int(s) for s in args.seeds.split(",")]
     rates = {"lamb": args.lamb, "adamw": args.adamw}
+    # Seed outermost: a sweep cut short still has every optimizer and rate.
     return [{"optimizer": name, "lr": rate, "seed": seed}
+            for seed in seeds
             for name, listed in rates.items() if listed
-            for rate in listed.split(",")
-            for seed in seeds]
+            for rate in listed.split(",")]
 
 
 def run_key(run: dict) -> tuple:
@@ -87,13 +88,13 @@ def train_once(args: argparse.Namespace, run: dict, workdir: Path) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = ["| optimizer | lr | lr used | seed | steps | final loss | MLM accuracy |", "|---|---|---|---|---|---|---|"]
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["optimizer"], -r["plan_lr"], r["seed"])):
         lines.append(f"| {r['optimizer']} | {r['lr']} | {r['plan_lr']:.3g} | {r['seed']} | {r['steps']} | "
                      f"{r['final_loss']:.3f} | {r['final_mlm_accuracy']:.3f} |")
     lines += ["", "| optimizer | lr | seeds | mean final loss | range | mean MLM accuracy | range |",
               "|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["optimizer"], -r["plan_lr"], r["seed"])):
         groups.setdefault((r["optimizer"], r["lr"]), []).append(r)
     for (optimizer, lr), group in groups.items():
         losses = [r["final_loss"] for r in group]
