@@ -35,15 +35,22 @@ class BatchConfig:
     micro_batch_size: int = 32  # sequences per worker per forward/backward pass
     reference_workers: int = 1  # the worker count the recipe's numbers were tuned for
     # fixed-global: the global batch stays; accumulation = global / (workers x micro); LR unchanged.
-    # per-worker: the global batch grows with the workers; LR scaled by optim.lr_scaling.
+    # per-worker: the global batch grows with the workers; max_steps shrink to keep the samples.
+    # Either way the LR follows the global batch by optim.lr_scaling (hvdbert/plan.py).
     scaling: str = "fixed-global"
 
 
 @dataclass
 class OptimConfig:
     name: str = "lamb"  # lamb | adamw
-    lr: float = 1e-3  # peak learning rate at the reference worker count
-    lr_scaling: str = "none"  # none | linear (Goyal et al. 2017) | sqrt (You et al. 2019); per-worker only
+    lr: float = 1e-3  # peak learning rate at reference_global_batch_size
+    # The global batch optim.lr belongs to. 0: the batch.global_batch_size the recipe files state, so a
+    # `--set batch.global_batch_size=...` (or per-worker growth) derives a rate (load_recipe pins it).
+    reference_global_batch_size: int = 0
+    # How the rate follows the global batch when it differs from the reference: sqrt (You et al. 2019,
+    # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: sqrt for lamb,
+    # linear for adamw.
+    lr_scaling: str = "auto"
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -109,7 +116,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "batch.scaling": ("fixed-global", "per-worker"),
     "optim.name": ("lamb", "adamw"),
-    "optim.lr_scaling": ("none", "linear", "sqrt"),
+    "optim.lr_scaling": ("auto", "sqrt", "linear", "none"),
     "data.format": ("mlm", "nsp"),
 }
 
@@ -279,6 +286,9 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{where}: {key} = {value} must be greater than 0")
+    if recipe.optim.reference_global_batch_size < 0:
+        raise UsageError(f"{where}: optim.reference_global_batch_size = {recipe.optim.reference_global_batch_size} "
+                         "must be 0 (the recipe's batch.global_batch_size) or more")
     if recipe.dist.cycle_time_ms < 0:
         raise UsageError(f"{where}: dist.cycle_time_ms = {recipe.dist.cycle_time_ms} must be 0 (by device) or more")
     if not 0.0 <= recipe.optim.warmup_proportion < 1.0:
@@ -295,9 +305,19 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         )
 
 
+def pin_reference_batch(tree: dict) -> dict:
+    """A recipe's rate belongs to the global batch its files state: unless they name another
+    (optim.reference_global_batch_size), pin that one before `--set` can change the batch."""
+    optim, batch = tree.setdefault("optim", {}), tree.get("batch", {})
+    if isinstance(optim, dict) and isinstance(batch, dict) and "reference_global_batch_size" not in optim:
+        written = batch["global_batch_size"] if "global_batch_size" in batch else BatchConfig.global_batch_size
+        optim["reference_global_batch_size"] = written
+    return tree
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, merge, override and validate a recipe file."""
-    tree = apply_overrides(read_recipe_tree(Path(path)), list(overrides or []))
+    tree = apply_overrides(pin_reference_batch(read_recipe_tree(Path(path))), list(overrides or []))
     return recipe_from_tree(tree, str(path))
 
 

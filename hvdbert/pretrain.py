@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed(recipe.dist)
     setup_logging(dist)
     plan = make_plan(recipe, dist.size)
+    if plan.lr_warning and dist.rank == 0:
+        log.warning(plan.lr_warning)
     device = choose_device(dist, recipe.train.precision)
     if device.type == "cpu":
         torch.set_num_threads(recipe.dist.threads_per_worker)  # one rank per core by default
@@ -264,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                                            dist, model, optimizer, precision, resolved,
                                            data.manifest.tokenizer_sha256)
     log.info("hvdbert: %d workers (%s), %s parameters, global batch %d = %d workers x %d micro x %d "
-             "accumulation, %d steps, data %s (%d sequences)", dist.size, dist.backend,
+             "accumulation, %d steps, lr %s, data %s (%d sequences)", dist.size, dist.backend,
              f"{count_parameters(model):,}", plan.global_batch_size, plan.workers, plan.micro_batch_size,
-             plan.accumulation_steps, plan.max_steps, data.directory, len(data))
+             plan.accumulation_steps, plan.max_steps, plan.lr_derivation, data.directory, len(data))
     sample_log = open_sample_log(args.output, recipe.data.record_sample_ids, dist)
     try:
         if args.elastic:
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if dist.rank == 0:
         how = f" (stopped by {summary['stopped_by']}; continue with --resume auto)" if summary["stopped_by"] else ""
         print(f"hvdbert: done: {summary['steps']} steps, {summary['samples_seen']} samples seen, "
-              f"final loss {summary['final_loss']:.4f}, mean {summary['mean_seq_per_s']:.1f} seq/s{how}",
+              f"final loss {summary['final_loss']:.4f}, training MLM accuracy {summary['final_mlm_accuracy']:.3f}, "
+              f"mean {summary['mean_seq_per_s']:.1f} seq/s{how}",
               flush=True)
     dist.shutdown()
     return 0
