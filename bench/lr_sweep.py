@@ -11,7 +11,8 @@ recipe's own. The table shows the rate the plan derived from it as well.
 
 Runs go one after another (each takes the cores it is given). OUTPUT/sweep.jsonl gets one line per
 run as it finishes, with its logged curve; a sweep started again skips the runs already there.
-OUTPUT/sweep.md is the table: every run, then the mean over seeds per optimizer and rate.
+OUTPUT/sweep.md is the table of every run in sweep.jsonl (this sweep's and earlier ones' into the same
+OUTPUT), then the mean over seeds per optimizer and rate.
 """
 from __future__ import annotations
 
@@ -122,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             with results_path.open("a", encoding="utf-8") as out:
                 out.write(json.dumps(result) + "\n")
             done.append(result)
-    wanted = {run_key(r) for r in runs(args)}
-    (args.output / "sweep.md").write_text(table([r for r in done if run_key(r) in wanted]), encoding="utf-8")
+    (args.output / "sweep.md").write_text(table(done), encoding="utf-8")
     return 0
 
 
