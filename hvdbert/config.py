@@ -50,16 +50,23 @@ class BatchConfig:
     micro_batch_size: int = positive(32)  # sequences per worker per forward/backward pass
     reference_workers: int = positive(1)  # the worker count the recipe's numbers were tuned for
     # fixed-global: the global batch stays; accumulation = global / (workers x micro); LR unchanged.
-    # per-worker: the global batch grows with the workers; LR scaled by optim.lr_scaling.
+    # per-worker: the global batch grows with the workers; max_steps shrink to keep the samples.
+    # Either way the LR follows the global batch by optim.lr_scaling (hvdbert/plan.py).
     scaling: str = choice("fixed-global", "per-worker")
 
 
 @dataclass
 class OptimConfig:
     name: str = choice("lamb", "adamw")
-    lr: float = positive(1e-3)  # peak learning rate at the reference worker count
-    # per-worker only: none | linear (Goyal et al. 2017) | sqrt (You et al. 2019)
-    lr_scaling: str = choice("none", "linear", "sqrt")
+    lr: float = positive(1e-3)  # peak learning rate at reference_global_batch_size
+    # The global batch optim.lr belongs to. 0: the batch.global_batch_size the recipe files state, so a
+    # `--set batch.global_batch_size=...` (or per-worker growth) derives a rate (load_recipe pins it).
+    reference_global_batch_size: int = bounded(
+        0, lambda v: v >= 0, "must be 0 (the recipe's batch.global_batch_size) or more")
+    # How the rate follows the global batch when it differs from the reference: sqrt (You et al. 2019,
+    # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: sqrt for lamb,
+    # linear for adamw.
+    lr_scaling: str = choice("auto", "sqrt", "linear", "none")
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -336,14 +343,18 @@ def _check_ranges(recipe: Recipe, at) -> None:
         )
 
 
+def pin_reference_batch(tree: dict) -> dict:
+    """A recipe's rate belongs to the global batch its files state: unless they name another
+    (optim.reference_global_batch_size), pin that one before `--set` can change the batch."""
+    optim, batch = tree.setdefault("optim", {}), tree.get("batch", {})
+    if isinstance(optim, dict) and isinstance(batch, dict) and "reference_global_batch_size" not in optim:
+        written = batch["global_batch_size"] if "global_batch_size" in batch else BatchConfig.global_batch_size
+        optim["reference_global_batch_size"] = written
+    return tree
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, merge, override and validate a recipe file."""
     origins: dict[str, str] = {}
-    tree = apply_overrides(read_recipe_tree(Path(path)), list(overrides or []), origins)
+    tree = apply_overrides(pin_reference_batch(read_recipe_tree(Path(path))), list(overrides or []), origins)
     return recipe_from_tree(tree, str(path), origins)
-
-
-def recipe_from_dict(resolved: dict) -> Recipe:
-    """Rebuild a Recipe from Recipe.to_dict() output (as stored in recipe.json and checkpoints)."""
-    tree = {k: v for k, v in resolved.items() if k != "source"}
-    return recipe_from_tree(tree, resolved.get("source", "recipe.json"))

@@ -1,14 +1,27 @@
 """Resolve a recipe's batch size, accumulation, learning rate and schedule for a worker count.
 
-    python -m hvdbert.plan --recipe recipes/bert-large-phase1.toml --workers 8 [--json]
+    python -m hvdbert.plan --recipe recipes/bert-large-phase1.toml --workers 8 [--json] [--set KEY=VALUE]
 
-Two scaling rules (batch.scaling):
-- fixed-global: the global batch and LR stay as written; each worker accumulates
-  global / (workers x micro) micro-batches per optimizer step (NVIDIA's practice for BERT).
+Two batch rules (batch.scaling):
+- fixed-global: the global batch stays as written; each worker accumulates
+  global / (workers x micro) micro-batches per optimizer step (NVIDIA's practice for BERT). The worker
+  count alone changes nothing else: the same global batch gets the same rate and schedule.
 - per-worker: each worker keeps the reference accumulation, so the global batch grows by
-  k = workers / reference_workers. The LR is scaled by k (linear, Goyal et al. 2017) or sqrt(k)
-  (You et al. 2019), and max_steps and warmup_steps shrink by k so the run sees the same number of
-  samples and warms up over the same number of samples (Goyal et al. warm up over fixed epochs).
+  k = workers / reference_workers, and max_steps shrink by k so the run sees the same number of samples.
+
+The learning rate follows the global batch. optim.lr belongs to optim.reference_global_batch_size
+(the batch the recipe files state, unless they name another); when the plan's global batch B differs
+from that reference R (a `--set batch.global_batch_size=...`, or per-worker growth), optim.lr_scaling
+derives the rate:
+- sqrt: lr x sqrt(B / R) (You et al. 2019, LAMB). Their BERT runs keep the warmup at the same number
+  of steps for every batch ("linear-epoch" warmup: 3125 steps from batch 512 to 32K), so per-worker
+  growth keeps warmup_steps while max_steps shrink.
+- linear: lr x B / R (Goyal et al. 2017). They warm up over the same number of samples (5 epochs) at
+  every batch, so per-worker growth shrinks warmup_steps by k together with max_steps.
+- none: lr as written, with one warning line; the warmup shrinks as for linear.
+- auto (the default): sqrt for LAMB, linear for AdamW.
+With fixed-global, a `--set` of the global batch changes the rate only: train.max_steps and the warmup
+(warmup_proportion of it) describe the run asked for, and stay as written.
 """
 from __future__ import annotations
 
@@ -19,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdbert.config import Recipe, load_recipe
+from hvdbert.config import OptimConfig, Recipe, load_recipe
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 
 
@@ -29,13 +42,15 @@ class Plan:
     global_batch_size: int  # sequences per optimizer step, all workers together
     micro_batch_size: int  # sequences per worker per forward/backward pass
     accumulation_steps: int  # micro-batches per worker per optimizer step
-    lr: float  # peak learning rate
+    lr: float  # peak learning rate, derived for global_batch_size by lr_scaling
+    lr_scaling: str  # the rule that derived lr: sqrt | linear | none (auto resolved by optimizer)
+    reference_lr: float  # optim.lr: the rate at reference_global_batch_size
+    reference_global_batch_size: int
     warmup_steps: int
     max_steps: int
     max_seq_len: int
     max_predictions_per_seq: int
     scaling: str
-    lr_scaling: str
     reference_workers: int
     decay_power: float
     end_lr: float
@@ -43,6 +58,24 @@ class Plan:
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.max_seq_len
+
+    @property
+    def lr_derivation(self) -> str:
+        """How lr came from the reference rate, e.g. `0.006 x sqrt(4096 / 65536)`."""
+        if self.global_batch_size == self.reference_global_batch_size:
+            return f"{self.lr:g}, the rate at its reference global batch ({self.lr_scaling} rule unused)"
+        ratio = f"{self.global_batch_size} / {self.reference_global_batch_size}"
+        factor = {"sqrt": f" x sqrt({ratio})", "linear": f" x {ratio}", "none": ""}[self.lr_scaling]
+        return f"{self.reference_lr:g}{factor} = {self.lr:g} ({self.lr_scaling})"
+
+    @property
+    def lr_warning(self) -> str:
+        """One line when the rate kept belongs to another global batch (lr_scaling = none), else ''."""
+        if self.lr_scaling != "none" or self.global_batch_size == self.reference_global_batch_size:
+            return ""
+        return (f"hvdbert: warning: optim.lr = {self.reference_lr:g} belongs to a global batch of "
+                f"{self.reference_global_batch_size}, this plan's is {self.global_batch_size}; "
+                "optim.lr_scaling = none keeps it (sqrt or linear would derive one)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,8 +90,22 @@ def _workable_counts(sequences_per_micro_step: int, workers: int) -> str:
     return " or ".join(str(d) for d in near)
 
 
+LR_RULES = {
+    "sqrt": math.sqrt,  # You et al. 2019
+    "linear": lambda factor: factor,  # Goyal et al. 2017
+    "none": lambda factor: 1.0,
+}
+
+
+def lr_rule(optim: OptimConfig) -> str:
+    """optim.lr_scaling with auto resolved: sqrt for LAMB (You et al. 2019), linear for AdamW."""
+    if optim.lr_scaling != "auto":
+        return optim.lr_scaling
+    return "sqrt" if optim.name == "lamb" else "linear"
+
+
 def make_plan(recipe: Recipe, workers: int) -> Plan:
-    batch, optim = recipe.batch, recipe.optim
+    batch = recipe.batch
     if workers < 1:
         raise UsageError(f"worker count {workers} must be at least 1")
     if batch.global_batch_size % batch.micro_batch_size:
@@ -75,8 +122,7 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
                 f"micro-batches of {batch.micro_batch_size} ({micro_batches} per step is not divisible by "
                 f"{workers}); worker counts that work nearby: {_workable_counts(micro_batches, workers)}"
             )
-        return _plan(recipe, workers, batch.global_batch_size, micro_batches // workers, optim.lr,
-                     recipe.train.max_steps, _warmup(optim.warmup_proportion, recipe.train.max_steps))
+        return _plan(recipe, workers, batch.global_batch_size, micro_batches // workers, steps_factor=1.0)
 
     # per-worker: the reference accumulation stays, the global batch grows with the workers
     if micro_batches % batch.reference_workers:
@@ -86,41 +132,43 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
             f"{batch.reference_workers} x {batch.micro_batch_size}"
         )
     accumulation = micro_batches // batch.reference_workers
-    factor = workers / batch.reference_workers
-    lr = optim.lr * {"none": 1.0, "linear": factor, "sqrt": math.sqrt(factor)}[optim.lr_scaling]
-    max_steps = max(1, math.ceil(recipe.train.max_steps / factor))
-    warmup_steps = math.ceil(_warmup(optim.warmup_proportion, recipe.train.max_steps) / factor)
     global_batch = accumulation * batch.micro_batch_size * workers
-    return _plan(recipe, workers, global_batch, accumulation, lr, max_steps, warmup_steps)
+    return _plan(recipe, workers, global_batch, accumulation, steps_factor=workers / batch.reference_workers)
 
 
-def _warmup(proportion: float, max_steps: int) -> int:
-    return round(proportion * max_steps)
-
-
-def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, lr: float,
-          max_steps: int, warmup_steps: int) -> Plan:
+def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, steps_factor: float) -> Plan:
+    """The plan for `global_batch`; steps_factor: how many times fewer steps see the recipe's samples."""
+    optim, train = recipe.optim, recipe.train
+    rule = lr_rule(optim)
+    reference_batch = optim.reference_global_batch_size or recipe.batch.global_batch_size
+    max_steps = max(1, math.ceil(train.max_steps / steps_factor))
+    warmup_steps = round(optim.warmup_proportion * train.max_steps)
+    # LAMB's warmup keeps its steps (You et al. 2019); Goyal et al. keep its samples
+    warmup_steps = min(warmup_steps, max_steps) if rule == "sqrt" else math.ceil(warmup_steps / steps_factor)
     return Plan(
         workers=workers,
         global_batch_size=global_batch,
         micro_batch_size=recipe.batch.micro_batch_size,
         accumulation_steps=accumulation,
-        lr=lr,
+        lr=optim.lr * LR_RULES[rule](global_batch / reference_batch),
+        lr_scaling=rule,
+        reference_lr=optim.lr,
+        reference_global_batch_size=reference_batch,
         warmup_steps=warmup_steps,
         max_steps=max_steps,
         max_seq_len=recipe.data.max_seq_len,
         max_predictions_per_seq=recipe.data.max_predictions_per_seq,
         scaling=recipe.batch.scaling,
-        lr_scaling=recipe.optim.lr_scaling,
         reference_workers=recipe.batch.reference_workers,
-        decay_power=recipe.optim.decay_power,
-        end_lr=recipe.optim.end_lr,
+        decay_power=optim.decay_power,
+        end_lr=optim.end_lr,
     )
 
 
 def format_plan(plan: Plan) -> str:
     rows = plan.to_dict()
     rows["tokens_per_step"] = plan.tokens_per_step
+    rows["lr_derivation"] = plan.lr_derivation
     width = max(len(k) for k in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows.items())
 
@@ -142,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.set)
     plan = make_plan(recipe, args.workers)
+    if plan.lr_warning:
+        print(plan.lr_warning, file=sys.stderr)
     if args.output is not None:
         from hvdbert.pretrain import preflight  # torch and transformers: only when asked
 

@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed(recipe.dist)
     setup_logging(dist)
     run = build_run(recipe, args.data, dist)
+    if run.plan.lr_warning and dist.rank == 0:
+        log.warning(run.plan.lr_warning)
     resolved = resolved_recipe(run)
 
     held = []  # rank 0's lock on the run directory, kept until the process exits
@@ -195,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpointer = checkpoint.Checkpointer(run, args.output, resolved)
     plan = run.plan
     log.info("hvdbert: %d workers (%s), %s parameters, global batch %d = %d workers x %d micro x %d "
-             "accumulation, %d steps, data %s (%d sequences)", dist.size, dist.backend,
+             "accumulation, %d steps, lr %s, data %s (%d sequences)", dist.size, dist.backend,
              f"{count_parameters(run.model):,}", plan.global_batch_size, plan.workers, plan.micro_batch_size,
-             plan.accumulation_steps, plan.max_steps, run.data.directory, len(run.data))
+             plan.accumulation_steps, plan.max_steps, plan.lr_derivation, run.data.directory, len(run.data))
     sample_log = open_sample_log(args.output, recipe.data.record_sample_ids, dist)
     try:
         if args.elastic:
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if dist.rank == 0:
         how = f" (stopped by {summary['stopped_by']}; continue with --resume auto)" if summary["stopped_by"] else ""
         print(f"hvdbert: done: {summary['steps']} steps, {summary['samples_seen']} samples seen, "
-              f"final loss {summary['final_loss']:.4f}, mean {summary['mean_seq_per_s']:.1f} seq/s{how}",
+              f"final loss {summary['final_loss']:.4f}, training MLM accuracy {summary['final_mlm_accuracy']:.3f}, "
+              f"mean {summary['mean_seq_per_s']:.1f} seq/s{how}",
               flush=True)
     dist.shutdown()
     return 0

@@ -228,6 +228,7 @@ def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample
         "steps": state.step,
         "samples_seen": state.samples_seen,
         "final_loss": last_record["loss"] if last_record else float("nan"),
+        "final_mlm_accuracy": last_record["mlm_accuracy"] if last_record else float("nan"),
         "mean_seq_per_s": (state.step - first_step) * plan.global_batch_size / seconds if seconds > 0 else 0.0,
         "stopped_by": stopped,
         "scaler_skipped_steps": precision.skipped_steps,

@@ -86,7 +86,8 @@ def test_state_exists_before_the_first_step(name):
 def _plan(**changes) -> Plan:
     fields = dict(workers=1, global_batch_size=8, micro_batch_size=8, accumulation_steps=1, lr=1.0,
                   warmup_steps=10, max_steps=110, max_seq_len=128, max_predictions_per_seq=20,
-                  scaling="fixed-global", lr_scaling="none", reference_workers=1, decay_power=1.0, end_lr=0.0)
+                  scaling="fixed-global", lr_scaling="none", reference_lr=1.0, reference_global_batch_size=8,
+                  reference_workers=1, decay_power=1.0, end_lr=0.0)
     fields.update(changes)
     return Plan(**fields)
 

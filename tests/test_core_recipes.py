@@ -59,8 +59,8 @@ def test_fixed_global_keeps_batch_and_lr_and_recomputes_accumulation():
         assert (plan.global_batch_size, plan.accumulation_steps, plan.lr) == (65536, accumulation, 6e-3)
 
 
-@pytest.mark.parametrize("rule, factor", [("linear", 4.0), ("sqrt", 2.0), ("none", 1.0)])
-def test_per_worker_scales_batch_lr_steps_and_warmup(rule, factor):
+@pytest.mark.parametrize("rule, factor, warmup_steps", [("linear", 4.0, 10), ("sqrt", 2.0, 40), ("none", 1.0, 10)])
+def test_per_worker_scales_batch_lr_steps_and_warmup(rule, factor, warmup_steps):
     recipe = load_recipe(RECIPES / "tiny.toml", [
         "batch.scaling=per-worker", f"optim.lr_scaling={rule}", "batch.reference_workers=2",
         "train.max_steps=400", "optim.warmup_proportion=0.1",
@@ -70,9 +70,72 @@ def test_per_worker_scales_batch_lr_steps_and_warmup(rule, factor):
     assert plan.global_batch_size == 4 * reference.global_batch_size
     assert plan.accumulation_steps == reference.accumulation_steps
     assert plan.lr == pytest.approx(reference.lr * factor)
-    # the same number of samples, and warmup over the same number of samples
+    # the same number of samples
     assert plan.max_steps == 100 and reference.max_steps == 400
-    assert plan.warmup_steps == 10 and reference.warmup_steps == 40
+    # warmup over the same samples (Goyal et al. 2017), or, for LAMB's sqrt rule, the same steps
+    # (You et al. 2019)
+    assert plan.warmup_steps == warmup_steps and reference.warmup_steps == 40
+
+
+# Hand-computed: bert-large-phase1's 6e-3 belongs to 65536; 4096 is 1/16 of it.
+@pytest.mark.parametrize("rule, lr", [
+    ("sqrt", 6e-3 / 4),  # 6e-3 x sqrt(4096 / 65536) = 6e-3 x 1/4 = 1.5e-3
+    ("linear", 6e-3 / 16),  # 6e-3 x 4096 / 65536 = 3.75e-4
+    ("none", 6e-3),
+    ("auto", 6e-3 / 4),  # LAMB: sqrt
+])
+def test_a_changed_global_batch_derives_the_rate_by_the_rule(rule, lr):
+    recipe = load_recipe(RECIPES / "bert-large-phase1.toml",
+                         ["batch.global_batch_size=4096", f"optim.lr_scaling={rule}"])
+    plan = make_plan(recipe, 8)
+    assert plan.lr == pytest.approx(lr, rel=1e-12)
+    assert (plan.reference_lr, plan.reference_global_batch_size) == (6e-3, 65536)
+    # the run asked for keeps its steps and warmup
+    assert (plan.global_batch_size, plan.max_steps, plan.warmup_steps) == (4096, 7038, 2001)
+
+
+def test_auto_rule_is_linear_for_adamw_and_the_reference_is_the_files_batch(tmp_path):
+    # a recipe that names no reference: its rate belongs to the global batch its file states (48)
+    (tmp_path / "mine.toml").write_text('[batch]\nglobal_batch_size = 48\nmicro_batch_size = 8\n'
+                                        '[optim]\nname = "adamw"\nlr = 6e-4\n')
+    plan = make_plan(load_recipe(tmp_path / "mine.toml", ["batch.global_batch_size=16"]), 1)
+    assert (plan.lr_scaling, plan.reference_global_batch_size) == ("linear", 48)
+    assert plan.lr == pytest.approx(2e-4, rel=1e-12)  # 6e-4 x 16 / 48
+    as_written = make_plan(load_recipe(tmp_path / "mine.toml"), 1)
+    assert as_written.lr == 6e-4 and as_written.lr_derivation.startswith("0.0006, the rate at its reference")
+
+
+def test_worker_count_alone_changes_nothing_but_accumulation():
+    recipe = load_recipe(RECIPES / "bert-large-phase1.toml", ["batch.global_batch_size=4096"])
+    plans = [make_plan(recipe, workers).to_dict() for workers in (1, 2, 8, 64)]
+    for plan in plans:
+        assert plan["micro_batch_size"] * plan["accumulation_steps"] * plan["workers"] == 4096
+        assert plan["lr"] == pytest.approx(1.5e-3, rel=1e-12)
+    unchanged = [{k: v for k, v in p.items() if k not in ("workers", "accumulation_steps")} for p in plans]
+    assert all(p == unchanged[0] for p in unchanged)
+
+
+def test_none_keeps_the_rate_and_says_so_in_one_warning_line():
+    args = ["--recipe", str(RECIPES / "bert-large-phase1.toml"), "--workers", "8",
+            "--set", "batch.global_batch_size=4096", "--set", "optim.lr_scaling=none"]
+    result = plan_cli(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["lr"] == 6e-3
+    assert result.stderr.strip().splitlines() == [
+        "hvdbert: warning: optim.lr = 0.006 belongs to a global batch of 65536, this plan's is 4096; "
+        "optim.lr_scaling = none keeps it (sqrt or linear would derive one)"]
+    # at the reference batch, or under a rule that derives the rate, nothing is said
+    assert plan_cli(*args[:4], "--set", "optim.lr_scaling=none").stderr == ""
+    assert plan_cli(*args[:6]).stderr == ""
+
+
+def test_plan_text_shows_rule_reference_and_derived_rate():
+    result = plan_cli("--recipe", str(RECIPES / "bert-large-phase1.toml"), "--workers", "8",
+                      "--set", "batch.global_batch_size=4096")
+    rows = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert (rows["lr"], rows["lr_scaling"], rows["reference_lr"], rows["reference_global_batch_size"]) == (
+        "0.0015", "sqrt", "0.006", "65536")
+    assert rows["lr_derivation"] == "0.006 x sqrt(4096 / 65536) = 0.0015 (sqrt)"
 
 
 def test_inheritance_merges_deeply_and_child_wins(tmp_path):

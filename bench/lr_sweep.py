@@ -1,0 +1,131 @@
+"""Learning-rate sweep: train a recipe once per optimizer, rate and seed, and tabulate where each got.
+
+    python -m bench.lr_sweep --recipe recipes/tiny.toml --lamb 1e-2,3e-3,1e-3,3e-4 \
+        --adamw 3e-3,1e-3,5e-4,2e-4 --seeds 1,2,3 --output docs/bench/tiny-lr-sweep [--set KEY=VALUE ...]
+
+Each run is `python -m hvdbert.pretrain` as one plain process, on the embedded corpus unless --data is
+given. Under `batch.scaling = "fixed-global"` one process sees the same batches, masks and losses as any
+worker count (README: reproducible data order), so this measures what `make demo` gets on 2 workers.
+A rate is the recipe's optim.lr (the rate at optim.reference_global_batch_size); `recipe` keeps the
+recipe's own. The table shows the rate the plan derived from it as well.
+
+Runs go one after another (each takes the cores it is given). OUTPUT/sweep.jsonl gets one line per
+run as it finishes, with its logged curve; a sweep started again skips the runs already there.
+OUTPUT/sweep.md is the table of every run in sweep.jsonl (this sweep's and earlier ones' into the same
+OUTPUT), then the mean over seeds per optimizer and rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.lr_sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", required=True, help="recipe TOML file")
+    parser.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
+    parser.add_argument("--output", required=True, type=Path, help="directory for sweep.jsonl and sweep.md")
+    parser.add_argument("--lamb", default="", help="comma-separated LAMB rates, or `recipe`")
+    parser.add_argument("--adamw", default="", help="comma-separated AdamW rates, or `recipe`")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated train.seed values")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="recipe override for every run (repeatable)")
+    return parser.parse_args(argv)
+
+
+def runs(args: argparse.Namespace) -> list[dict]:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rates = {"lamb": args.lamb, "adamw": args.adamw}
+    # Seed outermost: a sweep cut short still has every optimizer and rate.
+    return [{"optimizer": name, "lr": rate, "seed": seed}
+            for seed in seeds
+            for name, listed in rates.items() if listed
+            for rate in listed.split(",")]
+
+
+def run_key(run: dict) -> tuple:
+    return run["optimizer"], run["lr"], run["seed"]
+
+
+def train_once(args: argparse.Namespace, run: dict, workdir: Path) -> dict:
+    run_dir = workdir / f"{run['optimizer']}-{run['lr']}-{run['seed']}"
+    sets = [*args.set, f"optim.name={run['optimizer']}", f"train.seed={run['seed']}",
+            "train.progress_bar=false", "checkpoint.every_steps=1000000"]
+    if run["lr"] != "recipe":
+        sets.append(f"optim.lr={run['lr']}")
+    command = [sys.executable, "-m", "hvdbert.pretrain", "--recipe", args.recipe, "--output", str(run_dir)]
+    command += ["--data", args.data] if args.data else []
+    for value in sets:
+        command += ["--set", value]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("HOROVOD_RANK", None)
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    plan = json.loads((run_dir / "recipe.json").read_text())["plan"]
+    last = records[-1]
+    return {
+        **run,
+        "plan_lr": plan["lr"],
+        "global_batch_size": plan["global_batch_size"],
+        "steps": last["step"],
+        "final_loss": last["loss"],  # the mean over the last log_every steps
+        "final_mlm_accuracy": last["mlm_accuracy"],
+        "seconds": round(seconds, 1),
+        "curve": [[r["step"], round(r["loss"], 4), round(r["mlm_accuracy"], 4)] for r in records],
+        "command": " ".join(command[1:]),
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| optimizer | lr | lr used | seed | steps | final loss | MLM accuracy |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["optimizer"], -r["plan_lr"], r["seed"])):
+        lines.append(f"| {r['optimizer']} | {r['lr']} | {r['plan_lr']:.3g} | {r['seed']} | {r['steps']} | "
+                     f"{r['final_loss']:.3f} | {r['final_mlm_accuracy']:.3f} |")
+    lines += ["", "| optimizer | lr | seeds | mean final loss | range | mean MLM accuracy | range |",
+              "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted(results, key=lambda r: (r["optimizer"], -r["plan_lr"], r["seed"])):
+        groups.setdefault((r["optimizer"], r["lr"]), []).append(r)
+    for (optimizer, lr), group in groups.items():
+        losses = [r["final_loss"] for r in group]
+        accuracies = [r["final_mlm_accuracy"] for r in group]
+        lines.append(f"| {optimizer} | {lr} | {len(group)} | {statistics.mean(losses):.3f} | "
+                     f"{min(losses):.3f}-{max(losses):.3f} | {statistics.mean(accuracies):.3f} | "
+                     f"{min(accuracies):.3f}-{max(accuracies):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    results_path = args.output / "sweep.jsonl"
+    done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
+    finished = {run_key(r) for r in done}
+    with tempfile.TemporaryDirectory(prefix="lr-sweep-") as workdir:
+        for run in runs(args):
+            if run_key(run) in finished:
+                continue
+            result = train_once(args, run, Path(workdir))
+            print(f"{result['optimizer']} lr {result['lr']} seed {result['seed']}: final loss "
+                  f"{result['final_loss']:.4f}, MLM accuracy {result['final_mlm_accuracy']:.4f} "
+                  f"({result['seconds']} s)", flush=True)
+            with results_path.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(result) + "\n")
+            done.append(result)
+    (args.output / "sweep.md").write_text(table(done), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
