@@ -71,6 +71,10 @@ class DistConfig:
     threads_per_worker: int = 1  # torch intra-op threads per rank on CPU
     fusion_threshold_mb: int = 64  # HOROVOD_FUSION_THRESHOLD
     cycle_time_ms: float = 0.0  # HOROVOD_CYCLE_TIME; 0 = by device: 10 on CPU/Gloo, 1 with CUDA
+    # A worker that waits this long in one collective ends itself, and so the job (a frozen or cut-off
+    # peer; docs/clusters.md). Above the longest legitimate wait: rank 0 writing a BERT-large
+    # checkpoint while the others wait at a barrier. 0: wait forever.
+    stall_timeout_seconds: float = 600.0
 
 
 @dataclass
@@ -279,6 +283,9 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{where}: {key} = {value} must be greater than 0")
+    if recipe.dist.stall_timeout_seconds < 0:
+        raise UsageError(f"{where}: dist.stall_timeout_seconds = {recipe.dist.stall_timeout_seconds} must be 0 "
+                         "(wait forever) or more")
     if recipe.dist.cycle_time_ms < 0:
         raise UsageError(f"{where}: dist.cycle_time_ms = {recipe.dist.cycle_time_ms} must be 0 (by device) or more")
     if not 0.0 <= recipe.optim.warmup_proportion < 1.0:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from hvdbert import checkpoint
+from hvdbert.agreement import check_agreement
 from hvdbert.config import Recipe, load_recipe
 from hvdbert.data.loader import BatchStream, StreamLayout
 from hvdbert.data.masking import MaskingRule
@@ -80,7 +81,7 @@ def open_data(data_dir: Path | None, recipe: Recipe, dist: SingleProcess) -> Pre
                                       recipe.data.builtin_max_documents)
         if dist.local_rank == 0:  # one preparer per host; the others wait for it
             prepare_builtin(directory, vocab_size, recipe.data.max_seq_len, recipe.data.builtin_max_documents)
-        dist.barrier()
+        dist.barrier(bounded=False)  # preparing may take minutes: not a stall
         data_dir = directory
     data = PreparedData(data_dir)
     manifest = data.manifest
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = Precision.create(recipe.train.precision, device)
     state = TrainState()
     resolved = resolved_recipe(recipe, plan, data)
+    check_agreement(dist, data, resolved, args.resume, args.output, recipe.checkpoint.init_from)
 
     def restore_and_prepare() -> str:
         outcome = restore_on_rank0(args, recipe, data, model, optimizer, precision, state)
