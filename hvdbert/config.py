@@ -97,6 +97,10 @@ class DistConfig:
     fusion_threshold_mb: int = 64  # HOROVOD_FUSION_THRESHOLD
     # HOROVOD_CYCLE_TIME; 0 = by device: 10 on CPU/Gloo, 1 with CUDA
     cycle_time_ms: float = bounded(0.0, lambda v: v >= 0, "must be 0 (by device) or more")
+    # A worker that waits this long in one collective ends itself, and so the job (a frozen or cut-off
+    # peer; docs/clusters.md). Above the longest legitimate wait: rank 0 writing a BERT-large
+    # checkpoint while the others wait at a barrier. 0: wait forever.
+    stall_timeout_seconds: float = bounded(600.0, lambda v: v >= 0, "must be 0 (wait forever) or more")
 
 
 @dataclass

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Protocol
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -23,11 +27,62 @@ _LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 # filesystem, a deadlocked data thread) leaves the others waiting in a collective. Horovod warns after
 # HOROVOD_STALL_CHECK_TIME_SECONDS and, with HOROVOD_STALL_SHUTDOWN_TIME_SECONDS > 0 (Horovod's default
 # is 0: wait forever), shuts the job down. 600 s is far above the longest legitimate wait (rank 0
-# writing a BERT-large checkpoint while the others stand at a barrier).
+# writing a BERT-large checkpoint while the others stand at a barrier). That covers a rank that still
+# negotiates but never submits a tensor; a rank that is frozen or cut off as a whole is caught by
+# CollectiveWatchdog (dist.stall_timeout_seconds) instead.
 FAILURE_TIMEOUTS = {
     "HOROVOD_STALL_CHECK_TIME_SECONDS": "60",
     "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600",
 }
+
+
+STALL_EXIT_STATUS = 4  # a worker that ended itself because a collective stalled (docs/clusters.md)
+
+
+class CollectiveWatchdog:
+    """Ends this worker when one collective has waited longer than `seconds`.
+
+    Why Horovod's own stall shutdown is not enough: its stall inspector runs on the coordinator once
+    per negotiation cycle, and it can only name tensors that some ranks submitted and others did not.
+    A frozen (SIGSTOPped) or cut-off rank takes no part in the cycle at all, so the coordinator
+    blocks inside the cycle's own collective (MPI_Allreduce/MPI_Gather of the request lists) and
+    the inspector never runs again. Over Gloo that collective times out (HOROVOD_GLOO_TIMEOUT_SECONDS,
+    30 s) and the job ends; over MPI it waits forever, since MPI has no timeout. So each worker
+    watches itself: the calls below mark when they start waiting, a thread checks every few
+    seconds, and past the bound it prints one line and exits with STALL_EXIT_STATUS. The launcher
+    (horovodrun, mpirun, srun) then stops the other workers, the frozen one included.
+    Exiting at once (os._exit) is safe for the run directory: checkpoints are renamed into place
+    whole, and metrics.jsonl is flushed line by line."""
+
+    def __init__(self, seconds: float, describe: Callable[[], str]):
+        self.seconds = seconds
+        self.describe = describe  # "rank R (host H)", for the message (the rank changes under elastic)
+        self._waiting: tuple[float, str] | None = None
+        self._thread = threading.Thread(target=self._watch, name="hvdbert-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        self._waiting = (time.monotonic(), what)
+        try:
+            yield
+        finally:
+            self._waiting = None
+
+    def _watch(self) -> None:
+        period = min(5.0, max(self.seconds / 10, 0.5))
+        while True:
+            time.sleep(period)
+            waiting = self._waiting
+            if waiting is None:
+                continue
+            waited = time.monotonic() - waiting[0]
+            if waited > self.seconds:
+                print(f"hvdbert: error: {self.describe()} waited {waited:.0f} s in {waiting[1]}, longer than "
+                      f"dist.stall_timeout_seconds = {self.seconds:g}: another worker is frozen or cut off; "
+                      f"ending this worker so that the launcher stops the job (continue with --resume auto)",
+                      file=sys.stderr, flush=True)
+                os._exit(STALL_EXIT_STATUS)
 
 
 class Distributed(Protocol):
@@ -49,7 +104,8 @@ class Distributed(Protocol):
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor: ...
     def allreduce_sum_async(self, tensor: torch.Tensor, name: str) -> Any: ...
     def wait(self, handle: Any) -> torch.Tensor: ...
-    def barrier(self) -> None: ...
+    def allgather_object(self, obj: Any, name: str) -> list: ...
+    def barrier(self, bounded: bool = True) -> None: ...
     def synchronize(self, optimizer) -> None: ...
     def skip_synchronize(self, optimizer) -> contextlib.AbstractContextManager: ...
     def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None: ...
@@ -78,6 +134,9 @@ class SingleProcess:
     def broadcast_object(self, obj: Any, name: str) -> Any:
         return obj
 
+    def allgather_object(self, obj: Any, name: str) -> list:
+        return [obj]
+
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return tensor
 
@@ -87,7 +146,7 @@ class SingleProcess:
     def wait(self, handle: Any) -> torch.Tensor:
         return handle
 
-    def barrier(self) -> None:
+    def barrier(self, bounded: bool = True) -> None:
         pass
 
     def synchronize(self, optimizer) -> None:
@@ -134,6 +193,12 @@ class HorovodDistributed(SingleProcess):
         hvd.init()
         self.hvd = hvd
         self.refresh()
+        host = socket.gethostname()
+        self.watchdog = (CollectiveWatchdog(cfg.stall_timeout_seconds, lambda: f"rank {self.rank} (host {host})")
+                         if cfg.stall_timeout_seconds > 0 else None)
+
+    def _waiting(self, what: str):
+        return self.watchdog.waiting(what) if self.watchdog is not None else contextlib.nullcontext()
 
     def refresh(self) -> None:
         """Read rank and size from Horovod (again after an elastic reset)."""
@@ -161,28 +226,43 @@ class HorovodDistributed(SingleProcess):
         # Horovod: every rank starts from rank 0's weights and optimizer state (random init or a
         # checkpoint that only rank 0 read). The caller creates the optimizer state first
         # (optim.init_state), so Horovod does not run its state-creating zero-gradient step.
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        with self._waiting("the broadcast of the model"):
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+            self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     def broadcast_object(self, obj: Any, name: str) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank=0, name=name)
+        with self._waiting(f"broadcast {name}"):
+            return self.hvd.broadcast_object(obj, root_rank=0, name=name)
+
+    def allgather_object(self, obj: Any, name: str) -> list:
+        # Horovod: every rank gets every rank's object, in rank order (a pickled, small object).
+        with self._waiting(f"allgather {name}"):
+            return self.hvd.allgather_object(obj, name=name)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)
+        with self._waiting(f"allreduce {name}"):
+            return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)
 
     def allreduce_sum_async(self, tensor: torch.Tensor, name: str) -> Any:
         # Horovod: submitted next to the gradient allreduces, it is fused with them (no extra round trip).
         return self.hvd.allreduce_async(tensor, op=self.hvd.Sum, name=name)
 
     def wait(self, handle: Any) -> torch.Tensor:
-        return self.hvd.synchronize(handle)
+        with self._waiting("an allreduce"):
+            return self.hvd.synchronize(handle)
 
-    def barrier(self) -> None:
-        self.hvd.barrier()
+    def barrier(self, bounded: bool = True) -> None:
+        """bounded=False: a wait that may legitimately last long (another rank preparing data)."""
+        if not bounded:
+            self.hvd.barrier()
+            return
+        with self._waiting("a barrier"):
+            self.hvd.barrier()
 
     def synchronize(self, optimizer) -> None:
         # Horovod: wait for the gradient allreduces so they can be unscaled and clipped before step().
-        optimizer.synchronize()
+        with self._waiting("the gradient allreduce"):
+            optimizer.synchronize()
 
     @contextlib.contextmanager
     def skip_synchronize(self, optimizer) -> Iterator[None]:

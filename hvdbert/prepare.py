@@ -236,10 +236,11 @@ def _setup_tokenizer(directory: Path, tokenizer_dir: Path | None, vocab_size: in
     if tokenizer_dir is not None:
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
-        documents = iter_documents(list(options.sources), options.text_field, options.text_mode,
-                                   builtin_max_documents=options.builtin_max_documents)
-        if tokenizer_documents:
-            documents = itertools.islice(documents, tokenizer_documents)
+        def documents():  # a fresh pass over the input each call: the trainer reads it twice
+            read = iter_documents(list(options.sources), options.text_field, options.text_mode,
+                                  builtin_max_documents=options.builtin_max_documents)
+            return itertools.islice(read, tokenizer_documents) if tokenizer_documents else read
+
         tokenizer = train_wordpiece(documents, vocab_size, lowercase)
     if len(tokenizer) > 1 << 31:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens; at most 2**31 are supported")
@@ -336,7 +337,7 @@ def _finish(results, directory: Path, output: Path, options: Options, source: st
 
 def builtin_cache_dir(cache_root: Path, vocab_size: int, seq_len: int, max_documents: int) -> Path:
     """Where the prepared embedded corpus lives; the key covers everything that changes its content."""
-    key = (f"v2-{sys.version_info[0]}.{sys.version_info[1]}-vocab{vocab_size}-seq{seq_len}-docs{max_documents}"
+    key = (f"v3-{sys.version_info[0]}.{sys.version_info[1]}-vocab{vocab_size}-seq{seq_len}-docs{max_documents}"
            f"-block{DEFAULT_DOCUMENTS_PER_SHARD}")
     return cache_root / f"builtin-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 

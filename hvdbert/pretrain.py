@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from hvdbert import checkpoint
+from hvdbert.agreement import check_agreement
 from hvdbert.config import Recipe, load_recipe
 from hvdbert.data.shards import PreparedData
 from hvdbert.dist import Distributed, init_distributed
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning(run.plan.lr_warning)
     resolved = resolved_recipe(run)
 
+    check_agreement(dist, run.data, resolved, args.resume, args.output, recipe.checkpoint.init_from)
     held = []  # rank 0's lock on the run directory, kept until the process exits
 
     def restore_and_prepare() -> str:

@@ -50,7 +50,7 @@ def open_data(data_dir: Path | None, recipe: Recipe, dist: Distributed) -> Prepa
                                       recipe.data.builtin_max_documents)
         if dist.local_rank == 0:  # one preparer per host; the others wait for it
             prepare_builtin(directory, vocab_size, recipe.data.max_seq_len, recipe.data.builtin_max_documents)
-        dist.barrier()
+        dist.barrier(bounded=False)  # preparing may take minutes: not a stall
         data_dir = directory
     data = PreparedData(data_dir)
     check_data(data, recipe)

@@ -114,18 +114,60 @@ finish_settings() {
     plan_args+=(--output "$OUTPUT" "${resume[@]}")
 }
 
-# hostfile_to_hosts FILE: `host slots=N` / `host:N` / `host` lines -> host:N,host:N.
-# (horovodrun's own --hostfile parser accepts neither comments nor blank lines, so
-# launch/multinode.sh reads the file here and hands it over as -H.)
+# hostfile_to_hosts FILE [DEFAULT_SLOTS]: a hostfile -> host:N,host:N on stdout (a host that names
+# no slots gets DEFAULT_SLOTS, 1 unless given); on a line it cannot read, one
+# message on stdout naming the file, the line and what is valid, and status 1.
+# Reads what both Open MPI (`mpirun --hostfile`) and horovodrun (`--hostfile`) accept, plus `host:N`:
+# one host per line, `host`, `host slots=N`, `host:N`, with Open MPI's `max_slots=M` (also spelled
+# max-slots, slots_max, slots-max; a cap on oversubscription that launching N <= slots never
+# reaches, so it is checked and otherwise ignored), spaces around `=`, `#` comments, blank lines and
+# Windows (CRLF) line ends. A host named twice gets the sum of its slots, as Open MPI counts it.
+# Anything else (two names on a line, `a,b`, an unknown keyword, a slot count that is not a
+# positive integer) is refused rather than guessed at. horovodrun's own --hostfile parser accepts
+# neither comments nor blank lines, so launch/multinode.sh reads the file here and hands it over as -H.
 hostfile_to_hosts() {
-    sed -e 's/#.*//' "$1" | awk '
-        NF == 0 { next }
+    awk -v file="$1" -v default_slots="${2:-1}" '
+        function refuse(why) {
+            printf "hostfile %s, line %d: %s in \"%s\"; a line reads `host`, `host slots=N [max_slots=M]` or `host:N`\n", file, FNR, why, original
+            failed = 1
+            exit 1
+        }
         {
-            host = $1; slots = 1
-            if (host ~ /:/) { split(host, part, ":"); host = part[1]; slots = part[2] }
-            for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) slots = substr($i, 7)
-            printf "%s%s:%s", (n++ ? "," : ""), host, slots
-        }'
+            sub(/\r$/, "")
+            original = $0
+            sub(/#.*/, "")
+            gsub(/[ \t]*=[ \t]*/, "=")  # Open MPI allows `slots = 2`
+            if (NF == 0) next
+            host = $1; slots = ""; max_slots = ""
+            if (host ~ /:/) {
+                if (split(host, part, ":") != 2) refuse("bad host:slots \"" host "\"")
+                host = part[1]; slots = part[2]
+            }
+            if (host !~ /^[A-Za-z0-9][A-Za-z0-9._-]*$/) refuse("bad host name \"" host "\" (one host per line)")
+            for (i = 2; i <= NF; i++) {
+                if ($i ~ /^slots=/) {
+                    if (slots != "") refuse("slots given twice")
+                    slots = substr($i, 7)
+                    if (slots == "") refuse("slots= needs a number")
+                } else if ($i ~ /^(max_slots|max-slots|slots_max|slots-max)=/) {
+                    max_slots = substr($i, index($i, "=") + 1)
+                    if (max_slots !~ /^[0-9]+$/ || max_slots + 0 == 0) refuse("bad max_slots \"" max_slots "\"")
+                } else if ($i ~ /=/) {
+                    refuse("unknown keyword \"" substr($i, 1, index($i, "=") - 1) "\"")
+                } else {
+                    refuse("unexpected \"" $i "\" after the host name")
+                }
+            }
+            if (slots == "") slots = default_slots
+            if (slots !~ /^[0-9]+$/ || slots + 0 == 0) refuse("bad slot count \"" slots "\" (a positive integer)")
+            if (max_slots != "" && slots + 0 > max_slots + 0) refuse("slots exceed max_slots")
+            if (!(host in total)) order[++hosts] = host
+            total[host] += slots
+        }
+        END {
+            if (failed) exit 1
+            for (k = 1; k <= hosts; k++) printf "%s%s:%d", (k > 1 ? "," : ""), order[k], total[order[k]]
+        }' "$1"
 }
 
 # total_slots HOSTS: the sum of the slots in host:N,host:N (a host without :N has one).
@@ -148,7 +190,7 @@ resolve_hosts() {
     if [ -n "$HOSTFILE" ]; then
         [ -f "$HOSTFILE" ] || die "hostfile '$HOSTFILE' not found"
         [ -z "$HOSTS" ] || die "give either --hosts (HOSTS) or --hostfile (HOSTFILE), not both"
-        HOSTS=$(hostfile_to_hosts "$HOSTFILE")
+        HOSTS=$(hostfile_to_hosts "$HOSTFILE") || die "$HOSTS"
         [ -n "$HOSTS" ] || die "hostfile '$HOSTFILE' names no host"
     fi
     [ -n "$HOSTS" ] || return 0

@@ -5,7 +5,7 @@
 # job, a new one is added (up to --max-np).
 #
 #   HVDBERT_HOSTS_FILE  a file the cluster tooling keeps up to date: one host per line, as
-#                       `host:slots`, `host slots=N` (hostfile style) or `host` (HVDBERT_SLOTS
+#                       `host:slots`, `host slots=N` (hostfile style, as launch/multinode.sh --hostfile reads it) or `host` (HVDBERT_SLOTS
 #                       slots); blank lines and `#` comments are skipped. Read afresh every call.
 #   HVDBERT_SLOTS       slots of a host that names none (default: the GPUs on this machine, or 1)
 # Without HVDBERT_HOSTS_FILE it prints `localhost:HVDBERT_SLOTS`: one machine, handy for trying
@@ -38,15 +38,13 @@ if [ ! -r "$hosts_file" ]; then
     echo "discover_hosts.sh: error: HVDBERT_HOSTS_FILE '$hosts_file' cannot be read" >&2
     exit 1
 fi
-sed -e 's/#.*//' "$hosts_file" | awk -v default_slots="$slots" -v file="$hosts_file" '
-    NF == 0 { next }
-    {
-        host = $1; n = default_slots
-        if (host ~ /:/) { split(host, part, ":"); host = part[1]; n = part[2] }
-        for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) n = substr($i, 7)
-        if (n !~ /^[0-9]+$/ || n == 0) {
-            printf "discover_hosts.sh: error: %s: line %d: bad slot count: %s\n", file, NR, $0 > "/dev/stderr"
-            exit 1
-        }
-        print host ":" n
-    }'
+# The same reading of the file as launch/multinode.sh --hostfile (launch/common.sh).
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+hosts=$(hostfile_to_hosts "$hosts_file" "$slots") || {
+    echo "discover_hosts.sh: error: $hosts" >&2
+    exit 1
+}
+if [ -n "$hosts" ]; then
+    tr ',' '\n' <<<"$hosts"
+fi

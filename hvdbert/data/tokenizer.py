@@ -7,35 +7,76 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from hvdbert.errors import UsageError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(documents: Iterable[str], vocab_size: int, lowercase: bool = True):
-    """Train a BERT-style WordPiece tokenizer; returns a transformers BertTokenizerFast."""
+def train_wordpiece(documents: Callable[[], Iterable[str]] | Iterable[str], vocab_size: int,
+                    lowercase: bool = True):
+    """Train a BERT-style WordPiece tokenizer; returns a transformers BertTokenizerFast.
+
+    `documents` is read twice: a function returning a fresh iterable of them each call (how prepare
+    streams a large corpus), or a collection; a one-shot iterator is first put in a list.
+
+    The result is the same file, byte for byte, for the same documents, in every process and on every
+    machine. HF tokenizers' trainer alone does not give that: it gives each continuing-subword
+    character (`##e`) its id in the iteration order of a hash map that is seeded at random per
+    process, and it breaks ties between equally frequent merges by those ids, so two runs chose
+    different merges (issue: 249 of 4096 tokens at other ids, some tokens different). Registering
+    every `##c` up front, in code-point order, fixes those ids, hence every tie-break; the
+    registration goes through the trainer's special tokens (the only ids it assigns before its
+    hash-map pass), and the tokenizer is then rebuilt from the trained vocabulary so that only
+    BERT's five tokens are special."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    if not callable(documents):
+        collection = documents if iter(documents) is not documents else list(documents)
+        documents = lambda: collection  # noqa: E731  (read twice)
     # BertNormalizer puts spaces around CJK characters, so each becomes its own word, as in BERT.
-    tokenizer.normalizer = normalizers.BertNormalizer(
+    normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    continuing = _continuing_subwords(documents(), normalizer, pre_tokenizer)
+
+    trainer_tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trainer_tokenizer.normalizer = normalizer
+    trainer_tokenizer.pre_tokenizer = pre_tokenizer
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, continuing_subword_prefix="##"
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + continuing, min_frequency=2,
+        continuing_subword_prefix="##"
     )
-    tokenizer.train_from_iterator(documents, trainer=trainer)
+    trainer_tokenizer.train_from_iterator(documents(), trainer=trainer)
+
+    tokenizer = Tokenizer(models.WordPiece(trainer_tokenizer.get_vocab(), unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)  # already in the vocabulary: marks them special
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return BertTokenizerFast(tokenizer_object=tokenizer, do_lower_case=lowercase)
+
+
+def _continuing_subwords(documents: Iterable[str], normalizer, pre_tokenizer) -> list[str]:
+    """`##c` for every character c of the normalized documents that the pre-tokenizer can leave
+    inside a word (not whitespace, punctuation or CJK, which always stand alone), in code-point
+    order. BertNormalizer works character by character (lowercase, accents, control characters, CJK
+    spacing), so normalizing each distinct raw character gives the normalized alphabet in one cheap
+    pass (set.update runs at C speed)."""
+    raw: set[str] = set()
+    for document in documents:
+        raw.update(document)
+    alphabet = {c for r in raw for c in normalizer.normalize_str(r)}
+    inside = [c for c in alphabet if [w for w, _ in pre_tokenizer.pre_tokenize_str("a" + c)] == ["a" + c]]
+    return ["##" + c for c in sorted(inside)]
 
 
 def load_tokenizer(directory: str | Path):

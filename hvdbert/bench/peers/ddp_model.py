@@ -58,6 +58,11 @@ class TorchDDP:
         torch_dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def allgather_object(self, obj: Any, name: str) -> list:
+        gathered = [None] * self.size
+        torch_dist.all_gather_object(gathered, obj)
+        return gathered
+
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         result = tensor.clone()
         torch_dist.all_reduce(result, op=torch_dist.ReduceOp.SUM)
@@ -72,7 +77,7 @@ class TorchDDP:
         work.wait()
         return result
 
-    def barrier(self) -> None:
+    def barrier(self, bounded: bool = True) -> None:
         torch_dist.barrier()
 
     def synchronize(self, optimizer) -> None:

@@ -1,0 +1,44 @@
+"""Preparation is a function of the command and the input: byte-identical tokenizer, shards and
+manifest run to run, in processes with other hash seeds, and for any K ranks x N processes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+ARGS = ["--input", "builtin", "--builtin-max-documents", "400", "--vocab-size", "1200", "--seq-len", "64",
+        "--documents-per-shard", "150"]
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def prepare(output: Path, env: dict[str, str], hash_seed: str, launcher: list[str] = (), extra=()) -> None:
+    env = dict(env, PYTHONHASHSEED=hash_seed)
+    command = [*launcher, sys.executable, "-m", "hvdbert.prepare", *ARGS, *extra, "--output", str(output)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_prepare_gives_the_same_bytes_whoever_prepares(tmp_path, hvdbert_env):
+    prepare(tmp_path / "first", hvdbert_env, "1")
+    prepare(tmp_path / "again", hvdbert_env, "2")
+    prepare(tmp_path / "two-processes", hvdbert_env, "3", extra=["--num-proc", "2"])
+    prepare(tmp_path / "two-ranks", hvdbert_env, "4",
+            launcher=["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"])
+    reference = tree_digest(tmp_path / "first")
+    assert {"tokenizer/tokenizer.json", "manifest.json", "shard-00003.arrow"} <= set(reference)
+    for name in ("again", "two-processes", "two-ranks"):
+        assert tree_digest(tmp_path / name) == reference, name
+    # the vocabulary is full and BERT's five tokens (only they) are special, at ids 0-4
+    tokenizer = json.loads((tmp_path / "first" / "tokenizer" / "tokenizer.json").read_text())
+    assert len(tokenizer["model"]["vocab"]) == 1200
+    assert [(t["id"], t["content"]) for t in tokenizer["added_tokens"]] == list(
+        enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
