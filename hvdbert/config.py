@@ -179,7 +179,7 @@ def _check_type(where: str, key: str, value: Any, default: Any) -> Any:
             if not math.isfinite(value):  # TOML reads nan and inf as floats; no setting means them
                 raise UsageError(f"{where}: {key} = {value!r} is not a finite number")
             return float(value)
-        wanted = "a finite number"
+        wanted = "a number"
     elif isinstance(default, str):
         if isinstance(value, str):
             return value

@@ -77,8 +77,8 @@ def refuse_used_run_dir(run_dir: Path, resuming: bool) -> None:
 
 def preflight(recipe: Recipe, output: Path, data_dir: Path | None, resume: str | None) -> None:
     """What can be refused before any worker starts, without writing anything: the launchers run it
-    (through `hvdbert.plan --output ...`) before horovodrun, and every worker runs it before
-    Horovod starts. The run re-checks all of it on rank 0 under the run directory's lock."""
+    (through `hvdbert.plan --output ...`) before horovodrun, and rank 0 runs it before Horovod
+    starts. The run re-checks all of it on rank 0 under the run directory's lock."""
     check_output_location(output)
     refuse_used_run_dir(output, resume is not None)
     check_free(output)
@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # before Horovod starts: bad input fails fast, alike on every rank
         recipe = load_recipe(args.recipe, args.set)
-        preflight(recipe, args.output, args.data, args.resume)
+        # Rank 0 checks the run directory for all (when it refuses, the launcher stops the others);
+        # a worker that joins an elastic run later would find the run directory in use by its own job.
+        if launcher_rank() == 0 and os.environ.get("HOROVOD_ELASTIC") != "1":
+            preflight(recipe, args.output, args.data, args.resume)
     except UsageError:
         if launcher_rank() != 0:  # rank 0 alone says why
             raise SystemExit(2) from None

@@ -139,11 +139,11 @@ def test_plan_text_shows_rule_reference_and_derived_rate():
 
 
 def test_inheritance_merges_deeply_and_child_wins(tmp_path):
-    (tmp_path / "base.toml").write_text('[train]\nmax_steps = 5\nseed = 7\n[model]\nhidden_size = 64\n')
+    (tmp_path / "base.toml").write_text('[train]\nmax_steps = 5\nseed = 7\n[model]\nhidden_size = 96\n')
     (tmp_path / "child.toml").write_text('inherit = ["base.toml"]\n[train]\nseed = 9\n')
     recipe = load_recipe(tmp_path / "child.toml", ["train.log_every=3"])
     assert (recipe.train.max_steps, recipe.train.seed, recipe.train.log_every) == (5, 9, 3)
-    assert recipe.model == {"hidden_size": 64}
+    assert recipe.model == {"hidden_size": 96}
 
 
 def test_inheritance_cycle_is_an_error(tmp_path):

@@ -391,3 +391,47 @@ def test_publish_refuses_a_directory_another_process_filled(tmp_path):
     empty.mkdir()
     publish_directory(mine, empty)  # an empty output directory is replaced
     assert (empty / "manifest.json").read_text() == "mine" and not mine.exists()
+
+
+def test_more_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tokenizer_dir, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(english_documents(50)) + "\n", encoding="utf-8")
+    out = ["--output", tmp_path / "out"]
+    common = ["--tokenizer", tokenizer_dir, "--seq-len", 32, *out]
+
+    # a vocabulary too large to train (the trainer aborted the process), or smaller than the alphabet
+    assert run(["--input", good, "--vocab-size", 10_000_000_000, *out]) == 2
+    assert "--vocab-size 10000000000: at most 2097152 tokens" in read_stderr_line(capsys)
+    assert run(["--input", good, "--vocab-size", 5, *out]) == 2
+    line = read_stderr_line(capsys)
+    assert "--vocab-size 5 is too small for this corpus" in line and "choose at least" in line
+    assert nothing_written(tmp_path, "out")
+
+    # a malformed tokenizer.json given to --tokenizer
+    broken = tmp_path / "broken-tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordPiece", "vocab": {"a": "x"}}}')
+    assert run(["--input", good, "--tokenizer", broken, "--seq-len", 32, *out]) == 2
+    assert f"{broken}: cannot load the tokenizer" in read_stderr_line(capsys) and nothing_written(tmp_path, "out")
+
+    # every line in another encoding: refused, not 5,000 sequences of U+FFFD
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("\n".join(d.replace("e", "\u00e9") for d in english_documents(50)).encode("latin-1"))
+    assert run(["--input", latin1, *common]) == 2
+    assert "50 of its 50 lines are not UTF-8" in read_stderr_line(capsys) and nothing_written(tmp_path, "out")
+
+    # a parquet column of numbers is named as such, not as "holds no text"
+    pq.write_table(pa.table({"text": list(range(10))}), tmp_path / "numbers.parquet")
+    assert run(["--input", tmp_path / "numbers.parquet", *common]) == 2
+    assert "column 'text' holds int64, not text" in read_stderr_line(capsys) and nothing_written(tmp_path, "out")
+
+    # an output that is a file, or that cannot be written
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    assert run(["--input", good, "--tokenizer", tokenizer_dir, "--output", a_file]) == 2
+    assert "is a file, not a directory" in read_stderr_line(capsys) and a_file.read_text() == "keep me"
+    assert run(["--input", good, "--tokenizer", tokenizer_dir, "--output", "/proc/hvdbert-data"]) == 2
+    assert "cannot write in /proc" in read_stderr_line(capsys)

@@ -112,3 +112,44 @@ def test_export_with_nsp_loads_as_bert_for_pretraining(mlm_run, hvdbert_env, tmp
     with torch.no_grad():
         difference = float((masked_lm(input_ids=input_ids).logits - checkpoint_mlm_logits(found, input_ids)).abs().max())
     assert difference <= 1e-5
+
+
+def test_export_refuses_bad_outputs_and_another_vocabulary_in_one_line(mlm_run, hvdbert_env, tmp_path):
+    from transformers import AutoTokenizer
+
+    from hvdbert.data.tokenizer import train_wordpiece
+
+    def refused(args: list[str], expected: str) -> None:
+        result = run_module("hvdbert.export", ["--run", str(mlm_run), *args], hvdbert_env, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    refused(["--output", str(a_file)], "is a file, not a directory")
+    assert a_file.read_text() == "keep me"
+    refused(["--output", "/proc/hvdbert-model"], "cannot write in /proc")
+    other = tmp_path / "other-tokenizer"  # a BERT tokenizer, but trained on other text: other ids
+    train_wordpiece(["completely different words here"] * 50, vocab_size=200).save_pretrained(str(other))
+    refused(["--output", str(tmp_path / "hf"), "--tokenizer", str(other)], "has another vocabulary than the one")
+    assert not (tmp_path / "hf").exists()
+    # the data's own tokenizer, saved again elsewhere, is the same vocabulary: accepted
+    data_tokenizer = Path(json.loads((mlm_run / "recipe.json").read_text())["data_dir"]) / "tokenizer"
+    copy = tmp_path / "copy"
+    AutoTokenizer.from_pretrained(str(data_tokenizer)).save_pretrained(str(copy))
+    run_module("hvdbert.export", ["--run", str(mlm_run), "--output", str(tmp_path / "hf"), "--tokenizer", str(copy)],
+               hvdbert_env)
+
+
+def test_pretrain_names_a_deleted_tokenizer_directory(mlm_run, hvdbert_env, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(json.loads((mlm_run / "recipe.json").read_text())["data_dir"]), data)
+    shutil.rmtree(data / "tokenizer")
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--data", str(data), "--output",
+                                             str(tmp_path / "run"), *SHORT], hvdbert_env, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == [
+        f"hvdbert.pretrain: error: {data / 'tokenizer'}/tokenizer.json is missing: the tokenizer the data was "
+        "prepared with must stay beside it; prepare the data again"], lines

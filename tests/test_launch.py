@@ -136,6 +136,14 @@ def test_dockerfile_builds_horovod_for_gpus_with_the_cxx17_wrapper():
     assert re.search(r"openmpi-bin\s+libopenmpi-dev", dockerfile)
 
 
+def test_the_environment_has_every_dependency_horovod_declares():
+    """tools/setup.sh installs Horovod's wheel without dependencies (it is compiled here), then what
+    the wheel declares; pip's own check finds any declared requirement left out (cffi was)."""
+    pytest.importorskip("horovod")
+    result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert not [line for line in result.stdout.splitlines() if line.lower().startswith("horovod ")], result.stdout
+
+
 def test_dockerignore_keeps_environments_out_of_the_context():
     patterns = (REPO / ".dockerignore").read_text().split()
     for pattern in (".git", ".venv", "/runs"):
