@@ -49,7 +49,7 @@ class BatchConfig:
     global_batch_size: int = positive(256)  # sequences per optimizer step at the reference worker count
     micro_batch_size: int = positive(32)  # sequences per worker per forward/backward pass
     reference_workers: int = positive(1)  # the worker count the recipe's numbers were tuned for
-    # fixed-global: the global batch stays; accumulation = global / (workers x micro); LR unchanged.
+    # fixed-global: the global batch stays; accumulation = global / (workers x micro).
     # per-worker: the global batch grows with the workers; max_steps shrink to keep the samples.
     # Either way the LR follows the global batch by optim.lr_scaling (hvdbert/plan.py).
     scaling: str = choice("fixed-global", "per-worker")
