@@ -113,11 +113,12 @@ def traffic(cluster: Cluster, name: str) -> dict[str, int]:
     return {dev: cluster.bytes_sent(name, dev) for dev in ("eth0", "eth1")}
 
 
-def assert_trained_over_eth1(before: dict[str, int], after: dict[str, int]) -> None:
-    # The tiny model's gradients are about 4 MB a step; SSH and the launchers' own messages go over eth0.
+def assert_trained_over(device: str, before: dict[str, int], after: dict[str, int]) -> None:
+    # The tiny model's gradients are about 4 MB a step; SSH and the launchers' own messages are small.
     sent = {dev: after[dev] - before[dev] for dev in before}
+    other = "eth0" if device == "eth1" else "eth1"
     print(f"host-b sent: {sent}")
-    assert sent["eth1"] > STEPS * 1_000_000 and sent["eth1"] > 5 * sent["eth0"], sent
+    assert sent[device] > STEPS * 1_000_000 and sent[device] > 5 * sent[other], sent
 
 
 def test_horovodrun_gloo_on_two_hosts_equals_one_host(cluster, one_host, tmp_path):
@@ -126,7 +127,10 @@ def test_horovodrun_gloo_on_two_hosts_equals_one_host(cluster, one_host, tmp_pat
         str(BIN / "horovodrun"), "--gloo", "-np", "2", "-H", "host-a:1,host-b:1", "--network-interface", "eth1",
         cluster.python, "-m", "hvdbert.pretrain", *pretrain_args(tmp_path / "run")])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_trained_over_eth1(before, traffic(cluster, "host-b"))
+    # Horovod 0.28.1's Gloo sends tensors from the address each host's own name resolves to (its
+    # process-set contexts ignore HOROVOD_GLOO_IFACE; docs/clusters.md): here eth0, whatever
+    # --network-interface says. When Horovod fixes that, this fails and the docs need changing.
+    assert_trained_over("eth0", before, traffic(cluster, "host-b"))
     # each host prepared the embedded corpus itself, into its own cache, and got the same bytes
     caches = [Path(cluster.workdir) / f"cache-{name}" for name in ("host-a", "host-b")]
     manifests = [list(cache.glob("data/builtin-*/manifest.json")) for cache in caches]
@@ -140,7 +144,7 @@ def test_multinode_sh_mpi_with_a_hostfile_equals_one_host(cluster, one_host, tmp
     result = on_host(cluster, "host-a", ["launch/multinode.sh", "--hostfile", cluster.hostfile, "--mpi",
                                          "--nic", "eth1", *pretrain_args(tmp_path / "run")], launcher_env(cluster))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_trained_over_eth1(before, traffic(cluster, "host-b"))
+    assert_trained_over("eth1", before, traffic(cluster, "host-b"))
     assert losses(tmp_path / "run") == one_host["short"]
 
 
@@ -149,7 +153,7 @@ def test_mpirun_sh_with_a_hostfile_equals_one_host(cluster, one_host, tmp_path):
     result = on_host(cluster, "host-a", ["launch/mpirun.sh", "--hostfile", cluster.hostfile, "--nic", "eth1",
                                          *pretrain_args(tmp_path / "run")], launcher_env(cluster))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_trained_over_eth1(before, traffic(cluster, "host-b"))
+    assert_trained_over("eth1", before, traffic(cluster, "host-b"))
     assert losses(tmp_path / "run") == one_host["short"]
 
 
