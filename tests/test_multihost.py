@@ -218,13 +218,17 @@ def test_cut_link_ends_the_job_and_resume_continues_exactly(cluster, one_host, t
     run_dir = tmp_path / "run"
     launcher = ["launch/multinode.sh", "--hostfile", cluster.hostfile, "--nic", "eth1", *fault_args(run_dir)]
     env = launcher_env(cluster)
+    def cut() -> None:  # host-b loses both its networks, as when its switch port or cable fails
+        for dev in ("eth0", "eth1"):
+            cluster.link("host-b", dev, up=False)
+
     try:
-        status, seconds, output = run_until_fault(cluster, launcher, env, run_dir,
-                                                  lambda: cluster.link("host-b", "eth1", up=False))
+        status, seconds, output = run_until_fault(cluster, launcher, env, run_dir, cut)
     finally:
-        cluster.link("host-b", "eth1", up=True)
+        for dev in ("eth0", "eth1"):
+            cluster.link("host-b", dev, up=True)
     stopped_at = steps_logged(run_dir)
-    print(f"link of host-b cut after {stopped_at} steps: job exited {status} {seconds:.1f} s later")
+    print(f"links of host-b cut after {stopped_at} steps: job exited {status} {seconds:.1f} s later")
     assert status != 0, output[-3000:]
     assert_resumes_exactly(cluster, launcher, env, run_dir, one_host["faults"], stopped_at)
 
