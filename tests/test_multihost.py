@@ -12,7 +12,6 @@ after a failure.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from netns_cluster import Cluster, quote, unavailable
 
 pytestmark = pytest.mark.multiprocess
 
-HOSTS = ["host-a", "host-b", "host-c"]
+HOSTS = ["host-a", "host-b"]
 STEPS = 8
 STALL_SECONDS = 20  # dist.stall_timeout_seconds in the fault tests
 FAULT_STEPS, FAULT_CHECKPOINT_EVERY = 40, 5
