@@ -12,7 +12,6 @@ after a failure.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from netns_cluster import Cluster, quote, unavailable
 
 pytestmark = pytest.mark.multiprocess
 
-HOSTS = ["host-a", "host-b", "host-c"]
+HOSTS = ["host-a", "host-b"]
 STEPS = 8
 STALL_SECONDS = 20  # dist.stall_timeout_seconds in the fault tests
 FAULT_STEPS, FAULT_CHECKPOINT_EVERY = 40, 5
@@ -113,11 +112,12 @@ def traffic(cluster: Cluster, name: str) -> dict[str, int]:
     return {dev: cluster.bytes_sent(name, dev) for dev in ("eth0", "eth1")}
 
 
-def assert_trained_over_eth1(before: dict[str, int], after: dict[str, int]) -> None:
-    # The tiny model's gradients are about 4 MB a step; SSH and the launchers' own messages go over eth0.
+def assert_trained_over(device: str, before: dict[str, int], after: dict[str, int]) -> None:
+    # The tiny model's gradients are about 4 MB a step; SSH and the launchers' own messages are small.
     sent = {dev: after[dev] - before[dev] for dev in before}
+    other = "eth0" if device == "eth1" else "eth1"
     print(f"host-b sent: {sent}")
-    assert sent["eth1"] > STEPS * 1_000_000 and sent["eth1"] > 5 * sent["eth0"], sent
+    assert sent[device] > STEPS * 1_000_000 and sent[device] > 5 * sent[other], sent
 
 
 def test_horovodrun_gloo_on_two_hosts_equals_one_host(cluster, one_host, tmp_path):
@@ -126,7 +126,10 @@ def test_horovodrun_gloo_on_two_hosts_equals_one_host(cluster, one_host, tmp_pat
         str(BIN / "horovodrun"), "--gloo", "-np", "2", "-H", "host-a:1,host-b:1", "--network-interface", "eth1",
         cluster.python, "-m", "hvdbert.pretrain", *pretrain_args(tmp_path / "run")])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_trained_over_eth1(before, traffic(cluster, "host-b"))
+    # Horovod 0.28.1's Gloo sends tensors from the address each host's own name resolves to (its
+    # process-set contexts ignore HOROVOD_GLOO_IFACE; docs/clusters.md): here eth0, whatever
+    # --network-interface says. When Horovod fixes that, this fails and the docs need changing.
+    assert_trained_over("eth0", before, traffic(cluster, "host-b"))
     # each host prepared the embedded corpus itself, into its own cache, and got the same bytes
     caches = [Path(cluster.workdir) / f"cache-{name}" for name in ("host-a", "host-b")]
     manifests = [list(cache.glob("data/builtin-*/manifest.json")) for cache in caches]
@@ -140,7 +143,7 @@ def test_multinode_sh_mpi_with_a_hostfile_equals_one_host(cluster, one_host, tmp
     result = on_host(cluster, "host-a", ["launch/multinode.sh", "--hostfile", cluster.hostfile, "--mpi",
                                          "--nic", "eth1", *pretrain_args(tmp_path / "run")], launcher_env(cluster))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_trained_over_eth1(before, traffic(cluster, "host-b"))
+    assert_trained_over("eth1", before, traffic(cluster, "host-b"))
     assert losses(tmp_path / "run") == one_host["short"]
 
 
@@ -149,7 +152,7 @@ def test_mpirun_sh_with_a_hostfile_equals_one_host(cluster, one_host, tmp_path):
     result = on_host(cluster, "host-a", ["launch/mpirun.sh", "--hostfile", cluster.hostfile, "--nic", "eth1",
                                          *pretrain_args(tmp_path / "run")], launcher_env(cluster))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_trained_over_eth1(before, traffic(cluster, "host-b"))
+    assert_trained_over("eth1", before, traffic(cluster, "host-b"))
     assert losses(tmp_path / "run") == one_host["short"]
 
 
@@ -214,13 +217,17 @@ def test_cut_link_ends_the_job_and_resume_continues_exactly(cluster, one_host, t
     run_dir = tmp_path / "run"
     launcher = ["launch/multinode.sh", "--hostfile", cluster.hostfile, "--nic", "eth1", *fault_args(run_dir)]
     env = launcher_env(cluster)
+    def cut() -> None:  # host-b loses both its networks, as when its switch port or cable fails
+        for dev in ("eth0", "eth1"):
+            cluster.link("host-b", dev, up=False)
+
     try:
-        status, seconds, output = run_until_fault(cluster, launcher, env, run_dir,
-                                                  lambda: cluster.link("host-b", "eth1", up=False))
+        status, seconds, output = run_until_fault(cluster, launcher, env, run_dir, cut)
     finally:
-        cluster.link("host-b", "eth1", up=True)
+        for dev in ("eth0", "eth1"):
+            cluster.link("host-b", dev, up=True)
     stopped_at = steps_logged(run_dir)
-    print(f"link of host-b cut after {stopped_at} steps: job exited {status} {seconds:.1f} s later")
+    print(f"links of host-b cut after {stopped_at} steps: job exited {status} {seconds:.1f} s later")
     assert status != 0, output[-3000:]
     assert_resumes_exactly(cluster, launcher, env, run_dir, one_host["faults"], stopped_at)
 
