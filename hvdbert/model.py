@@ -35,6 +35,7 @@ class StepOutput:
     mlm_correct: torch.Tensor  # correctly predicted masked tokens (a count)
     mlm_count: torch.Tensor  # masked tokens
     nsp_loss: torch.Tensor | None
+    nsp_correct: torch.Tensor | None = None  # correctly predicted next-sentence labels (a count)
 
 
 def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -53,13 +54,14 @@ def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) 
     mlm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX)
     valid = labels != IGNORE_INDEX
     mlm_correct = ((logits.argmax(-1) == labels) & valid).sum()
-    loss, nsp_loss = mlm_loss, None
+    loss, nsp_loss, nsp_correct = mlm_loss, None, None
     if with_nsp:
         nsp_logits = model.cls.seq_relationship(encoder.pooler_output).float()
         nsp_loss = F.cross_entropy(nsp_logits, batch["next_sentence_label"])
+        nsp_correct = (nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
         loss = mlm_loss + nsp_loss
     return StepOutput(loss=loss, mlm_loss=mlm_loss, mlm_correct=mlm_correct, mlm_count=valid.sum(),
-                      nsp_loss=nsp_loss)
+                      nsp_loss=nsp_loss, nsp_correct=nsp_correct)
 
 
 class PretrainingForward(torch.nn.Module):

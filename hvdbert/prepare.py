@@ -10,6 +10,11 @@ i, packed on its own (mlm packing restarts at every block; nsp draws its random 
 the same block, with a random generator seeded by (seed, i)). Worker w of W prepares the blocks
 i with i % W == w, every worker reads (but does not tokenize) the whole input, and the manifest lists
 the shards by block number. K MPI ranks with N processes each are W = K x N workers.
+
+With --validation-fraction F, documents whose content hash falls in the first F of the hash range
+are held out (hvdbert/data/split.py): the rest are blocked, packed and written as above, and the
+held-out ones the same way into DATA_DIR/validation/ (its own manifest, the same tokenizer). The
+tokenizer is trained on the training documents only.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import numpy as np
 from hvdbert.data.inputs import FILE_FORMATS, TEXT_MODES, ReadStats, Source, check_readable, iter_documents, resolve_inputs
 from hvdbert.data.packing import MlmPacker, batched, nsp_pairs, split_sentences
 from hvdbert.data.shards import FORMATS, Manifest, PreparedData, publish_directory, token_dtype, write_shard
+from hvdbert.data.split import VALIDATION_DIR, SplitDocuments
 from hvdbert.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_wordpiece
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
 from hvdbert.files import check_output_location
@@ -42,6 +48,8 @@ DEFAULT_DOCUMENTS_PER_SHARD = 10_000
 # (2**28 asked 17.7 GB and aborted the process); 2**21 is twice XLM-V's 901,629 tokens, the largest
 # vocabulary of a BERT-family model we know of.
 MAX_VOCAB_SIZE = 1 << 21
+# The embedded corpus holds out 5% of its documents, run_mlm.py's validation_split_percentage default.
+BUILTIN_VALIDATION_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Options:
     short_seq_prob: float = 0.1  # nsp: Devlin et al. 2018
     seed: int = 12345  # nsp: random next sentences and short targets
     builtin_max_documents: int = 0
+    validation_fraction: float = 0.0  # of documents, held out by content hash (data/split.py)
 
 
 class Encoder:
@@ -154,17 +163,27 @@ def _nsp_block(documents: list[str], encoder: Encoder, options: Options, special
 
 
 def prepare_part(worker: int, workers: int, options: Options, directory: Path) -> tuple[list[tuple[int, dict]], dict]:
-    """Write this worker's shards into `directory`; returns [(block index, shard entry)] and counts."""
+    """Write this worker's shards into `directory` (and its held-out shards into directory/validation);
+    returns [(block index, shard entry)] and counts (counts["validation"]: the same for the held-out)."""
+    entries, counts = _prepare_split(worker, workers, options, directory, directory, held_out=False)
+    if options.validation_fraction > 0:
+        counts["validation"] = _prepare_split(worker, workers, options, directory, directory / VALIDATION_DIR,
+                                              held_out=True)
+    return entries, counts
+
+
+def _prepare_split(worker: int, workers: int, options: Options, directory: Path, shard_dir: Path,
+                   held_out: bool) -> tuple[list[tuple[int, dict]], dict]:
     tokenizer_dir = directory / "tokenizer"
     encoder = Encoder(tokenizer_dir, options.word_segmented)
     special = special_token_ids(tokenizer_dir)
     dtype = token_dtype(encoder.backend.get_vocab_size())
     stats = ReadStats()
-    documents = iter_documents(list(options.sources), options.text_field, options.text_mode, stats,
-                               options.builtin_max_documents)
+    documents = SplitDocuments(iter_documents(list(options.sources), options.text_field, options.text_mode, stats,
+                                              options.builtin_max_documents), options.validation_fraction, held_out)
     entries, dropped_tokens = [], 0
     for shard, block in owned_blocks(documents, options.documents_per_shard, worker, workers):
-        path = directory / f"shard-{shard:05d}.arrow"
+        path = shard_dir / f"shard-{shard:05d}.arrow"
         if options.format == "mlm":
             packer = MlmPacker(options.seq_len, special["cls"], special["sep"], dtype)
             entry = write_shard(path, _mlm_blocks(block, encoder, packer), options.seq_len, dtype, special["pad"])
@@ -177,8 +196,8 @@ def prepare_part(worker: int, workers: int, options: Options, directory: Path) -
             entries.append((shard, entry))
         else:
             path.unlink(missing_ok=True)  # too little text for one sequence: no shard
-    counts = {"num_documents": stats.documents, "dropped_tokens": dropped_tokens,
-              "invalid_utf8_lines": dict(stats.invalid_utf8_lines)}
+    counts = {"num_documents": stats.documents, "split_documents": documents.count,
+              "dropped_tokens": dropped_tokens, "invalid_utf8_lines": dict(stats.invalid_utf8_lines)}
     return entries, counts
 
 
@@ -237,8 +256,9 @@ def _setup_tokenizer(directory: Path, tokenizer_dir: Path | None, vocab_size: in
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
         def documents():  # a fresh pass over the input each call: the trainer reads it twice
-            read = iter_documents(list(options.sources), options.text_field, options.text_mode,
-                                  builtin_max_documents=options.builtin_max_documents)
+            read = iter(SplitDocuments(iter_documents(list(options.sources), options.text_field, options.text_mode,
+                                                      builtin_max_documents=options.builtin_max_documents),
+                                       options.validation_fraction, held_out=False))  # never the held-out text
             return itertools.islice(read, tokenizer_documents) if tokenizer_documents else read
 
         tokenizer = train_wordpiece(documents, vocab_size, lowercase)
@@ -275,6 +295,8 @@ def prepare(options: Options, output: Path, tokenizer_dir: Path | None = None, v
         temporary.mkdir()
         try:
             _setup_tokenizer(temporary, tokenizer_dir, vocab_size, lowercase, options, tokenizer_documents)
+            if options.validation_fraction > 0:  # a prepared directory of its own: --eval-data takes it
+                shutil.copytree(temporary / "tokenizer", temporary / VALIDATION_DIR / "tokenizer")
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
@@ -311,44 +333,69 @@ def _finish(results, directory: Path, output: Path, options: Options, source: st
     stats.warn()
     if stats.documents == 0:
         raise UsageError(f"{source or 'the input'}: holds no text (no non-empty document)")
-    num_sequences = sum(entry["num_sequences"] for _, entry in entries)
-    if num_sequences == 0:
+    if sum(entry["num_sequences"] for _, entry in entries) == 0:
         raise UsageError(f"{source or 'the input'}: {stats.documents} documents yield no complete "
                          f"sequence of {options.seq_len} tokens; give more text or a smaller --seq-len")
-    tokenizer_dir = directory / "tokenizer"
+    split = options.validation_fraction > 0
+    manifest = _manifest(directory, entries, options, source, lowercase,
+                         num_documents=counts["split_documents"] if split else stats.documents,
+                         dropped_tokens=sum(part[1]["dropped_tokens"] for _, part in results),
+                         invalid_utf8_lines=sum(stats.invalid_utf8_lines.values()),
+                         validation_fraction=options.validation_fraction, validation_dir=VALIDATION_DIR if split else "")
+    if split:
+        parts = [part[1]["validation"] for _, part in results]  # (entries, counts) of each worker
+        held_out = sorted(entry for part_entries, _ in parts for entry in part_entries)
+        held_out_documents = parts[0][1]["split_documents"]  # every worker counted the whole input
+        if not sum(entry["num_sequences"] for _, entry in held_out):
+            raise UsageError(f"{source or 'the input'}: the {held_out_documents} held-out documents "
+                             f"(--validation-fraction {options.validation_fraction}) yield no complete sequence "
+                             f"of {options.seq_len} tokens; raise --validation-fraction")
+        _manifest(directory / VALIDATION_DIR, held_out, options, f"{source} (held out)", lowercase,
+                  num_documents=held_out_documents,
+                  dropped_tokens=sum(part_counts["dropped_tokens"] for _, part_counts in parts),
+                  invalid_utf8_lines=0, validation_fraction=options.validation_fraction, validation_dir="")
+    manifest.write(directory)  # last: the training manifest lists a complete validation directory
+    publish_directory(directory, output)
+    return manifest
+
+
+def _manifest(directory: Path, entries: list[tuple[int, dict]], options: Options, source: str, lowercase: bool,
+              **counts) -> Manifest:
+    """The manifest of the shards `entries` in `directory` (written there unless it is the top one)."""
     from tokenizers import Tokenizer
 
+    tokenizer_dir = directory / "tokenizer"
     vocab_size = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
     manifest = Manifest(
-        format=options.format, seq_len=options.seq_len, num_sequences=num_sequences,
+        format=options.format, seq_len=options.seq_len,
+        num_sequences=sum(entry["num_sequences"] for _, entry in entries),
         num_tokens=sum(entry["num_tokens"] for _, entry in entries),
         token_dtype=token_dtype(vocab_size).name, vocab_size=vocab_size,
         tokenizer_sha256=tokenizer_hash(tokenizer_dir), special_token_ids=special_token_ids(tokenizer_dir),
-        shards=[entry for _, entry in entries], source=source, num_documents=stats.documents,
-        documents_per_shard=options.documents_per_shard,
-        dropped_tokens=sum(part[1]["dropped_tokens"] for _, part in results),
-        word_segmented=options.word_segmented,
-        invalid_utf8_lines=sum(stats.invalid_utf8_lines.values()), lowercase=lowercase,
+        shards=[entry for _, entry in entries], source=source,
+        documents_per_shard=options.documents_per_shard, word_segmented=options.word_segmented,
+        lowercase=lowercase, **counts,
     )
-    manifest.write(directory)
-    publish_directory(directory, output)
+    if directory.name == VALIDATION_DIR:
+        manifest.write(directory)
     return manifest
 
 
 def builtin_cache_dir(cache_root: Path, vocab_size: int, seq_len: int, max_documents: int) -> Path:
     """Where the prepared embedded corpus lives; the key covers everything that changes its content."""
-    key = (f"v3-{sys.version_info[0]}.{sys.version_info[1]}-vocab{vocab_size}-seq{seq_len}-docs{max_documents}"
-           f"-block{DEFAULT_DOCUMENTS_PER_SHARD}")
+    key = (f"v4-{sys.version_info[0]}.{sys.version_info[1]}-vocab{vocab_size}-seq{seq_len}-docs{max_documents}"
+           f"-block{DEFAULT_DOCUMENTS_PER_SHARD}-heldout{BUILTIN_VALIDATION_FRACTION}")
     return cache_root / f"builtin-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def prepare_builtin(output: Path, vocab_size: int, seq_len: int, max_documents: int = 0) -> PreparedData:
-    """The embedded corpus with a WordPiece tokenizer trained on it (reused when already prepared)."""
+    """The embedded corpus with a WordPiece tokenizer trained on it (reused when already prepared), with
+    BUILTIN_VALIDATION_FRACTION of its documents held out in output/validation."""
     output = Path(output)
     if not (output / "manifest.json").is_file():
         log.warning("preparing the embedded corpus in %s (once)", output)
         options = Options(sources=(Source("builtin", "builtin"),), seq_len=seq_len,
-                          builtin_max_documents=max_documents)
+                          builtin_max_documents=max_documents, validation_fraction=BUILTIN_VALIDATION_FRACTION)
         try:
             prepare(options, output, vocab_size=vocab_size, source="builtin", comm=_OneProcess())
         except UsageError:
@@ -383,6 +430,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--seed", type=int, default=12345, help="nsp: random next sentences")
     parser.add_argument("--short-seq-prob", type=float, default=0.1, help="nsp: Devlin et al. 2018")
     parser.add_argument("--builtin-max-documents", type=int, default=0, help="`builtin` only: 0 takes all")
+    parser.add_argument("--validation-fraction", type=float, default=0.0, metavar="F",
+                        help="hold out this fraction of the documents (chosen by content hash) in "
+                             "DATA_DIR/validation/ for evaluation (default: 0, none)")
     args = parser.parse_args(argv)
     for name in ("vocab_size", "documents_per_shard", "num_proc"):
         if getattr(args, name) <= 0:
@@ -392,6 +442,8 @@ def parse_args(argv: list[str] | None):
     check_output_location(args.output)
     if args.seq_len < 8:
         raise UsageError(f"--seq-len {args.seq_len}: must be at least 8")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise UsageError(f"--validation-fraction {args.validation_fraction}: must be in [0, 1), e.g. 0.05")
     if not 0.0 <= args.short_seq_prob <= 1.0:
         raise UsageError(f"--short-seq-prob {args.short_seq_prob}: must be in [0, 1]")
     return args
@@ -415,7 +467,7 @@ def _main(args, comm) -> int:
         sources=tuple(sources), seq_len=args.seq_len, format=args.format, text_field=args.text_field,
         text_mode=args.text_documents, word_segmented=args.word_segmented,
         documents_per_shard=args.documents_per_shard, short_seq_prob=args.short_seq_prob, seed=args.seed,
-        builtin_max_documents=args.builtin_max_documents,
+        builtin_max_documents=args.builtin_max_documents, validation_fraction=args.validation_fraction,
     )
     manifest = prepare(options, args.output, args.tokenizer, args.vocab_size, args.lowercase, args.num_proc,
                        args.tokenizer_documents, source=" ".join(args.input), comm=comm)
@@ -423,6 +475,10 @@ def _main(args, comm) -> int:
         print(f"wrote {manifest.num_sequences} sequences of {manifest.seq_len} tokens "
               f"({manifest.num_tokens} tokens, {manifest.num_documents} documents, {manifest.format}) "
               f"in {len(manifest.shards)} shards to {args.output}", flush=True)
+        if manifest.validation_dir:
+            held_out = Manifest.read(args.output / manifest.validation_dir)
+            print(f"held out {held_out.num_documents} documents ({held_out.num_sequences} sequences) in "
+                  f"{args.output / manifest.validation_dir}", flush=True)
     return 0
 
 

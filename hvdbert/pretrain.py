@@ -2,7 +2,7 @@
 
     horovodrun -np N python -m hvdbert.pretrain --recipe RECIPE.toml [--data DATA_DIR] --output RUN_DIR
                                                 [--set section.key=value ...] [--resume auto|CHECKPOINT_DIR]
-                                                [--elastic]
+                                                [--elastic] [--eval-data DIR]
 
 Runs under horovodrun (Gloo or MPI), under mpirun, or as one plain process. With no --data, the
 embedded default corpus is prepared once (tokenizer trained on it) and cached. Checkpoints go to
@@ -23,6 +23,7 @@ from hvdbert.config import Recipe, load_recipe
 from hvdbert.data.shards import PreparedData
 from hvdbert.dist import Distributed, init_distributed
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry, launcher_rank, rank_zero_decides
+from hvdbert.evaluate import build_evaluator, summary_text
 from hvdbert.files import check_output_location
 from hvdbert.metrics import NullMetrics, RunMetrics
 from hvdbert.model import count_parameters
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None):
                              "start from scratch) or from the given checkpoint directory")
     parser.add_argument("--elastic", action="store_true",
                         help="Horovod elastic training (horovodrun --min-np/--max-np --host-discovery-script)")
+    parser.add_argument("--eval-data", type=Path, metavar="DIR",
+                        help="held-out data for [eval] (default: the --data directory's validation split)")
     return parser.parse_args(argv)
 
 
@@ -181,9 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     run = build_run(recipe, args.data, dist)
     if run.plan.lr_warning and dist.rank == 0:
         log.warning(run.plan.lr_warning)
+    evaluator = build_evaluator(args.eval_data, run)  # refuses before anything is written
     resolved = resolved_recipe(run)
+    if evaluator is not None:
+        resolved["eval_data_dir"] = str(evaluator.held_out.data.directory)
 
-    check_agreement(dist, run.data, resolved, args.resume, args.output, recipe.checkpoint.init_from)
+    check_agreement(dist, run.data, resolved, args.resume, args.output, recipe.checkpoint.init_from,
+                    eval_data=evaluator.held_out.data if evaluator is not None else None)
     held = []  # rank 0's lock on the run directory, kept until the process exits
 
     def restore_and_prepare() -> str:
@@ -208,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     sample_log = open_sample_log(args.output, recipe.data.record_sample_ids, dist)
     try:
         if args.elastic:
-            summary = run_elastic(run, args.output, checkpointer, stop, sample_log)
+            summary = run_elastic(run, args.output, checkpointer, stop, sample_log, evaluator)
         else:
-            summary = train_once(run, args.output, checkpointer, stop, sample_log)
+            summary = train_once(run, args.output, checkpointer, stop, sample_log, evaluator=evaluator)
     except TrainingDiverged as error:
         if dist.rank == 0:
             print(f"hvdbert.pretrain: error: {error}", file=sys.stderr, flush=True)
@@ -222,25 +229,25 @@ def main(argv: list[str] | None = None) -> int:
         how = f" (stopped by {summary['stopped_by']}; continue with --resume auto)" if summary["stopped_by"] else ""
         print(f"hvdbert: done: {summary['steps']} steps, {summary['samples_seen']} samples seen, "
               f"final loss {summary['final_loss']:.4f}, training MLM accuracy {summary['final_mlm_accuracy']:.3f}, "
-              f"mean {summary['mean_seq_per_s']:.1f} seq/s{how}",
-              flush=True)
+              f"mean {summary['mean_seq_per_s']:.1f} seq/s"
+              f"{', ' + summary_text(summary['eval']) if summary.get('eval') else ''}{how}", flush=True)
     dist.shutdown()
     return 0
 
 
-def train_once(run: Run, run_dir: Path, checkpointer, stop, sample_log, after_step=None) -> dict:
+def train_once(run: Run, run_dir: Path, checkpointer, stop, sample_log, after_step=None, evaluator=None) -> dict:
     """Train from the run's position to the end of its plan, with a stream and metrics of its own."""
     run.open_stream()
     metrics = (RunMetrics(run_dir, run.state.step, run.plan.max_steps, run.recipe.train.progress_bar)
                if run.dist.rank == 0 else NullMetrics())
     try:
-        return train(run, metrics, checkpointer, stop, sample_log, after_step)
+        return train(run, metrics, checkpointer, stop, sample_log, after_step, evaluator)
     finally:
         run.close_stream()
         metrics.close()
 
 
-def run_elastic(run: Run, run_dir: Path, checkpointer, stop, sample_log) -> dict:
+def run_elastic(run: Run, run_dir: Path, checkpointer, stop, sample_log, evaluator=None) -> dict:
     """Horovod elastic: workers may leave (and join) mid-run. The model, optimizer and progress
     counters are committed every elastic.commit_every steps; after a reset, the plan (accumulation,
     LR) is recomputed for the new worker count and the data stream restarts at the committed global
@@ -259,7 +266,7 @@ def run_elastic(run: Run, run_dir: Path, checkpointer, stop, sample_log) -> dict
                 elastic_state.step, elastic_state.samples_seen = progress.step, progress.samples_seen
                 elastic_state.commit()  # Horovod: also where a host change is noticed
 
-        return train_once(run, run_dir, checkpointer, stop, sample_log, after_step=commit)
+        return train_once(run, run_dir, checkpointer, stop, sample_log, after_step=commit, evaluator=evaluator)
 
     return dist.elastic_run(once, {"model": run.model, "optimizer": run.optimizer, "step": state.step,
                                    "samples_seen": state.samples_seen}, on_reset)

@@ -184,15 +184,19 @@ def run_step(run: "Run", guard: StepGuard, dist: Distributed | None = None) -> S
 
 
 def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample_log=None,
-          after_step: Callable[[TrainState], None] | None = None) -> dict:
+          after_step: Callable[[TrainState], None] | None = None, evaluator=None) -> dict:
     """Run optimizer steps on `run.stream` until the plan's max_steps (or an agreed stop); log every
-    train.log_every steps, checkpoint through `checkpointer`. Returns a summary."""
+    train.log_every steps, checkpoint through `checkpointer`. Returns a summary.
+
+    `evaluator` (evaluate.Evaluator): at the steps it is due, the held-out figures join that step's
+    metrics record (a step that evaluates is always logged)."""
     cfg, plan, state, precision = run.recipe.train, run.plan, run.state, run.precision
     run.model.train()
     guard = StepGuard(stop)
     window = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
     window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
     run_start, first_step, last_record, bad_steps, stopped = time.perf_counter(), state.step, None, 0, ""
+    last_eval: dict = {}
     while state.step < plan.max_steps:
         result = run_step(run, guard)
         data_wait_seconds += result.data_wait_seconds
@@ -203,9 +207,13 @@ def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample
         window_steps += 1
         metrics.advance(1)
 
-        if state.step % cfg.log_every == 0 or state.step == plan.max_steps or guard.stop_agreed:
+        evaluate_now = evaluator is not None and evaluator.due(state.step, plan.max_steps)
+        if state.step % cfg.log_every == 0 or state.step == plan.max_steps or guard.stop_agreed or evaluate_now:
             last_record = log_window(run, window, window_steps, time.perf_counter() - window_start,
                                      data_wait_seconds, result.lr)
+            if evaluate_now:
+                last_eval = evaluator.evaluate(run)
+                last_record.update(last_eval)
             metrics.log(last_record)
             window.zero_()
             window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
@@ -232,6 +240,7 @@ def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample
         "mean_seq_per_s": (state.step - first_step) * plan.global_batch_size / seconds if seconds > 0 else 0.0,
         "stopped_by": stopped,
         "scaler_skipped_steps": precision.skipped_steps,
+        "eval": last_eval,  # the last held-out figures, if any
     }
 
 

@@ -5,6 +5,8 @@
     DATA_DIR/shard-00000.arrow columns: input_ids (fixed-size list), and for the nsp format
                                token_type_ids and next_sentence_label; word_start when the
                                input came with its own word segmentation (whole-word masking)
+    DATA_DIR/validation/       with --validation-fraction: the held-out documents, the same layout
+                               (own manifest, a copy of the tokenizer), named in manifest.json
 
 A directory is written under a temporary name and renamed when complete (`publish_directory`), so
 an interrupted preparation never leaves anything that looks valid. Shards are memory-mapped for
@@ -56,6 +58,8 @@ class Manifest:
     word_segmented: bool = False  # a word_start column carries the input's own word segmentation
     invalid_utf8_lines: int = 0  # input lines whose non-UTF-8 bytes were replaced by U+FFFD
     lowercase: bool = True
+    validation_fraction: float = 0.0  # of the input's documents held out (by content hash)
+    validation_dir: str = ""  # the held-out split, prepared alike, relative to this directory
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,241 @@
+"""Held-out evaluation: masked-LM loss, accuracy and perplexity (and NSP accuracy) of a model.
+
+    python -m hvdbert.evaluate --run RUN_DIR [--checkpoint DIR] [--data DIR] [--json FILE]
+    horovodrun -np N python -m hvdbert.evaluate ...     (the same figures, the work split N ways)
+
+The held-out sequences (DATA_DIR/validation from `prepare --validation-fraction`, or a directory
+prepared with the same tokenizer) are masked once, as a pure function of (eval.seed, sequence):
+every evaluation, in a run or of any checkpoint, sees the same masks, so a curve compares like with
+like. Sequences are cut into micro-batches of batch.micro_batch_size in a fixed order and micro-batch
+b goes to rank b mod N: each micro-batch holds the same sequences for any worker count, and the
+per-rank sums meet in one allreduce, so the figure does not depend on N. The model runs with dropout
+off and no random number is drawn: training goes on exactly as it would have without evaluation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hvdbert.config import EvalConfig, Recipe, recipe_from_tree
+from hvdbert.data.loader import permute
+from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
+from hvdbert.data.shards import PreparedData
+from hvdbert.data.split import VALIDATION_DIR
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.model import pretraining_loss
+
+log = logging.getLogger("hvdbert")
+
+# Summed on each rank, reduced in one allreduce.
+EVAL_STATS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "sequences")
+
+
+class HeldOut:
+    """The held-out sequences of every evaluation and their masks, fixed once."""
+
+    def __init__(self, data: PreparedData, cfg: EvalConfig, micro_batch_size: int):
+        self.data = data
+        n = len(data)
+        take = n if cfg.max_sequences == 0 else min(n, cfg.max_sequences)
+        # A fixed subset spread over the whole held-out set (not its first documents), in index order.
+        self.samples = np.sort(permute(np.arange(n), n, cfg.seed, 0)[:take])
+        self.micro_batches = [self.samples[i:i + micro_batch_size] for i in range(0, take, micro_batch_size)]
+        special = data.manifest.special_token_ids
+        seq_len = data.manifest.seq_len
+        self.seed = cfg.seed
+        # No cap below mask_prob: every chosen position is predicted (max_predictions covers them all).
+        self.rule = MaskingRule(mask_prob=cfg.mask_prob, max_predictions=max(1, math.ceil(seq_len * cfg.mask_prob)),
+                                mask_id=special["mask"], vocab_size=data.manifest.vocab_size,
+                                special_ids=(special["pad"], special["cls"], special["sep"]))
+        self.unigram_entropy = self._unigram_entropy()
+
+    def batch(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
+        rows = self.data.get(samples)
+        rows.pop("word_start", None)
+        if self.data.has_nsp:
+            rows["attention_mask"] = (rows["input_ids"] != self.data.manifest.special_token_ids["pad"]).astype(np.int64)
+        masked = mask_tokens(rows["input_ids"], samples, 0, self.seed, self.rule)
+        return {name: torch.from_numpy(value) for name, value in {**rows, **masked}.items()}
+
+    def _unigram_entropy(self) -> float:
+        """Entropy (nats) of the masked tokens' own frequencies: the loss of a model that ignores the
+        context and predicts the held-out token frequencies. A loss near it has learned no context."""
+        labels = np.concatenate([self.batch(b)["masked_labels"].numpy().ravel() for b in self.micro_batches])
+        counts = np.bincount(labels[labels != IGNORE_INDEX])
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+    def owned(self, rank: int, size: int) -> list[np.ndarray]:
+        return self.micro_batches[rank::size]
+
+
+def evaluate(model: torch.nn.Module, held_out: HeldOut, dist, device: torch.device, autocast) -> dict:
+    """The held-out figures of `model` (a BertForPreTraining); every rank calls it and gets them all.
+    `autocast` is a context factory (train.Precision.autocast). The model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()  # dropout off
+    sums = torch.zeros(len(EVAL_STATS), dtype=torch.float64, device=device)
+    try:
+        with torch.no_grad():
+            for samples in held_out.owned(dist.rank, dist.size):
+                batch = {k: v.to(device) for k, v in held_out.batch(samples).items()}
+                with autocast():
+                    out = pretraining_loss(model, batch)
+                count = out.mlm_count.double()
+                sums += torch.stack([
+                    out.mlm_loss.double() * count, out.mlm_correct.double(), count,
+                    out.nsp_loss.double() * len(samples) if out.nsp_loss is not None else sums.new_zeros(()),
+                    out.nsp_correct.double() if out.nsp_correct is not None else sums.new_zeros(()),
+                    sums.new_tensor(float(len(samples))),
+                ])
+    finally:
+        model.train(was_training)
+    total = dict(zip(EVAL_STATS, dist.allreduce_sum(sums, name="eval").tolist()))
+    loss = total["mlm_loss_sum"] / max(total["mlm_count"], 1.0)
+    record = {
+        "eval_loss": loss,
+        "eval_mlm_accuracy": total["mlm_correct"] / max(total["mlm_count"], 1.0),
+        "eval_perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "eval_sequences": int(total["sequences"]),
+        "eval_masked_tokens": int(total["mlm_count"]),
+        "eval_unigram_entropy": held_out.unigram_entropy,
+    }
+    if held_out.data.has_nsp and "next_sentence_label" in held_out.batch(held_out.micro_batches[0][:1]):
+        record["eval_nsp_loss"] = total["nsp_loss_sum"] / max(total["sequences"], 1.0)
+        record["eval_nsp_accuracy"] = total["nsp_correct"] / max(total["sequences"], 1.0)
+    return record
+
+
+@dataclass
+class Evaluator:
+    """When a run evaluates (eval.every_steps, eval.at_end) and on what."""
+
+    cfg: EvalConfig
+    held_out: HeldOut
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return ((self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0)
+                or (self.cfg.at_end and step == max_steps))
+
+    def evaluate(self, run) -> dict:
+        return evaluate(run.model, self.held_out, run.dist, run.device, run.precision.autocast)
+
+
+def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Recipe, where: str) -> PreparedData:
+    """The held-out data: `eval_dir`, else the training data's validation split; checked to share
+    the training data's tokenizer and to fit the model's positions. `where` names the flag."""
+    if eval_dir is None:
+        manifest = train_data.manifest
+        if not manifest.validation_dir:
+            raise UsageError(
+                f"{train_data.directory} has no held-out split (its manifest lists no validation directory) "
+                f"and no {where} was given, but the recipe asks for evaluation (eval.every_steps = "
+                f"{recipe.eval.every_steps}, eval.at_end = {str(recipe.eval.at_end).lower()}); prepare the data "
+                f"with --validation-fraction 0.05, pass {where} DIR, or set eval.every_steps=0 and eval.at_end=false")
+        eval_dir = train_data.directory / manifest.validation_dir
+    data = PreparedData(eval_dir)
+    if data.manifest.tokenizer_sha256 != train_data.manifest.tokenizer_sha256:
+        raise UsageError(
+            f"{where} {eval_dir}: prepared with another tokenizer (sha256 {data.manifest.tokenizer_sha256[:12]}) "
+            f"than the model's data ({train_data.manifest.tokenizer_sha256[:12]}); prepare it with "
+            f"--tokenizer {train_data.tokenizer_dir}")
+    positions = recipe.model_field("max_position_embeddings")
+    if data.manifest.seq_len > positions:
+        raise UsageError(f"{where} {eval_dir}: sequences of {data.manifest.seq_len} tokens exceed "
+                         f"model.max_position_embeddings = {positions}; prepare it with --seq-len {positions}")
+    return data
+
+
+def build_evaluator(eval_dir: Path | None, run) -> Evaluator | None:
+    """The run's evaluator, or None when the recipe asks for no evaluation."""
+    recipe = run.recipe
+    if not recipe.eval.requested:
+        return None
+    data = open_eval_data(eval_dir, run.data, recipe, "--eval-data")
+    return Evaluator(recipe.eval, HeldOut(data, recipe.eval, recipe.batch.micro_batch_size))
+
+
+def summary_text(record: dict) -> str:
+    """The held-out part of a final summary line."""
+    text = (f"held-out loss {record['eval_loss']:.4f}, perplexity {record['eval_perplexity']:.2f}, "
+            f"MLM accuracy {record['eval_mlm_accuracy']:.4f} ({record['eval_sequences']} sequences, "
+            f"unigram entropy {record['eval_unigram_entropy']:.4f})")
+    if "eval_nsp_accuracy" in record:
+        text += f", NSP accuracy {record['eval_nsp_accuracy']:.4f}"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+
+
+def recipe_of_checkpoint(found) -> Recipe:
+    """The recipe a checkpoint was trained with (its recipe.json), validated as any recipe."""
+    from dataclasses import fields
+
+    sections = {f.name for f in fields(Recipe)} - {"source"}
+    tree = {k: v for k, v in found.recipe.items() if k in sections and isinstance(v, dict)}
+    return recipe_from_tree(tree, str(found.path / "recipe.json"))
+
+
+@cli_entry("hvdbert.evaluate")
+def main(argv: list[str] | None = None) -> int:
+    from hvdbert import checkpoint
+    from hvdbert.dist import init_distributed
+    from hvdbert.model import build_model
+    from hvdbert.run import choose_device
+    from hvdbert.train import Precision
+
+    parser = ArgumentParser(prog="python -m hvdbert.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="run directory (hvdbert.pretrain --output)")
+    parser.add_argument("--checkpoint", type=Path, help="evaluate this checkpoint (default: the run's newest)")
+    parser.add_argument("--data", type=Path, help="held-out data directory (default: the run's evaluation "
+                                                  "data, else its DATA_DIR/validation)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.checkpoint:
+        found = checkpoint.open_checkpoint(args.checkpoint)
+    else:
+        if not args.run.is_dir():
+            raise UsageError(f"--run {args.run} does not exist; pass a directory hvdbert.pretrain wrote")
+        found = checkpoint.latest_checkpoint(args.run)
+        if found is None:
+            raise UsageError(f"--run {args.run} holds no complete checkpoint under checkpoints/step-<N>")
+    recipe = recipe_of_checkpoint(found)
+    train_dir = Path(found.recipe.get("data_dir", ""))
+    eval_dir = args.data or (Path(found.recipe["eval_data_dir"]) if found.recipe.get("eval_data_dir") else None)
+    if not (train_dir / "manifest.json").is_file():
+        raise UsageError(f"{found.path}: its training data {train_dir} is gone; the held-out data must be "
+                         "checked against its tokenizer")
+    data = open_eval_data(eval_dir, PreparedData(train_dir), recipe, "--data")
+
+    dist = init_distributed(recipe.dist)
+    device = choose_device(dist, recipe.train.precision)
+    if device.type == "cpu":
+        torch.set_num_threads(recipe.dist.threads_per_worker)  # as in training: the same arithmetic
+    model = build_model(recipe.model, with_nsp=bool(found.recipe.get("with_nsp", False)))
+    checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
+    model.to(device)
+    record = evaluate(model, HeldOut(data, recipe.eval, recipe.batch.micro_batch_size), dist, device,
+                      Precision.create(recipe.train.precision, device).autocast)
+    record = {"checkpoint": str(found.path), "step": found.step, "eval_data": str(data.directory), **record}
+    if dist.rank == 0:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            temporary = args.json.with_name(args.json.name + ".tmp")
+            temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            temporary.replace(args.json)
+        print(f"hvdbert: {found.path} (step {found.step}) on {data.directory}: {summary_text(record)}", flush=True)
+    dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Held-out evaluation: the same figure for any worker count and from a checkpoint, and no effect on training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY, read_metrics, run_module
+from safetensors.torch import load_file
+
+PREPARE = ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64", "--vocab-size", "1500"]
+SHORT = ["--recipe", str(TINY), "--set", "train.progress_bar=false", "--set", "train.max_steps=4",
+         "--set", "checkpoint.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, hvdbert_env) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "data"
+    run_module("hvdbert.prepare", [*PREPARE, "--validation-fraction", "0.1", "--output", str(out)], hvdbert_env,
+               timeout=300)
+    return out
+
+
+def test_same_figure_for_one_and_two_workers_and_in_the_run(tmp_path, hvdbert_env, data):
+    run_dir = tmp_path / "run"
+    result = run_module("hvdbert.pretrain", [*SHORT, "--data", str(data), "--output", str(run_dir),
+                                             "--set", "eval.every_steps=2", "--set", "eval.max_sequences=64"],
+                        hvdbert_env, np=2, launcher="gloo", timeout=400)
+    in_run = {row["step"]: row for row in read_metrics(run_dir) if "eval_loss" in row}
+    assert sorted(in_run) == [2, 4]
+    assert in_run[2]["eval_sequences"] == 64 and in_run[4]["eval_loss"] < in_run[2]["eval_loss"]
+    assert in_run[2]["eval_perplexity"] == pytest.approx(2.718281828459045 ** in_run[2]["eval_loss"])
+    assert "held-out loss" in result.stdout and "perplexity" in result.stdout
+    checkpoint = run_dir / "checkpoints" / "step-2"
+    args = ["--run", str(run_dir), "--checkpoint", str(checkpoint)]
+    run_module("hvdbert.evaluate", [*args, "--json", str(tmp_path / "one.json")], hvdbert_env, timeout=200)
+    run_module("hvdbert.evaluate", [*args, "--json", str(tmp_path / "two.json")], hvdbert_env, np=2,
+               launcher="gloo", timeout=200)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["step"] == 2 and one["eval_sequences"] == two["eval_sequences"] == 64
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6, abs=1e-6)
+    assert one["eval_loss"] == pytest.approx(in_run[2]["eval_loss"], rel=1e-6, abs=1e-6)
+    assert one["eval_mlm_accuracy"] == pytest.approx(in_run[2]["eval_mlm_accuracy"], abs=1e-9)
+
+
+def test_evaluation_leaves_training_untouched(tmp_path, hvdbert_env, data):
+    runs = {}
+    for name, extra in (("plain", []), ("evaluated", ["--set", "eval.every_steps=1", "--set", "eval.at_end=true"])):
+        run_dir = tmp_path / name
+        run_module("hvdbert.pretrain", [*SHORT, "--data", str(data), "--output", str(run_dir),
+                                        "--set", "train.log_every=1", "--set", "eval.max_sequences=32", *extra],
+                   hvdbert_env, timeout=400)
+        runs[name] = run_dir
+    plain, evaluated = read_metrics(runs["plain"]), read_metrics(runs["evaluated"])
+    assert all("eval_loss" in row for row in evaluated) and not any("eval_loss" in row for row in plain)
+    assert [row["loss"] for row in evaluated] == [row["loss"] for row in plain]  # bit for bit
+    weights = [load_file(str(runs[n] / "checkpoints" / "step-4" / "model.safetensors")) for n in runs]
+    assert all(bool((weights[0][k] == weights[1][k]).all()) for k in weights[0])
+
+
+def test_refusals_are_one_line_and_write_nothing(tmp_path, hvdbert_env, data):
+    bare = tmp_path / "bare"  # the same tokenizer, no held-out split
+    run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--tokenizer", str(data / "tokenizer"),
+                                   "--output", str(bare)], hvdbert_env, timeout=300)
+    other = tmp_path / "other"  # another tokenizer
+    run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--vocab-size", "600",
+                                   "--output", str(other)], hvdbert_env, timeout=300)
+    cases = [
+        (["--data", str(bare), "--set", "eval.at_end=true"], "has no held-out split"),
+        (["--data", str(data), "--eval-data", str(other), "--set", "eval.every_steps=2"], "another tokenizer"),
+    ]
+    for extra, message in cases:
+        run_dir = tmp_path / "run"
+        result = run_module("hvdbert.pretrain", [*SHORT, "--output", str(run_dir), *extra], hvdbert_env,
+                            timeout=200, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+        assert not run_dir.exists()
+    # --eval-data with the same tokenizer is taken
+    ok = tmp_path / "ok"
+    run_module("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", str(data), "--eval-data", str(bare),
+                                    "--set", "eval.at_end=true", "--output", str(ok)], hvdbert_env, timeout=300)
+    last = read_metrics(ok)[-1]
+    assert last["step"] == 2 and last["eval_sequences"] > 0
+    assert json.loads((ok / "recipe.json").read_text())["eval_data_dir"] == str(bare)
