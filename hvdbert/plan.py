@@ -38,6 +38,9 @@ class Plan:
     reference_workers: int
     decay_power: float
     end_lr: float
+    schedule: str = "polynomial"  # optim.schedule
+    decay_steps: int = 0  # wsd: the decaying tail of max_steps
+    decay_shape: str = "linear"  # wsd: optim.decay_shape
 
     @property
     def tokens_per_step(self) -> int:
@@ -75,7 +78,8 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
                 f"{workers}); worker counts that work nearby: {_workable_counts(micro_batches, workers)}"
             )
         return _plan(recipe, workers, batch.global_batch_size, micro_batches // workers, optim.lr,
-                     recipe.train.max_steps, _warmup(optim.warmup_proportion, recipe.train.max_steps))
+                     recipe.train.max_steps, _warmup(optim.warmup_proportion, recipe.train.max_steps),
+                     _warmup(optim.decay_proportion, recipe.train.max_steps))
 
     # per-worker: the reference accumulation stays, the global batch grows with the workers
     if micro_batches % batch.reference_workers:
@@ -89,8 +93,9 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
     lr = optim.lr * {"none": 1.0, "linear": factor, "sqrt": math.sqrt(factor)}[optim.lr_scaling]
     max_steps = max(1, math.ceil(recipe.train.max_steps / factor))
     warmup_steps = math.ceil(_warmup(optim.warmup_proportion, recipe.train.max_steps) / factor)
+    decay_steps = min(max_steps - warmup_steps, math.ceil(_warmup(optim.decay_proportion, recipe.train.max_steps) / factor))
     global_batch = accumulation * batch.micro_batch_size * workers
-    return _plan(recipe, workers, global_batch, accumulation, lr, max_steps, warmup_steps)
+    return _plan(recipe, workers, global_batch, accumulation, lr, max_steps, warmup_steps, max(0, decay_steps))
 
 
 def _warmup(proportion: float, max_steps: int) -> int:
@@ -98,7 +103,7 @@ def _warmup(proportion: float, max_steps: int) -> int:
 
 
 def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, lr: float,
-          max_steps: int, warmup_steps: int) -> Plan:
+          max_steps: int, warmup_steps: int, decay_steps: int) -> Plan:
     return Plan(
         workers=workers,
         global_batch_size=global_batch,
@@ -114,6 +119,9 @@ def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, lr
         reference_workers=recipe.batch.reference_workers,
         decay_power=recipe.optim.decay_power,
         end_lr=recipe.optim.end_lr,
+        schedule=recipe.optim.schedule,
+        decay_steps=decay_steps if recipe.optim.schedule == "wsd" else 0,
+        decay_shape=recipe.optim.decay_shape,
     )
 
 
