@@ -155,6 +155,18 @@ def test_wsd_warmup_and_decay_together_beyond_the_run_is_refused():
         load_recipe(BASE, ["optim.warmup_proportion=0.5", "optim.decay_proportion=0.6"])
 
 
+def test_flops_count_geglu_sliding_windows_and_the_gathered_head():
+    from hvdbert.bench.flops import training_flops_per_sequence
+
+    fields = load_recipe(RECIPES / "tiny-modernbert.toml").model  # H 128, I 256, 3 layers, window 32, V 4096
+    H, I, V, S = 128, 256, 4096, 64
+    weights = 6 * (4 * H * H + 3 * H * I) * S  # per layer: Wqkv + Wo, GeGLU's Wi (2I) + Wo
+    keys = {"full_attention": S, "sliding_attention": 2 * (32 // 2) + 1}  # layer 0 global, 1-2 sliding
+    attention = 12 * H * S * (keys["full_attention"] + 2 * keys["sliding_attention"])
+    head = 6 * (H * H + H * V) * 20
+    assert training_flops_per_sequence(fields, S, 20) == 3 * weights + attention + head
+
+
 # ------------------------------------------------------------------------------------------------
 # Real runs
 
