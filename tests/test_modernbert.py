@@ -133,8 +133,28 @@ def test_gather_first_loss_equals_transformers_masked_lm_loss():
         ours = pretraining_loss(model, {"input_ids": input_ids, "masked_positions": positions, "masked_labels": labels})
         dense_labels = torch.full_like(input_ids, -100).scatter(1, positions, labels)
         theirs = model(input_ids=input_ids, labels=dense_labels).loss
+    assert model.config._attn_implementation == "sdpa"  # on CPU, and wherever flash-attn is missing
     assert int(ours.mlm_count) == 7
     assert abs(float(ours.mlm_loss) - float(theirs)) < 1e-5
+
+
+def test_checkpoint_compatibility_knows_the_family_and_the_context_phase(tmp_path):
+    main = load_recipe(BASE).model
+    context = load_recipe(RECIPES / "modernbert-base-context.toml").model
+    saved = checkpoint.Checkpoint(tmp_path, {"tokenizer_sha256": "t"}, {"model": main})
+    checkpoint.check_compatible(saved, main, "t")
+    # The context phase starts from the main phase: longer positions and a larger global RoPE theta.
+    checkpoint.check_compatible(saved, context, "t", allow_longer_positions=True)
+    with pytest.raises(UsageError, match="model.global_rope_theta = 10000.0 there, 160000.0 here"):
+        checkpoint.check_compatible(saved, context, "t")  # --resume: the same model only
+    with pytest.raises(UsageError, match="it can only grow"):
+        longer = checkpoint.Checkpoint(tmp_path, {}, {"model": context})
+        checkpoint.check_compatible(longer, main, "t", allow_longer_positions=True)
+    bert = load_recipe(RECIPES / "tiny.toml").model  # saved before model.architecture existed
+    old_bert = checkpoint.Checkpoint(tmp_path, {}, {"model": bert})
+    checkpoint.check_compatible(old_bert, {**bert, "architecture": "bert"}, "t")
+    with pytest.raises(UsageError, match="model.architecture = 'bert' there, 'modernbert' here"):
+        checkpoint.check_compatible(old_bert, main, "t")
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_as_one_minus_sqrt():
