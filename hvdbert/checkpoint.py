@@ -295,7 +295,8 @@ class Checkpointer:
                 "world_size": self.run.dist.size, "global_batch_size": plan.global_batch_size,
                 "accumulation_steps": plan.accumulation_steps,
                 "lr_schedule": {"note": "lr is a function of step (optim.lr_at)", **{
-                    k: getattr(plan, k) for k in ("lr", "warmup_steps", "max_steps", "decay_power", "end_lr")}},
+                    k: getattr(plan, k) for k in ("lr", "warmup_steps", "max_steps", "decay_power", "end_lr", "schedule",
+                                                "decay_steps", "decay_shape")}},
                 "scaler_skipped_steps": self.run.precision.skipped_steps,
                 "tokenizer_sha256": self.resolved_recipe["tokenizer_sha256"]}
 

@@ -38,7 +38,8 @@ class Plan:
     reference_workers: int
     decay_power: float
     end_lr: float
-    schedule: str = "polynomial"  # optim.schedule
+    # optim.schedule and its wsd tail; a Plan built without them (as before wsd existed) is polynomial
+    schedule: str = "polynomial"
     decay_steps: int = 0  # wsd: the decaying tail of max_steps
     decay_shape: str = "linear"  # wsd: optim.decay_shape
 
