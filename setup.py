@@ -11,6 +11,6 @@ setup(
     description="BERT pretraining with Horovod: scaled recipes, exact resume, elastic training",
     packages=find_packages(include=["hvdbert", "hvdbert.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "transformers", "datasets", "tokenizers", "safetensors", "tqdm", "numpy"],
+    install_requires=["torch", "transformers", "datasets", "tokenizers", "safetensors", "tqdm", "numpy", "torch-optimi"],
     extras_require={"horovod": ["horovod"], "mpi": ["mpi4py"]},
 )

@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hvdbert import families
 from hvdbert.errors import UsageError
 from hvdbert.files import file_sha256, fsync_path, write_failure
 
@@ -254,18 +255,21 @@ def holds_state(directory: Path, state) -> bool:
 
 def check_compatible(checkpoint: Checkpoint, model_fields: dict, tokenizer_sha256: str,
                      allow_longer_positions: bool = False) -> None:
-    """Refuse a checkpoint of another model shape or vocabulary (one line, naming the differences)."""
-    saved = checkpoint.recipe.get("model", {})
+    """Refuse a checkpoint of another model family, shape or vocabulary (one line, naming the
+    differences). With allow_longer_positions (a later phase's checkpoint.init_from), the family's
+    phase fields may differ: longer context and, for ModernBERT, its RoPE thetas."""
+    saved, model_fields = families.same_model(checkpoint.recipe.get("model", {}), model_fields)
+    phase_fields = families.family_of(model_fields).phase_fields if allow_longer_positions else ()
     keys = sorted(set(saved) | set(model_fields))
-    differ = [k for k in keys if saved.get(k) != model_fields.get(k)
-              and not (allow_longer_positions and k == "max_position_embeddings")]
+    differ = [k for k in keys if saved.get(k) != model_fields.get(k) and k not in phase_fields]
     if differ:
         listed = ", ".join(f"model.{k} = {saved.get(k)!r} there, {model_fields.get(k)!r} here" for k in differ)
         raise UsageError(f"checkpoint {checkpoint.path} is of a different model: {listed}; "
                          "use the recipe it was trained with")
     if allow_longer_positions:
-        old = saved.get("max_position_embeddings", 512)
-        new = model_fields.get("max_position_embeddings", 512)
+        default = families.config_fields(families.family_of(model_fields))["max_position_embeddings"]
+        old = saved.get("max_position_embeddings", default)
+        new = model_fields.get("max_position_embeddings", default)
         if new < old:
             raise UsageError(f"checkpoint.init_from {checkpoint.path} has {old} position embeddings but "
                              f"model.max_position_embeddings = {new}; it can only grow")
@@ -284,7 +288,7 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     own = model.state_dict()
     for name, tensor in weights.items():
         if name not in own:
-            raise CorruptCheckpoint(f"{source}: unexpected tensor {name}: not a BertForPreTraining of this shape")
+            raise CorruptCheckpoint(f"{source}: unexpected tensor {name}: not a {type(model).__name__} of this shape")
         target = own[name]
         if name == POSITION_EMBEDDINGS and extend_positions and tensor.shape[0] < target.shape[0]:
             with torch.no_grad():
@@ -361,7 +365,8 @@ class Checkpointer:
                 "world_size": self.run.dist.size, "global_batch_size": plan.global_batch_size,
                 "accumulation_steps": plan.accumulation_steps,
                 "lr_schedule": {"note": "lr is a function of step (optim.lr_at)", **{
-                    k: getattr(plan, k) for k in ("lr", "warmup_steps", "max_steps", "decay_power", "end_lr")}},
+                    k: getattr(plan, k) for k in ("lr", "warmup_steps", "max_steps", "decay_power", "end_lr", "schedule",
+                                                "decay_steps", "decay_shape")}},
                 "scaler_skipped_steps": self.run.precision.skipped_steps,
                 "tokenizer_sha256": self.resolved_recipe["tokenizer_sha256"]}
 

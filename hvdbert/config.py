@@ -1,8 +1,9 @@
 """Recipes: TOML files with inheritance, `--set` overrides and strict validation.
 
 Every default lives here, once, in the dataclasses below. A recipe names sections (`[train]`,
-`[batch]`, ...) whose keys must be fields of the matching dataclass; `[model]` takes the keyword
-arguments of transformers' `BertConfig`. Unknown keys and wrong types are rejected with a message
+`[batch]`, ...) whose keys must be fields of the matching dataclass; `[model]` takes
+`architecture` (`bert`, the default, or `modernbert`: hvdbert/families.py) and the keyword arguments
+of that family's transformers config class (`BertConfig`, `ModernBertConfig`). Unknown keys and wrong types are rejected with a message
 naming the file, the key and what would be valid.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from hvdbert import families
 from hvdbert.errors import UsageError
 
 
@@ -57,7 +59,9 @@ class BatchConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = choice("lamb", "adamw")
+    # stableadamw: torch-optimi's StableAdamW with lr-decoupled weight decay, as ModernBERT trains
+    # (AnswerDotAI/ModernBERT main.py, optimizer name decoupled_stableadamw)
+    name: str = choice("lamb", "adamw", "stableadamw")
     lr: float = positive(1e-3)  # peak learning rate at reference_global_batch_size
     # The global batch optim.lr belongs to. 0: the batch.global_batch_size the recipe files state, so a
     # `--set batch.global_batch_size=...` (or per-worker growth) derives a rate (load_recipe pins it).
@@ -65,14 +69,20 @@ class OptimConfig:
         0, lambda v: v >= 0, "must be 0 (the recipe's batch.global_batch_size) or more")
     # How the rate follows the global batch when it differs from the reference: sqrt (You et al. 2019,
     # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: sqrt for lamb,
-    # linear for adamw.
+    # linear for adamw and stableadamw.
     lr_scaling: str = choice("auto", "sqrt", "linear", "none")
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-6
     warmup_proportion: float = bounded(0.01, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")  # of max_steps
+    # polynomial: warmup, then decay to end_lr over the rest of max_steps (BERT).
+    # wsd: warmup, stable at lr, then decay to end_lr over the last decay_proportion of max_steps
+    # (warmup-stable-decay, the trapezoid ModernBERT trains with; Warner et al. 2024).
+    schedule: str = choice("polynomial", "wsd")
     decay_power: float = 1.0  # polynomial decay after warmup; 0.5 in NVIDIA's BERT recipes
+    decay_proportion: float = bounded(0.0, lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")  # wsd: of max_steps
+    decay_shape: str = choice("linear", "1-sqrt")  # wsd's decay: 1 - t or 1 - sqrt(t) over the tail
     end_lr: float = 0.0
 
 
@@ -141,15 +151,16 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    model: dict[str, Any] = field(default_factory=dict)  # BertConfig keyword arguments
+    # model.architecture (families.py) and that family's config keyword arguments (BertConfig's for bert)
+    model: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the recipe file this came from
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def model_field(self, name: str) -> Any:
-        """A BertConfig field as this recipe sets it, else BertConfig's own default."""
-        return self.model[name] if name in self.model else bert_config_fields()[name]
+        """A config field as this recipe sets it, else the family's config class's own default."""
+        return self.model[name] if name in self.model else families.config_fields(families.family_of(self.model))[name]
 
 
 _SECTION_CLASSES = {
@@ -166,10 +177,7 @@ _SECTION_CLASSES = {
 
 def bert_config_fields() -> dict[str, Any]:
     """The BertConfig keyword arguments a recipe's [model] may set, with their defaults."""
-    from transformers import BertConfig
-
-    parameters = inspect.signature(BertConfig.__init__).parameters.values()
-    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return families.config_fields(families.FAMILIES["bert"])
 
 
 def _valid_list(names) -> str:
@@ -305,13 +313,30 @@ def recipe_from_tree(tree: dict, where: str, origins: dict[str, str] | None = No
 
 def _validate_model(at, values: Any) -> dict[str, Any]:
     if not isinstance(values, dict):
-        raise UsageError(f"{at('model')}: model must be a table ([model]) of BertConfig fields")
-    known = bert_config_fields()
+        raise UsageError(f"{at('model')}: model must be a table ([model]) of model.architecture and its config fields")
+    architecture = values.get(families.ARCHITECTURE, families.DEFAULT_ARCHITECTURE)
+    if architecture not in families.FAMILIES:
+        raise UsageError(f"{at('model')}: model.architecture = {architecture!r} is not valid; "
+                         f"choose one of {', '.join(families.FAMILIES)}")
+    family = families.FAMILIES[architecture]
+    known = families.config_fields(family)
     model = {}
     for key, value in values.items():
+        if key == families.ARCHITECTURE:
+            model[key] = value
+            continue
         if key not in known:
-            raise _unknown(at(f"model.{key}"), f"model.{key}", [f"model.{k}" for k in known])
+            raise _unknown(at(f"model.{key}"), f"model.{key}", [f"model.{k}" for k in (families.ARCHITECTURE, *known)])
         model[key] = _check_type(at(f"model.{key}"), f"model.{key}", value, known[key])
+    from huggingface_hub.errors import StrictDataclassError  # transformers' config classes raise it
+
+    try:  # what the config class itself refuses (its own type and value checks), as one line
+        # (token ids: the data's tokenizer sets ModernBERT's later; any valid id checks the rest)
+        families.build_config(families.with_token_ids(model, {"pad": 0, "cls": 0, "sep": 0}))
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        first_line = str(error).strip().splitlines()
+        raise UsageError(f"{at('model')}: [model] is not a valid {family.config_class}: "
+                         f"{' '.join(line.strip() for line in first_line[:2])}") from None
     return model
 
 
@@ -320,8 +345,11 @@ def _check_model(recipe: Recipe, at) -> None:
     the key named, instead of as a traceback from deep inside transformers."""
     from transformers.activations import ACT2FN
 
+    fields = families.config_fields(families.family_of(recipe.model))  # what this family's config has
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "max_position_embeddings", "type_vocab_size"):
+        if name not in fields:
+            continue
         value = recipe.model_field(name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UsageError(f"{at('model.' + name)}: model.{name} = {value!r} must be an integer greater than 0")
@@ -333,17 +361,19 @@ def _check_model(recipe: Recipe, at) -> None:
         raise UsageError(f"{origin}: model.hidden_size = {hidden} is not a multiple of "
                          f"model.num_attention_heads = {heads}; each head takes hidden_size / "
                          f"num_attention_heads dimensions (e.g. hidden_size = {heads * max(1, hidden // heads)})")
-    activation = recipe.model_field("hidden_act")
-    if isinstance(activation, str) and activation not in ACT2FN:
-        raise UsageError(f"{at('model.hidden_act')}: model.hidden_act = {activation!r} is not valid; "
-                         f"choose one of {_valid_list(ACT2FN)}")
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        value = recipe.model_field(name)
-        if not 0.0 <= value < 1.0:
+    for name in ("hidden_act", "hidden_activation"):  # BertConfig's and ModernBertConfig's names
+        activation = recipe.model_field(name) if name in fields else None
+        if isinstance(activation, str) and activation not in ACT2FN:
+            raise UsageError(f"{at('model.' + name)}: model.{name} = {activation!r} is not valid; "
+                             f"choose one of {_valid_list(ACT2FN)}")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "mlp_dropout",
+                 "embedding_dropout"):
+        value = recipe.model_field(name) if name in fields else 0.0
+        if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
             raise UsageError(f"{at('model.' + name)}: model.{name} = {value} must be in [0, 1)")
-    if recipe.model_field("layer_norm_eps") <= 0:
-        raise UsageError(f"{at('model.layer_norm_eps')}: model.layer_norm_eps = "
-                         f"{recipe.model_field('layer_norm_eps')} must be greater than 0")
+    for name in ("layer_norm_eps", "norm_eps"):
+        if name in fields and recipe.model_field(name) <= 0:
+            raise UsageError(f"{at('model.' + name)}: model.{name} = {recipe.model_field(name)} must be greater than 0")
 
 
 def _check_ranges(recipe: Recipe, at) -> None:
@@ -357,6 +387,14 @@ def _check_ranges(recipe: Recipe, at) -> None:
                                  f"choose one of {', '.join(spec.metadata['choices'])}")
             if "valid" in spec.metadata and not spec.metadata["valid"](value):
                 raise UsageError(f"{at(dotted)}: {dotted} = {value} {spec.metadata['rule']}")
+    optim = recipe.optim
+    if optim.schedule == "wsd" and optim.warmup_proportion + optim.decay_proportion > 1.0:
+        raise UsageError(f"{at('optim.decay_proportion')}: optim.warmup_proportion + optim.decay_proportion = "
+                         f"{optim.warmup_proportion + optim.decay_proportion:g} exceeds 1; lower either")
+    family = families.family_of(recipe.model)
+    if recipe.data.format == "nsp" and not family.has_nsp:
+        raise UsageError(f"{at('data.format')}: data.format = nsp needs a next-sentence head, which model.architecture = "
+                         f"{family.name} does not have; use data.format = mlm (packed text)")
     positions = recipe.model_field("max_position_embeddings")
     if recipe.data.max_seq_len > positions:
         raise UsageError(

@@ -6,6 +6,8 @@ The newest complete checkpoint of RUN_DIR is exported unless --checkpoint names 
 offline with `AutoModelForMaskedLM.from_pretrained(HF_DIR)`, `pipeline("fill-mask", model=HF_DIR)`,
 and, when the run trained next-sentence prediction, `BertForPreTraining.from_pretrained(HF_DIR)`.
 MLM-only runs are written as BertForMaskedLM: their pooler and NSP head were never trained.
+ModernBERT runs (model.architecture = modernbert) are written as ModernBertForMaskedLM, the class
+they trained as, with the config naming their tokenizer's special token ids.
 """
 from __future__ import annotations
 
@@ -14,17 +16,24 @@ import shutil
 import sys
 from pathlib import Path
 
-from hvdbert import checkpoint
+from hvdbert import checkpoint, families
 from hvdbert.data.tokenizer import load_tokenizer, tokenizer_hash
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.files import check_output_location
 
 
 def build_exported(found: checkpoint.Checkpoint):
-    """The transformers model holding `found`'s weights (BertForPreTraining or BertForMaskedLM)."""
-    from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+    """The transformers model holding `found`'s weights (BertForPreTraining, BertForMaskedLM or
+    ModernBertForMaskedLM)."""
+    from transformers import BertForMaskedLM, BertForPreTraining
 
-    config = BertConfig(**found.recipe["model"])
+    fields = found.recipe["model"]
+    config = families.build_config(fields)
+    if families.family_of(fields).name == "modernbert":  # trained as ModernBertForMaskedLM itself
+        model = families.model_class(fields)(config)
+        checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
+        model.config.architectures = [type(model).__name__]
+        return model.eval()
     pretraining = BertForPreTraining(config)
     checkpoint.load_weights(pretraining, found.weights(), found.path / checkpoint.WEIGHTS)
     if found.recipe.get("with_nsp", False):
@@ -56,8 +65,9 @@ def check_vocabulary(found: checkpoint.Checkpoint, tokenizer_dir: Path, tokenize
                      f"(sha256 {trained[:12]}); pass the prepared data's tokenizer (DATA_DIR/tokenizer)")
 
 
-def export(found: checkpoint.Checkpoint, tokenizer_dir: Path, output: Path) -> None:
-    """Write model and tokenizer to a temporary directory beside `output`, then rename it."""
+def export(found: checkpoint.Checkpoint, tokenizer_dir: Path, output: Path) -> str:
+    """Write model and tokenizer to a temporary directory beside `output`, then rename it; returns
+    the transformers class written."""
     if output.exists() and any(output.iterdir()):
         raise UsageError(f"--output {output} already exists and is not empty; choose a new directory")
     if not (tokenizer_dir / "tokenizer_config.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
@@ -77,6 +87,7 @@ def export(found: checkpoint.Checkpoint, tokenizer_dir: Path, output: Path) -> N
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    return type(model).__name__
 
 
 @cli_entry("hvdbert.export")
@@ -100,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                    else "it holds no checkpoint under checkpoints/step-<N>")
             raise UsageError(f"--run {args.run}: nothing to export: {why}")
     tokenizer_dir = args.tokenizer or Path(found.recipe.get("data_dir", "")) / "tokenizer"
-    export(found, tokenizer_dir, args.output)
-    kind = "BertForPreTraining" if found.recipe.get("with_nsp", False) else "BertForMaskedLM"
+    kind = export(found, tokenizer_dir, args.output)
     print(f"hvdbert: exported {found.path} (step {found.step}) to {args.output} as {kind} with its tokenizer")
     return 0
 

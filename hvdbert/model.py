@@ -1,9 +1,10 @@
-"""The model: transformers' BertForPreTraining, randomly initialised from the recipe.
+"""The model: transformers' BertForPreTraining or ModernBertForMaskedLM (model.architecture),
+randomly initialised from the recipe.
 
 The training forward pass runs the encoder and then the MLM head only at the masked positions
-(gather first): at 15% masking this skips most of the vocabulary projection, the largest single
-matrix multiply in BERT's head. The module's weights are exactly BertForPreTraining's, so export
-is `save_pretrained`.
+(gather first): at 15% (BERT) or 30% (ModernBERT) masking this skips most of the vocabulary
+projection, the largest single matrix multiply in the head. The module's weights are exactly the
+transformers class's, so export is `save_pretrained`.
 """
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForPreTraining
+from transformers import BertForPreTraining, ModernBertForMaskedLM
 
+from hvdbert import families
 from hvdbert.data.masking import IGNORE_INDEX
 
 
-def build_model(model_fields: dict, with_nsp: bool) -> BertForPreTraining:
-    config = BertConfig(**model_fields)
-    model = BertForPreTraining._from_config(config, attn_implementation="sdpa")
-    if not with_nsp:
+def build_model(model_fields: dict, with_nsp: bool, device_type: str = "cpu") -> torch.nn.Module:
+    config = families.build_config(model_fields)
+    model_class = families.model_class(model_fields)
+    model = model_class._from_config(config, attn_implementation=families.attention_implementation(device_type))
+    if isinstance(model, BertForPreTraining) and not with_nsp:
         # MLM-only data: the pooler and the next-sentence head get no gradient; freeze them so the
         # optimizer and Horovod's allreduce skip them. They are still saved, as BertForPreTraining's.
         for module in (model.bert.pooler, model.cls.seq_relationship):
@@ -38,18 +41,25 @@ class StepOutput:
     nsp_correct: torch.Tensor | None = None  # correctly predicted next-sentence labels (a count)
 
 
-def pretraining_loss(model: BertForPreTraining, batch: dict[str, torch.Tensor]) -> StepOutput:
+def _encode(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """The encoder's output for `batch`, and the MLM head (transform + vocabulary projection)."""
+    # Packed MLM sequences have no padding: no mask lets SDPA take its fastest kernel.
+    attention_mask = batch["attention_mask"] if "attention_mask" in batch else None
+    if isinstance(model, ModernBertForMaskedLM):  # no token types, no pooler
+        encoder = model.model(input_ids=batch["input_ids"], attention_mask=attention_mask)
+        return encoder, lambda hidden: model.decoder(model.head(hidden))
+    encoder = model.bert(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                         token_type_ids=batch.get("token_type_ids"))
+    return encoder, model.cls.predictions
+
+
+def pretraining_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
     with_nsp = "next_sentence_label" in batch
-    encoder = model.bert(
-        input_ids=batch["input_ids"],
-        # Packed MLM sequences have no padding: no mask lets SDPA take its fastest kernel.
-        attention_mask=batch["attention_mask"] if "attention_mask" in batch else None,
-        token_type_ids=batch.get("token_type_ids"),
-    )
+    encoder, mlm_head = _encode(model, batch)
     hidden = encoder.last_hidden_state
     positions = batch["masked_positions"]
     gathered = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
-    logits = model.cls.predictions(gathered).float()
+    logits = mlm_head(gathered).float()
     labels = batch["masked_labels"]
     mlm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX)
     valid = labels != IGNORE_INDEX
@@ -69,7 +79,7 @@ class PretrainingForward(torch.nn.Module):
     it exists so that a data-parallel wrapper which hooks `forward` (PyTorch DDP in the benchmark's
     peer) runs hvdbert's gather-first loss; Horovod leaves it as it is."""
 
-    def __init__(self, model: BertForPreTraining):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 

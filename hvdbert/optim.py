@@ -1,4 +1,5 @@
-"""Optimizers (LAMB, AdamW) and the learning-rate schedule (linear warmup, polynomial decay)."""
+"""Optimizers (LAMB, AdamW, StableAdamW) and the learning-rate schedules (linear warmup, then
+polynomial decay or warmup-stable-decay)."""
 from __future__ import annotations
 
 import math
@@ -100,6 +101,31 @@ def _init_adamw_state(optimizer: torch.optim.AdamW) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def _stable_adamw_class():
+    import optimi
+
+    class StableAdamW(optimi.StableAdamW):
+        """torch-optimi's StableAdamW (Wortsman et al. 2023: AdamW with AdaFactor's update clipping).
+        The lr default exists only because Horovod's DistributedOptimizer re-creates the optimizer
+        class from its param groups (which carry the lr) with no lr argument."""
+
+        def __init__(self, params, lr: float = 1e-3, **kwargs):
+            super().__init__(params, lr=lr, **kwargs)
+
+    return StableAdamW
+
+
+def _init_stable_adamw_state(optimizer) -> None:
+    # What optimi's StableAdamW._init_group does at its first step: the group's step counter (optimi
+    # keeps it per group) and each parameter's moments.
+    for group in optimizer.param_groups:
+        if not group["setup"]:
+            group["setup"] = True
+            group["step"] = torch.tensor(0, dtype=torch.int32)
+        for p in group["params"]:
+            optimizer._init_state(group, optimizer.state[p], p)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, plan: Plan) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
@@ -108,6 +134,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, plan: Plan) -> tor
     on_cuda = next(model.parameters()).is_cuda
     for group in groups:
         group.pop("trust_ratio")
+    if cfg.name == "stableadamw":
+        # decouple_lr: the weight decay follows the schedule (lr / peak lr) but not the lr's size,
+        # as ModernBERT's decoupled_stableadamw (AnswerDotAI/ModernBERT main.py); its 1e-5 assumes it.
+        # triton=False: optimi's foreach path on CPU and GPU alike (triton is optional there).
+        return _stable_adamw_class()(groups, lr=plan.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                     decouple_lr=True, max_lr=plan.lr, foreach=True, triton=False)
     return torch.optim.AdamW(groups, lr=plan.lr, betas=betas, eps=cfg.eps,
                              fused=on_cuda, foreach=None if on_cuda else True)
 
@@ -118,14 +150,24 @@ def init_state(optimizer: torch.optim.Optimizer) -> None:
     advancing Adam's step count and applying weight decay once)."""
     if isinstance(optimizer, Lamb):
         optimizer.init_state()
+    elif "setup" in optimizer.defaults:  # optimi's optimizers
+        _init_stable_adamw_state(optimizer)
     else:
         _init_adamw_state(optimizer)
 
 
 def lr_at(step: int, plan: Plan) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then polynomial decay."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then polynomial decay, or
+    (wsd) the peak until the last plan.decay_steps, which decay linearly or as 1 - sqrt."""
     if step < plan.warmup_steps:
         return plan.lr * (step + 1) / plan.warmup_steps
+    if plan.schedule == "wsd":
+        decay_start = plan.max_steps - plan.decay_steps
+        if step < decay_start:
+            return plan.lr
+        done = min(1.0, (step + 1 - decay_start) / plan.decay_steps)
+        remaining = 1.0 - (math.sqrt(done) if plan.decay_shape == "1-sqrt" else done)
+        return plan.end_lr + (plan.lr - plan.end_lr) * remaining
     decay_steps = max(1, plan.max_steps - plan.warmup_steps)
     remaining = max(0.0, 1.0 - (step - plan.warmup_steps) / decay_steps)
     return plan.end_lr + (plan.lr - plan.end_lr) * remaining**plan.decay_power

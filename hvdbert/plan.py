@@ -54,6 +54,10 @@ class Plan:
     reference_workers: int
     decay_power: float
     end_lr: float
+    # optim.schedule and its wsd tail; a Plan built without them (as before wsd existed) is polynomial
+    schedule: str = "polynomial"
+    decay_steps: int = 0  # wsd: the decaying tail of max_steps
+    decay_shape: str = "linear"  # wsd: optim.decay_shape
 
     @property
     def tokens_per_step(self) -> int:
@@ -145,6 +149,9 @@ def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, st
     warmup_steps = round(optim.warmup_proportion * train.max_steps)
     # LAMB's warmup keeps its steps (You et al. 2019); Goyal et al. keep its samples
     warmup_steps = min(warmup_steps, max_steps) if rule == "sqrt" else math.ceil(warmup_steps / steps_factor)
+    # warmup-stable-decay: the decay tail keeps its share of the samples, within what warmup leaves
+    decay_steps = max(0, min(max_steps - warmup_steps,
+                             math.ceil(round(optim.decay_proportion * train.max_steps) / steps_factor)))
     return Plan(
         workers=workers,
         global_batch_size=global_batch,
@@ -162,6 +169,9 @@ def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, st
         reference_workers=recipe.batch.reference_workers,
         decay_power=optim.decay_power,
         end_lr=optim.end_lr,
+        schedule=optim.schedule,
+        decay_steps=decay_steps if optim.schedule == "wsd" else 0,
+        decay_shape=optim.decay_shape,
     )
 
 

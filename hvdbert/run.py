@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from hvdbert import families
 from hvdbert.config import Recipe
 from hvdbert.data.loader import BatchStream, StreamLayout
 from hvdbert.data.masking import MaskingRule
@@ -101,7 +102,7 @@ class Run:
     device: torch.device
     data: PreparedData
     plan: Plan
-    model: torch.nn.Module  # BertForPreTraining: what checkpoints and export hold
+    model: torch.nn.Module  # BertForPreTraining | ModernBertForMaskedLM: what checkpoints and export hold
     forward: torch.nn.Module  # the training forward over `model`, as the distributed layer wraps it
     optimizer: torch.optim.Optimizer
     precision: Precision
@@ -156,7 +157,10 @@ def build_run(recipe: Recipe, data_dir: Path | None, dist: Distributed) -> Run:
         torch.set_num_threads(recipe.dist.threads_per_worker)  # one rank per core by default
     data = open_data(data_dir, recipe, dist)
     torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe.model, with_nsp=data.has_nsp).to(device)
+    # ModernBERT's token ids come from this run's tokenizer (families.with_token_ids); the resolved
+    # recipe, checkpoints and export then name them.
+    recipe.model = families.with_token_ids(recipe.model, data.manifest.special_token_ids)
+    model = build_model(recipe.model, with_nsp=data.has_nsp, device_type=device.type).to(device)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
                                     plan.accumulation_steps, recipe.dist.fp16_allreduce)
     init_state(optimizer)  # Horovod's wrapper is a new optimizer object: create its state here

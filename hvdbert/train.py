@@ -263,6 +263,8 @@ def log_window(run: "Run", window: torch.Tensor, window_steps: int, seconds: flo
         "accumulation_steps": plan.accumulation_steps,
         "seq_per_s": window_steps * plan.global_batch_size / seconds,
         "tokens_per_s": stat["tokens"] / seconds,
+        # real (non-padding) tokens of all the sequences' positions: 1.0 for packed MLM data
+        "real_token_fraction": stat["tokens"] / (micro * plan.micro_batch_size * plan.max_seq_len),
         "samples_seen": state.samples_seen,
         "data_wait_fraction": data_wait_seconds / seconds,
     }

@@ -63,8 +63,13 @@ def run_mlm_dataset(data_dir: Path, seq_len: int):
     return tokenizer, tokenized.map(group_texts, batched=True)
 
 
-def model_from_spec(spec: dict):
-    """transformers' BertForMaskedLM from the bench's model fields, as run_mlm.py's from_config."""
-    from transformers import AutoModelForMaskedLM, BertConfig
+def model_from_spec(spec: dict, tokenizer):
+    """transformers' BertForMaskedLM or ModernBertForMaskedLM (model.architecture) from the bench's
+    model fields, as run_mlm.py's from_config; ModernBERT's token ids are the tokenizer's, as in
+    hvdbert's own run."""
+    from transformers import AutoModelForMaskedLM
 
-    return AutoModelForMaskedLM.from_config(BertConfig(**spec["model"]))
+    from hvdbert import families
+
+    special = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
+    return AutoModelForMaskedLM.from_config(families.build_config(families.with_token_ids(spec["model"], special)))

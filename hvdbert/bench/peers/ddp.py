@@ -54,7 +54,7 @@ def main() -> int:
     peak_flops = matmul_peak_flops(device, probe_dtype(spec["precision"]))
     dist.barrier()
     torch.manual_seed(spec["seed"])
-    model = model_from_spec(spec).to(device)
+    model = model_from_spec(spec, tokenizer).to(device)
     ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(

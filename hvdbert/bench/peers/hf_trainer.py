@@ -31,7 +31,7 @@ def main() -> int:
     device = torch.device("cuda" if cuda else "cpu")
     peak_flops = matmul_peak_flops(device, probe_dtype(spec["precision"]))
     torch.manual_seed(spec["seed"])
-    model = model_from_spec(spec)
+    model = model_from_spec(spec, tokenizer)
     warmup, steps, micro = spec["warmup_steps"], spec["steps"], spec["micro_batch_size"]
 
     class StepClock(TrainerCallback):
