@@ -23,7 +23,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps at the reference worker count
     seed: int = 42
     log_every: int = 10  # steps between logged (and cross-rank averaged) metrics
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA: torch.amp GradScaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 scales the loss: torch.amp.GradScaler, CUDA or CPU)
     grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     progress_bar: bool = True  # tqdm bar on rank 0

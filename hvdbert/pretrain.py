@@ -67,9 +67,9 @@ def choose_device(dist: SingleProcess, precision: str) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
-    if precision == "fp16":
-        raise UsageError("train.precision = fp16 needs a CUDA GPU and none is available; "
-                         "use train.precision = bf16 or fp32 on CPU")
+    if not Precision.supported(precision, "cpu"):
+        raise UsageError(f"train.precision = {precision} needs a CUDA GPU, or a torch whose CPU autocast "
+                         f"supports it (this is torch {torch.__version__}); use train.precision = fp32")
     return torch.device("cpu")
 
 

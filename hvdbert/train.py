@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,8 +51,35 @@ class Precision:
 
     @classmethod
     def create(cls, name: str, device: torch.device) -> "Precision":
-        scaler = torch.amp.GradScaler("cuda") if name == "fp16" else None
+        # fp16's narrow exponent range needs loss scaling; torch has a GradScaler for CUDA and for CPU.
+        scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
         return cls(name, device, scaler)
+
+    @staticmethod
+    def supported(name: str, device_type: str) -> bool:
+        """Whether this torch runs `name` on `device_type`: autocast in that dtype (older torch
+        disables CPU autocast for float16 with a warning instead of failing) and, for fp16, a
+        GradScaler for the device."""
+        if name == "fp32":
+            return True
+        dtype = torch.bfloat16 if name == "bf16" else torch.float16
+        try:
+            if not torch.amp.is_autocast_available(device_type):
+                return False
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with torch.autocast(device_type=device_type, dtype=dtype):
+                    enabled = (torch.is_autocast_enabled(device_type)
+                               and torch.get_autocast_dtype(device_type) == dtype)
+        except AttributeError:  # a torch older than these queries (2.4): CPU autocast had bf16 only
+            return name == "bf16" and device_type == "cpu"
+        if not enabled or name != "fp16":
+            return enabled
+        try:
+            torch.amp.GradScaler(device_type)
+        except (RuntimeError, ValueError, TypeError):
+            return False
+        return True
 
     def autocast(self):
         if self.name == "fp32":
