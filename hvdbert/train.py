@@ -90,9 +90,14 @@ class Precision:
 
 class StepGuard:
     """Once per step, all ranks agree on two flags: stop now (a signal reached some rank) and this
-    step's loss is not finite (on some rank). The flags travel in an allreduce submitted right before
-    the gradients are awaited, so Horovod fuses it with them: no extra sync point, and every rank
-    takes the same decision in the same step (one rank leaving alone would hang the others)."""
+    step's loss is not finite (on some rank). Every rank takes the same decision in the same step
+    (one rank leaving alone would hang the others).
+
+    The flags' allreduce is submitted as soon as the step's last loss is known, before its backward
+    pass, so it completes while the backward runs and the gradients are reduced. Read after the
+    gradients, they are ready: the read is a copy of two numbers, not a wait (docs/performance.md
+    has the measurement). It stays a read every step because a non-finite step must be skipped
+    before the optimizer applies it, and a stop must happen in a step every rank agrees on."""
 
     def __init__(self, stop=None):
         self.stop = stop  # checkpoint.StopRequest, or None
@@ -106,7 +111,8 @@ class StepGuard:
         self._pending = dist.allreduce_sum_async(flags, name="step_flags")
 
     def collect(self, dist: SingleProcess) -> bool:
-        """Wait for the flags (a host sync); returns True when this step must not update the model."""
+        """The agreed flags (a host sync, after the gradients' own); returns True when this step
+        must not update the model."""
         stop, bad = dist.wait(self._pending).tolist()
         self.stop_agreed, self.bad_step = stop > 0, bad > 0
         return self.bad_step
@@ -140,16 +146,14 @@ def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], d
     """
     accumulation_steps = len(micro_batches)
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
+    # Asynchronous host-to-device copies only from pinned memory, which the stream pins on CUDA only.
+    non_blocking = precision.device.type == "cuda"
     for index, batch in enumerate(micro_batches):
-        batch = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items() if k != "sample_ids"}
+        batch = {k: v.to(precision.device, non_blocking=non_blocking) for k, v in batch.items() if k != "sample_ids"}
         if dropout_seeds is not None:
             torch.manual_seed(dropout_seeds[index])
         with precision.autocast():
             out = pretraining_loss(model, batch)
-        # Horovod sums the local passes of a step (backward_passes_per_step) before averaging across
-        # workers, so each pass contributes loss / accumulation_steps.
-        loss = out.loss / accumulation_steps
-        (precision.scaler.scale(loss) if precision.scaler else loss).backward()
         stats += torch.stack([
             out.loss.detach().double(), out.mlm_loss.detach().double(),
             out.nsp_loss.detach().double() if out.nsp_loss is not None else stats.new_zeros(()),
@@ -158,9 +162,14 @@ def train_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], d
             batch["attention_mask"].sum().double() if "attention_mask" in batch
             else stats.new_tensor(float(batch["input_ids"].numel())),
         ])
+        if guard is not None and index == accumulation_steps - 1:
+            # Every loss of the step is known: the flags' allreduce runs while the last backward does.
+            guard.submit(dist, stats[0])
+        # Horovod sums the local passes of a step (backward_passes_per_step) before averaging across
+        # workers, so each pass contributes loss / accumulation_steps.
+        loss = out.loss / accumulation_steps
+        (precision.scaler.scale(loss) if precision.scaler else loss).backward()
 
-    if guard is not None:
-        guard.submit(dist, stats[0])
     dist.synchronize(optimizer)  # gradients are averaged across workers from here on
     if guard is not None and guard.collect(dist):
         optimizer.zero_grad()  # a non-finite loss somewhere: skip the update on every rank
