@@ -52,7 +52,7 @@ from hvdbert.data.loader import BatchStream
 from hvdbert.data.shards import PreparedData
 from hvdbert.dist import SingleProcess, horovod_available, init_distributed
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
-from hvdbert.model import build_model, count_parameters
+from hvdbert.model import build_model, compile_model, count_parameters
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import make_plan
 from hvdbert.optim import lr_at, set_lr
@@ -610,13 +610,12 @@ def worker_main(args) -> int:
     dist = init_distributed(recipe.dist)
     logging.basicConfig(level=logging.WARNING, format=f"[rank {dist.rank}] %(message)s", force=True)
     setup = build(recipe, args.data, dist, args.warmup_steps + args.steps)
-    if args.compile:
-        # In place: parameter names (and so Horovod's allreduce names) stay those of the eager model.
-        setup.model.bert.compile()
-        setup.model.cls.predictions.compile()
+    compiled = args.compile or recipe.train.compile
+    if compiled:
+        compile_model(setup.model)
     try:
         record = measure(recipe, setup, args.warmup_steps, args.steps)
-        record["compiled"] = args.compile
+        record["compiled"] = compiled
     finally:
         setup.stream.close()
     if dist.rank == 0:

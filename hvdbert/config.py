@@ -27,6 +27,7 @@ class TrainConfig:
     grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     progress_bar: bool = True  # tqdm bar on rank 0
+    compile: bool = False  # torch.compile the encoder and the MLM head (model.compile_model)
 
 
 @dataclass

@@ -28,6 +28,15 @@ def build_model(model_fields: dict, with_nsp: bool) -> BertForPreTraining:
     return model
 
 
+def compile_model(model: BertForPreTraining) -> None:
+    """train.compile: torch.compile the encoder and the MLM head, the modules of every step's
+    forward and backward. In place (nn.Module.compile), so the parameter names, and with them
+    checkpoints, export and Horovod's allreduce names, stay those of the eager model. The first
+    step pays the compilation; batches have one shape per run, so nothing recompiles."""
+    model.bert.compile()
+    model.cls.predictions.compile()
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # what backward() sees: MLM (+ NSP) loss

@@ -28,7 +28,7 @@ from hvdbert.data.tokenizer import tokenizer_hash
 from hvdbert.dist import SingleProcess, init_distributed
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.metrics import NullMetrics, RunMetrics
-from hvdbert.model import build_model, count_parameters
+from hvdbert.model import build_model, compile_model, count_parameters
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import Plan, make_plan
 from hvdbert.prepare import builtin_cache_dir, prepare_builtin
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(recipe.train.seed)
     model = build_model(recipe.model, with_nsp=data.has_nsp).to(device)
+    if recipe.train.compile:
+        compile_model(model)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
                                     plan.accumulation_steps, recipe.dist.fp16_allreduce)
     init_state(optimizer)  # Horovod's wrapper is a new optimizer object: create its state here
