@@ -15,8 +15,9 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-devel-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-# GPU generations Horovod compiles its CUDA kernels for: V100, T4, A100, A10/A40, L4/L40, H100.
-ARG HOROVOD_CUDA_CC_LIST=70,75,80,86,89,90
+# Compute capabilities Horovod compiles its CUDA kernels for, comma-separated. Empty: the GPU
+# generations from V100 to Blackwell that this CUDA version compiles for (tools/build-horovod.sh).
+ARG HOROVOD_CUDA_CC_LIST=
 ARG USER_UID=1000
 # sshd runs as the non-root user, so it listens on a port above 1024.
 ARG SSH_PORT=2222
@@ -63,47 +64,14 @@ RUN torch_version="$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' requirements.txt)" \
 RUN grep -vE '^(torch|horovod)==' requirements.txt \
     | pip install -c /opt/venv/constraints.txt -r /dev/stdin
 
-# Horovod, compiled against this torch with NCCL for GPU tensor operations and both controllers.
-# - NCCL: the one that came with torch (the nvidia-nccl wheel: headers and library), so that one
-#   NCCL serves both; the build looks for libnccl.so, the wheel ships libnccl.so.2.
-# - C++17: Horovod's last release compiles its PyTorch extension with -std=c++14, but torch >= 2.1 headers
-#   need C++17. gcc honours the last -std flag, so CXX is a wrapper that appends -std=c++17
-#   (upstream fixed this in pull request 3998, after its last release).
-# - The CUDA driver stubs stand in for libcuda at link time: there is no GPU during a build.
-# hadolint ignore=SC2016
-RUN horovod_version="$(sed -n 's/^horovod==\([^ ;]*\).*/\1/p' requirements.txt)" \
-    && if [ -z "${horovod_version}" ]; then echo "requirements.txt pins no horovod version" >&2; exit 1; fi \
-    && nccl_lib="$(find /opt/venv/lib -name libnccl.so.2 -path '*nvidia*' | head -n 1)" \
-    && if [ -z "${nccl_lib}" ]; then echo "torch brought no NCCL (nvidia-nccl wheel)" >&2; exit 1; fi \
-    && nccl_home="$(dirname "$(dirname "${nccl_lib}")")" \
-    && ln -sf libnccl.so.2 "${nccl_home}/lib/libnccl.so" \
-    && echo "${nccl_home}/lib" > /etc/ld.so.conf.d/hvdbert-nccl.conf \
-    && ldconfig \
-    && printf '#!/bin/sh\nexec g++ "$@" -std=c++17\n' > /tmp/cxx-std17 \
-    && chmod +x /tmp/cxx-std17 \
-    && CXX=/tmp/cxx-std17 \
-       HOROVOD_GPU_OPERATIONS=NCCL \
-       HOROVOD_NCCL_HOME="${nccl_home}" \
-       HOROVOD_NCCL_LINK=SHARED \
-       HOROVOD_CUDA_HOME=/usr/local/cuda \
-       HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_CUDA_CC_LIST}" \
-       HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-       HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-       LIBRARY_PATH=/usr/local/cuda/lib64/stubs \
-       MAKEFLAGS="-j$(nproc)" \
-       pip install --no-build-isolation -c /opt/venv/constraints.txt "horovod==${horovod_version}" \
-    && rm /tmp/cxx-std17
-
-# Fail the build, not the first job, when Horovod lacks a piece: PyTorch, NCCL, MPI or Gloo.
-# (libcuda.so.1 from the driver stubs lets the extension load on a build machine without a GPU.)
-RUN stubs="$(mktemp -d)" \
-    && ln -s /usr/local/cuda/lib64/stubs/libcuda.so "${stubs}/libcuda.so.1" \
-    && LD_LIBRARY_PATH="${stubs}:${LD_LIBRARY_PATH:-}" horovodrun --check-build | tee /tmp/check-build.txt \
-    && for needed in PyTorch NCCL MPI Gloo; do \
-           grep -q "\[X\] ${needed}" /tmp/check-build.txt \
-               || { echo "Horovod was built without ${needed}" >&2; exit 1; }; \
-       done \
-    && rm -rf "${stubs}" /tmp/check-build.txt
+# Horovod, compiled against this torch with NCCL GPU operations and both controllers, then checked
+# with `horovodrun --check-build` (a build without PyTorch, NCCL, MPI or Gloo fails here, not in the
+# first job). tools/build-horovod.sh holds the build's commands, the same that tools/setup.sh and
+# tools/check-gpu-build.sh run: the NCCL of torch's nvidia-nccl wheel, the C++17 compiler wrapper,
+# the CUDA driver stubs at link time, the compute capabilities this CUDA version compiles for.
+COPY tools/build-horovod.sh tools/
+RUN bash tools/build-horovod.sh nccl /opt/venv/bin/python /tmp/horovod-wheel \
+    && rm -rf /tmp/horovod-wheel
 
 # SSH between containers for horovodrun, mpirun and the Kubeflow MPI Operator. Workers run
 # `/usr/sbin/sshd -De -f /home/hvdbert/.sshd_config` as hvdbert; the key pair and authorized_keys

@@ -40,10 +40,12 @@ class TrainConfig:
     max_steps: int = positive(1000)  # optimizer steps at the reference worker count
     seed: int = 42
     log_every: int = positive(10)  # steps between logged (and cross-rank averaged) metrics
-    precision: str = choice("fp32", "bf16", "fp16")  # fp16 needs CUDA: torch.amp GradScaler
+    # fp16 scales the loss (torch.amp.GradScaler, on CUDA or, where torch has it, on CPU)
+    precision: str = choice("fp32", "bf16", "fp16")
     grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     progress_bar: bool = True  # rank 0: a tqdm bar on a terminal, else a line every log_every steps
+    compile: bool = False  # torch.compile the encoder and the MLM head (model.compile_model)
 
 
 @dataclass

@@ -31,6 +31,19 @@ def build_model(model_fields: dict, with_nsp: bool, device_type: str = "cpu") ->
     return model
 
 
+def compile_model(model: torch.nn.Module) -> None:
+    """train.compile: torch.compile the encoder and the MLM head, the modules of every step's
+    forward and backward. In place (nn.Module.compile), so the parameter names, and with them
+    checkpoints, export and Horovod's allreduce names, stay those of the eager model. The first
+    step pays the compilation; batches have one shape per run, so nothing recompiles."""
+    if isinstance(model, ModernBertForMaskedLM):
+        modules = (model.model, model.head, model.decoder)
+    else:
+        modules = (model.bert, model.cls.predictions)
+    for module in modules:
+        module.compile()
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # what backward() sees: MLM (+ NSP) loss

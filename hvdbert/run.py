@@ -21,7 +21,7 @@ from hvdbert.data.shards import PreparedData
 from hvdbert.data.tokenizer import tokenizer_hash
 from hvdbert.dist import Distributed
 from hvdbert.errors import UsageError
-from hvdbert.model import PretrainingForward, build_model
+from hvdbert.model import PretrainingForward, build_model, compile_model
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import Plan, make_plan
 from hvdbert.prepare import builtin_cache_dir, prepare_builtin
@@ -36,9 +36,9 @@ def choose_device(dist: Distributed, precision: str) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
-    if precision == "fp16":
-        raise UsageError("train.precision = fp16 needs a CUDA GPU and none is available; "
-                         "use train.precision = bf16 or fp32 on CPU")
+    if not Precision.supported(precision, "cpu"):
+        raise UsageError(f"train.precision = {precision} needs a CUDA GPU, or a torch whose CPU autocast "
+                         f"supports it (this is torch {torch.__version__}); use train.precision = fp32")
     return torch.device("cpu")
 
 
@@ -161,6 +161,8 @@ def build_run(recipe: Recipe, data_dir: Path | None, dist: Distributed) -> Run:
     # recipe, checkpoints and export then name them.
     recipe.model = families.with_token_ids(recipe.model, data.manifest.special_token_ids)
     model = build_model(recipe.model, with_nsp=data.has_nsp, device_type=device.type).to(device)
+    if recipe.train.compile:
+        compile_model(model)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
                                     plan.accumulation_steps, recipe.dist.fp16_allreduce)
     init_state(optimizer)  # Horovod's wrapper is a new optimizer object: create its state here

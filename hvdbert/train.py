@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -57,8 +58,35 @@ class Precision:
 
     @classmethod
     def create(cls, name: str, device: torch.device) -> "Precision":
-        scaler = torch.amp.GradScaler("cuda") if name == "fp16" else None
+        # fp16's narrow exponent range needs loss scaling; torch has a GradScaler for CUDA and for CPU.
+        scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
         return cls(name, device, scaler)
+
+    @staticmethod
+    def supported(name: str, device_type: str) -> bool:
+        """Whether this torch runs `name` on `device_type`: autocast in that dtype (older torch
+        disables CPU autocast for float16 with a warning instead of failing) and, for fp16, a
+        GradScaler for the device."""
+        if name == "fp32":
+            return True
+        dtype = torch.bfloat16 if name == "bf16" else torch.float16
+        try:
+            if not torch.amp.is_autocast_available(device_type):
+                return False
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with torch.autocast(device_type=device_type, dtype=dtype):
+                    enabled = (torch.is_autocast_enabled(device_type)
+                               and torch.get_autocast_dtype(device_type) == dtype)
+        except AttributeError:  # a torch older than these queries (2.4): CPU autocast had bf16 only
+            return name == "bf16" and device_type == "cpu"
+        if not enabled or name != "fp16":
+            return enabled
+        try:
+            torch.amp.GradScaler(device_type)
+        except (RuntimeError, ValueError, TypeError):
+            return False
+        return True
 
     def autocast(self):
         if self.name == "fp32":
@@ -69,9 +97,14 @@ class Precision:
 
 class StepGuard:
     """Once per step, all ranks agree on two flags: stop now (a signal reached some rank) and this
-    step's loss is not finite (on some rank). The flags travel in an allreduce submitted right before
-    the gradients are awaited, so Horovod fuses it with them: no extra sync point, and every rank
-    takes the same decision in the same step (one rank leaving alone would hang the others)."""
+    step's loss is not finite (on some rank). Every rank takes the same decision in the same step
+    (one rank leaving alone would hang the others).
+
+    The flags' allreduce is submitted as soon as the step's last loss is known, before its backward
+    pass, so it completes while the backward runs and the gradients are reduced. Read after the
+    gradients, they are ready: the read is a copy of two numbers, not a wait (docs/performance.md
+    has the measurement). It stays a read every step because a non-finite step must be skipped
+    before the optimizer applies it, and a stop must happen in a step every rank agrees on."""
 
     def __init__(self, stop=None):
         self.stop = stop  # checkpoint.StopRequest, or None
@@ -85,7 +118,8 @@ class StepGuard:
         self._pending = dist.allreduce_sum_async(flags, name="step_flags")
 
     def collect(self, dist: Distributed) -> bool:
-        """Wait for the flags (a host sync); returns True when this step must not update the model."""
+        """The agreed flags (a host sync, after the gradients' own); returns True when this step
+        must not update the model."""
         stop, bad = dist.wait(self._pending).tolist()
         self.stop_agreed, self.bad_step = stop > 0, bad > 0
         return self.bad_step
@@ -115,16 +149,14 @@ def train_step(forward, optimizer, micro_batches: list[dict[str, torch.Tensor]],
     """
     accumulation_steps = len(micro_batches)
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
+    # Asynchronous host-to-device copies only from pinned memory, which the stream pins on CUDA only.
+    non_blocking = precision.device.type == "cuda"
     for index, batch in enumerate(micro_batches):
-        batch = {k: v.to(precision.device, non_blocking=True) for k, v in batch.items() if k != "sample_ids"}
+        batch = {k: v.to(precision.device, non_blocking=non_blocking) for k, v in batch.items() if k != "sample_ids"}
         if dropout_seeds is not None:
             torch.manual_seed(dropout_seeds[index])
         with precision.autocast():
             out = forward(batch)
-        # Horovod sums the local passes of a step (backward_passes_per_step) before averaging across
-        # workers, so each pass contributes loss / accumulation_steps.
-        loss = out.loss / accumulation_steps
-        (precision.scaler.scale(loss) if precision.scaler else loss).backward()
         stats += torch.stack([
             out.loss.detach().double(), out.mlm_loss.detach().double(),
             out.nsp_loss.detach().double() if out.nsp_loss is not None else stats.new_zeros(()),
@@ -133,9 +165,14 @@ def train_step(forward, optimizer, micro_batches: list[dict[str, torch.Tensor]],
             batch["attention_mask"].sum().double() if "attention_mask" in batch
             else stats.new_tensor(float(batch["input_ids"].numel())),
         ])
+        if guard is not None and index == accumulation_steps - 1:
+            # Every loss of the step is known: the flags' allreduce runs while the last backward does.
+            guard.submit(dist, stats[0])
+        # Horovod sums the local passes of a step (backward_passes_per_step) before averaging across
+        # workers, so each pass contributes loss / accumulation_steps.
+        loss = out.loss / accumulation_steps
+        (precision.scaler.scale(loss) if precision.scaler else loss).backward()
 
-    if guard is not None:
-        guard.submit(dist, stats[0])
     dist.synchronize(optimizer)  # gradients are averaged across workers from here on
     if guard is not None and guard.collect(dist):
         optimizer.zero_grad()  # a non-finite loss somewhere: skip the update on every rank
@@ -165,7 +202,7 @@ class StepResult:
     micro_batches: list[dict[str, torch.Tensor]]
 
 
-def run_step(run: "Run", guard: StepGuard, dist: Distributed | None = None) -> StepResult:
+def run_step(run: "Run", guard: StepGuard | None, dist: Distributed | None = None) -> StepResult:
     """One optimizer step of `run`: the next micro-batches from its stream, the LR for this step,
     per-micro-batch dropout seeds, `train_step`, and the progress counters. `train()` and the
     benchmark both run this, so what is measured is what trains. `dist` stands in for `run.dist`

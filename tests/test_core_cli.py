@@ -16,7 +16,6 @@ from conftest import FAST, REPO, TINY, read_metrics, run_module
 @pytest.mark.parametrize("extra, expected", [
     (["--set", "train.max_step=3"], "unknown key train.max_step; did you mean train.max_steps?"),
     (["--set", "optim.lr=fast"], "optim.lr = 'fast' has the wrong type; expected a number"),
-    (["--set", "train.precision=fp16"], "train.precision = fp16 needs a CUDA GPU and none is available"),
     (["--set", "data.max_seq_len=256"], "data.max_seq_len = 256 exceeds model.max_position_embeddings = 128"),
     (["--recipe", "missing.toml"], "recipe file not found"),
     (["--data", "/nonexistent/data"], "data directory not found: /nonexistent/data"),
@@ -136,3 +135,17 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_run(tmp_path,
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("hvdbert.pretrain: error: ") and "No space left on device" in line, line
     assert "Traceback" not in result.stderr
+
+
+def test_precision_support_is_asked_of_the_installed_torch():
+    """pretrain refuses a precision this torch cannot run on the CPU (one line, exit 2; choose_device)
+    and runs the others: torch 2.13's CPU autocast has float16 and bfloat16, and a CPU GradScaler."""
+    import torch
+
+    from hvdbert.train import Precision
+
+    assert Precision.supported("fp32", "cpu")
+    assert Precision.supported("bf16", "cpu") and Precision.supported("fp16", "cpu")
+    assert isinstance(Precision.create("fp16", torch.device("cpu")).scaler, torch.amp.GradScaler)
+    # A device type without autocast gets the refusal.
+    assert not Precision.supported("bf16", "meta") and not Precision.supported("fp16", "meta")

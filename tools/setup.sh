@@ -23,7 +23,7 @@ pin() { # pin NAME -> the version requirements.txt pins for NAME
 }
 
 stamp_file=$venv/.hvdbert-setup
-stamp=$(cat "$requirements" "$0" "$root/setup.py" | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$requirements" "$0" "$root/tools/build-horovod.sh" "$root/setup.py" | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && [ -x "$venv/bin/horovodrun" ]; then
     log "up to date ($venv)"
     exit 0
@@ -61,47 +61,22 @@ log "installing torch==$torch_version"
 log "installing the pinned Python packages"
 grep -vE '^(torch|horovod)==' "$requirements" | "$py" -m pip install -q -c "$constraints" -r /dev/stdin
 
-# --- Horovod, compiled once per (Horovod, torch, Python) and cached as a wheel.
+# --- Horovod, compiled once per (Horovod, torch, Python) and cached as a wheel; tools/build-horovod.sh
+# (shared with the Dockerfile) compiles it, installs it and checks it with `horovodrun --check-build`.
 horovod_version=$(pin horovod)
 py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 wheel_dir=$cache/wheels/horovod-$horovod_version-torch-$torch_version-$py_tag-$(uname -m)
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     log "compiling Horovod $horovod_version against torch $torch_version (several minutes, once)"
-    mkdir -p "$wheel_dir"
-    build=$(mktemp -d)
-    # Horovod 0.28.1 compiles its PyTorch extension with -std=c++14, but torch >= 2.1 headers need
-    # C++17. gcc honours the last -std flag, so a compiler wrapper that appends -std=c++17 fixes it
-    # (upstream fixed this in pull request 3998 after the last release).
-    cat > "$build/cxx" <<'EOF'
-#!/bin/sh
-exec g++ "$@" -std=c++17
-EOF
-    chmod +x "$build/cxx"
-    CXX=$build/cxx HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-        HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-        MAKEFLAGS=-j"$(nproc)" \
-        "$py" -m pip wheel -q --no-build-isolation --no-deps --no-cache-dir \
-        -c "$constraints" "horovod==$horovod_version" -w "$build/out"
-    mv "$build"/out/horovod-*.whl "$wheel_dir"/
-    rm -rf "$build"
 fi
-log "installing Horovod from $wheel_dir"
-"$py" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
-# Horovod's run-time dependencies, exactly as its wheel declares them (cffi among them): installing
-# the same wheel again, now with dependencies, resolves them and reinstalls nothing else.
-"$py" -m pip install -q -c "$constraints" "$wheel_dir"/horovod-*.whl
+if ! bash "$root/tools/build-horovod.sh" cpu "$py" "$wheel_dir" >"$venv/horovod-build.log" 2>&1; then
+    tail -n 30 "$venv/horovod-build.log" >&2
+    log "building or checking Horovod failed (log: $venv/horovod-build.log); remove $wheel_dir and re-run"
+    exit 1
+fi
 
 log "installing hvdbert (editable)"
 "$py" -m pip install -q --no-deps --no-build-isolation -e "$root"
 
-log "checking the Horovod build"
-check=$("$venv/bin/horovodrun" --check-build)
-for needed in '\[X\] PyTorch' '\[X\] MPI' '\[X\] Gloo'; do
-    if ! grep -q "$needed" <<<"$check"; then
-        printf '%s\n' "$check" >&2
-        log "Horovod was built without ${needed//\\/}; remove $wheel_dir and re-run"
-        exit 1
-    fi
-done
 printf '%s' "$stamp" > "$stamp_file"
 log "done: $venv"

@@ -112,7 +112,7 @@ def worker_main(args, dist: Distributed | None = None, system: str = "hvdbert") 
     run = build_measured_run(recipe, args.data, dist, args.compile)
     try:
         record = measure(run, args.warmup_steps, args.steps, system)
-        record["compiled"] = args.compile
+        record["compiled"] = args.compile or recipe.train.compile
     finally:
         run.close_stream()
     if dist.rank == 0:

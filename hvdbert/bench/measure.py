@@ -170,14 +170,13 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
     }
 
 
-def build_measured_run(recipe: Recipe, data_dir, dist: Distributed, compile_model: bool) -> Run:
-    """The run pretrain would build, every rank starting from rank 0's weights."""
+def build_measured_run(recipe: Recipe, data_dir, dist: Distributed, compile_flag: bool) -> Run:
+    """The run pretrain would build (compiled for --compile as for train.compile), every rank starting
+    from rank 0's weights."""
+    if compile_flag:
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, compile=True))
     run = build_run(recipe, data_dir, dist)
     run.broadcast_from_rank0()
-    if compile_model:
-        # In place: parameter names (and so Horovod's allreduce names) stay those of the eager model.
-        run.model.bert.compile()
-        run.model.cls.predictions.compile()
     return run
 
 
@@ -190,7 +189,7 @@ def find_max_batch(recipe: Recipe, data_dir, dist: Distributed) -> dict:
             recipe.batch, micro_batch_size=micro, global_batch_size=micro * dist.size))
         run = None
         try:
-            run = build_measured_run(trial, data_dir, dist, compile_model=False)
+            run = build_measured_run(trial, data_dir, dist, compile_flag=False)
             run.open_stream()
             guard = StepGuard()
             for _ in range(2):

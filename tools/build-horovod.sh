@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Compiles Horovod, at the version requirements.txt pins, against the torch already installed in
+# PYTHON's environment, installs it there and checks the result with `horovodrun --check-build`.
+#
+#   tools/build-horovod.sh cpu  PYTHON WHEEL_DIR   PyTorch, MPI and Gloo            (tools/setup.sh)
+#   tools/build-horovod.sh nccl PYTHON WHEEL_DIR   the same plus NCCL GPU operations (Dockerfile,
+#                                                   tools/check-gpu-build.sh)
+#   tools/build-horovod.sh cc-list                 prints the compute capabilities a nccl build
+#                                                   compiles Horovod's CUDA kernels for
+#
+# The one place the build's commands live, so that the image, the GPU build check and `make setup`
+# cannot drift apart. The wheel goes to WHEEL_DIR; when WHEEL_DIR already holds a Horovod wheel it
+# is installed without compiling (tools/setup.sh caches it that way; the others pass a fresh one).
+#
+# Settings (environment): CUDA_HOME (default /usr/local/cuda) and HOROVOD_CUDA_CC_LIST (compute
+# capabilities, comma-separated; default: the GPU generations below that this nvcc can compile for).
+set -euo pipefail
+
+usage="usage: tools/build-horovod.sh cpu|nccl PYTHON WHEEL_DIR, or tools/build-horovod.sh cc-list"
+log() { printf '[build-horovod] %s\n' "$*" >&2; }
+die() { log "$*"; exit 2; }
+
+cuda_home=${CUDA_HOME:-/usr/local/cuda}
+
+# Compute capabilities for Horovod's CUDA kernels: V100, T4, A100, A10/A40, L4/L40, H100/H200, B200,
+# RTX 50xx/RTX PRO 6000, each where this nvcc still compiles for it: CUDA 13 dropped Volta (sm_70),
+# CUDA 12 before 12.8 knows no Blackwell (sm_100, sm_120). HOROVOD_CUDA_CC_LIST overrides the list.
+# Horovod's own default is every architecture nvcc lists, which multiplies the compile time.
+cc_list() {
+    if [ -n "${HOROVOD_CUDA_CC_LIST:-}" ]; then
+        printf '%s\n' "$HOROVOD_CUDA_CC_LIST"
+        return
+    fi
+    [ -x "$cuda_home/bin/nvcc" ] || die "no nvcc in CUDA_HOME=$cuda_home (set CUDA_HOME to the CUDA toolkit)"
+    local supported list="" cc
+    supported=" $("$cuda_home/bin/nvcc" --list-gpu-code | sed -n 's/^sm_\([0-9]*\)$/\1/p' | tr '\n' ' ') "
+    for cc in 70 75 80 86 89 90 100 120; do
+        if [[ "$supported" == *" $cc "* ]]; then
+            list=${list:+$list,}$cc
+        fi
+    done
+    [ -n "$list" ] || die "$cuda_home/bin/nvcc compiles for none of the GPU generations tools/build-horovod.sh lists"
+    printf '%s\n' "$list"
+}
+
+if [ "${1:-}" = cc-list ] && [ "$#" = 1 ]; then
+    cc_list
+    exit 0
+fi
+[ "$#" = 3 ] || die "$usage"
+mode=$1 py=$2 wheel_dir=$3
+case "$mode" in cpu | nccl) ;; *) die "unknown mode '$mode': cpu or nccl ($usage)" ;; esac
+[ -x "$py" ] || die "PYTHON '$py' is not an executable interpreter ($usage)"
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+requirements=$root/requirements.txt
+horovod_version=$(sed -n 's/^horovod==\([^ ;]*\).*/\1/p' "$requirements")
+torch_version=$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' "$requirements")
+[ -n "$horovod_version" ] || die "$requirements pins no horovod version"
+[ -n "$torch_version" ] || die "$requirements pins no torch version"
+
+# Every install below is constrained to the pinned torch, so nothing can swap in another build.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+printf 'torch==%s\n' "$torch_version" > "$work/constraints.txt"
+torch_cuda=$("$py" -c 'import torch; print(torch.version.cuda or "")') \
+    || die "torch is not importable by $py: install torch==$torch_version first"
+
+# Horovod 0.28.1 compiles its PyTorch extension with -std=c++14, but torch >= 2.1 headers need
+# C++17. gcc honours the last -std flag, so CXX is a wrapper that appends -std=c++17 (upstream
+# fixed this in pull request 3998, after its last release). Horovod makes CXX nvcc's host compiler
+# too, and nvcc's front end parses CUDA code (Horovod's kernels: C++11) in the standard nvcc was
+# given: the host compiler must not switch to C++17 under it (gcc 12's headers then declare C++17
+# features that nvcc rejects). nvcc's calls are the ones that define __CUDA_ARCH_LIST__.
+cat > "$work/cxx" <<'EOF'
+#!/bin/sh
+case "$*" in
+    *-D__CUDA_ARCH_LIST__=*) exec g++ "$@" ;;
+esac
+exec g++ "$@" -std=c++17
+EOF
+chmod +x "$work/cxx"
+build_env=(
+    CXX="$work/cxx"
+    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+    HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+    MAKEFLAGS="-j$(nproc)"
+)
+needed=(PyTorch MPI Gloo)
+
+if [ "$mode" = nccl ]; then
+    [ -n "$torch_cuda" ] || die "the torch in $py is a CPU build; mode nccl needs a CUDA build of torch==$torch_version"
+    [ -x "$cuda_home/bin/nvcc" ] || die "no nvcc in CUDA_HOME=$cuda_home (set CUDA_HOME to the CUDA toolkit)"
+    nvcc_cuda=$("$cuda_home/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
+    [ "${nvcc_cuda%%.*}" = "${torch_cuda%%.*}" ] \
+        || die "nvcc in $cuda_home is CUDA $nvcc_cuda but torch was built with CUDA $torch_cuda: use one CUDA major version"
+
+    # NCCL: the one torch depends on (the nvidia-nccl wheel: headers and library), so that one NCCL
+    # serves both. Horovod's FindNCCL looks for libnccl.so, the wheel ships only libnccl.so.2: a
+    # link in the work directory provides the name without touching the installed package. The
+    # extension records libnccl.so.2 (the soname), which `import torch` has loaded before Horovod.
+    site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    nccl_lib=$(find "$site/nvidia" -name libnccl.so.2 2>/dev/null | head -n 1)
+    [ -n "$nccl_lib" ] || die "torch brought no NCCL: no libnccl.so.2 under $site/nvidia (the nvidia-nccl wheel)"
+    nccl_home=$(dirname "$(dirname "$nccl_lib")")
+    mkdir "$work/nccl-lib"
+    ln -s "$nccl_lib" "$work/nccl-lib/libnccl.so"
+
+    cuda_cc_list=$(cc_list)
+    log "CUDA $nvcc_cuda (torch: CUDA $torch_cuda), compute capabilities $cuda_cc_list, NCCL from $nccl_home"
+
+    # The CUDA driver stubs stand in for libcuda at link time when the machine has no GPU driver.
+    build_env+=(
+        HOROVOD_GPU_OPERATIONS=NCCL
+        HOROVOD_NCCL_INCLUDE="$nccl_home/include"
+        HOROVOD_NCCL_LIB="$work/nccl-lib"
+        HOROVOD_NCCL_LINK=SHARED
+        HOROVOD_CUDA_HOME="$cuda_home"
+        # torch's cpp_extension (which Horovod asks for the CUDA libraries to link) otherwise takes
+        # the directory above the first nvcc on PATH, which can be a wrapper outside the toolkit.
+        CUDA_HOME="$cuda_home"
+        HOROVOD_BUILD_CUDA_CC_LIST="$cuda_cc_list"
+        LIBRARY_PATH="$cuda_home/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+    )
+    needed+=(NCCL)
+fi
+
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+    log "compiling Horovod $horovod_version ($mode) against torch $torch_version"
+    mkdir -p "$wheel_dir"
+    # --no-build-isolation: the build must see the installed torch, not a fresh one.
+    env "${build_env[@]}" "$py" -m pip wheel --no-build-isolation --no-deps --no-cache-dir \
+        -c "$work/constraints.txt" "horovod==$horovod_version" -w "$work/out"
+    mv "$work"/out/horovod-*.whl "$wheel_dir"/
+fi
+log "installing $(basename "$(ls "$wheel_dir"/horovod-*.whl)")"
+"$py" -m pip install --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+# Horovod's own run-time dependencies (cloudpickle, psutil, ...), which the first install skipped.
+"$py" -m pip install -c "$work/constraints.txt" "$wheel_dir"/horovod-*.whl
+
+# Fail here, not in the first job, when Horovod lacks a piece. Without a GPU driver, the driver
+# stub (when the toolkit has one) stands in for libcuda.so.1 so that the extension can load.
+check_env=()
+if [ "$mode" = nccl ] && [ -e "$cuda_home/lib64/stubs/libcuda.so" ]; then
+    mkdir "$work/stubs"
+    ln -s "$cuda_home/lib64/stubs/libcuda.so" "$work/stubs/libcuda.so.1"
+    check_env+=(LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$work/stubs")
+fi
+check=$(env "${check_env[@]}" "$(dirname "$py")/horovodrun" --check-build)
+printf '%s\n' "$check"
+for piece in "${needed[@]}"; do
+    grep -q "\[X\] $piece" <<<"$check" || { log "Horovod was built without $piece"; exit 1; }
+done
+log "Horovod $horovod_version has ${needed[*]}"
