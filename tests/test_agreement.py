@@ -51,11 +51,12 @@ def test_ranks_that_disagree_stop_with_one_line(tmp_path, hvdbert_env, two_datas
     elif case == "recipe":
         second += ["--set", "optim.lr=0.02"]
     else:
-        # a complete run on one data set, then a resume that only rank 1 is told about
+        # a complete run on one data set, then a resume that only rank 0 is told about (rank 0 alone runs
+        # the pre-flight, which would refuse a used run directory without --resume before any agreement)
         run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(output), "--data", str(d1), *FAST,
                                         "--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"],
                    hvdbert_env)
-        second += ["--resume", "auto"]
+        first += ["--resume", "auto"]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) if output.exists() else []
     result = two_rank_job(first, second, hvdbert_env, output)
     assert result.returncode == 2, result.stderr[-3000:]
