@@ -106,10 +106,9 @@ def test_find_max_batch_says_it_needs_a_gpu(hvdbert_env):
 def test_ddp_peer_runs_hvdbert_step_from_outside_the_repository(hvdbert_env, tmp_path):
     """--peers from any directory (the peers are modules of the installed package), and the DDP peer
     on hvdbert's model computes hvdbert's losses step by step: only the communication layer differs."""
-    env = {k: v for k, v in hvdbert_env.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-m", "hvdbert.bench", "--recipe", str(TINY), "--workers", "1,2",
                              "--steps", "3", "--warmup-steps", "1", "--peers", "ddp-hvdbert-model",
-                             "--output", "out", *FAST], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             "--output", "out", *FAST], cwd=tmp_path, env=hvdbert_env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {(r["system"], r["workers"]): r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]}
