@@ -33,7 +33,8 @@ def test_prepare_gives_the_same_bytes_whoever_prepares(tmp_path, hvdbert_env):
     prepare(tmp_path / "two-ranks", hvdbert_env, "4",
             launcher=["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"])
     reference = tree_digest(tmp_path / "first")
-    assert {"tokenizer/tokenizer.json", "manifest.json", "shard-00003.arrow"} <= set(reference)
+    assert {"tokenizer/tokenizer.json", "manifest.json"} <= set(reference)
+    assert len([name for name in reference if name.startswith("shard-")]) >= 2  # several blocks of documents
     for name in ("again", "two-processes", "two-ranks"):
         assert tree_digest(tmp_path / name) == reference, name
     # the vocabulary is full and BERT's five tokens (only they) are special, at ids 0-4
