@@ -249,6 +249,22 @@ def holds_state(directory: Path, state) -> bool:
     return (found.step, int(found.state["samples_seen"])) == (state.step, state.samples_seen)
 
 
+def checkpoint_of_run(run_dir: Path, explicit: Path | None) -> Checkpoint:
+    """`explicit` (a checkpoint directory), else the newest intact checkpoint of `run_dir`; refuses
+    (UsageError) a run directory that is missing or holds none."""
+    if explicit:
+        return open_checkpoint(explicit)
+    if not run_dir.is_dir():
+        raise UsageError(f"--run {run_dir} does not exist; pass a directory hvdbert.pretrain wrote")
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        damaged = len(step_dirs(run_dir))
+        why = (f"its {damaged} checkpoint(s) are all damaged (see the warnings above)" if damaged
+               else "it holds no checkpoint under checkpoints/step-<N>")
+        raise UsageError(f"--run {run_dir}: no checkpoint to use: {why}")
+    return found
+
+
 # ------------------------------------------------------------------------------------------------
 # Checks and loading
 

@@ -200,14 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "data, else its DATA_DIR/validation)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.checkpoint:
-        found = checkpoint.open_checkpoint(args.checkpoint)
-    else:
-        if not args.run.is_dir():
-            raise UsageError(f"--run {args.run} does not exist; pass a directory hvdbert.pretrain wrote")
-        found = checkpoint.latest_checkpoint(args.run)
-        if found is None:
-            raise UsageError(f"--run {args.run} holds no complete checkpoint under checkpoints/step-<N>")
+    found = checkpoint.checkpoint_of_run(args.run, args.checkpoint)
     recipe = recipe_of_checkpoint(found)
     train_dir = Path(found.recipe.get("data_dir", ""))
     eval_dir = args.data or (Path(found.recipe["eval_data_dir"]) if found.recipe.get("eval_data_dir") else None)

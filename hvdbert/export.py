@@ -99,17 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: DATA_DIR/tokenizer of the run)")
     args = parser.parse_args(argv)
     check_output_location(args.output)
-    if args.checkpoint:
-        found = checkpoint.open_checkpoint(args.checkpoint)
-    else:
-        if not args.run.is_dir():
-            raise UsageError(f"--run {args.run} does not exist; pass a directory hvdbert.pretrain wrote")
-        found = checkpoint.latest_checkpoint(args.run)
-        if found is None:
-            damaged = len(checkpoint.step_dirs(args.run))
-            why = (f"its {damaged} checkpoint(s) are all damaged (see the warnings above)" if damaged
-                   else "it holds no checkpoint under checkpoints/step-<N>")
-            raise UsageError(f"--run {args.run}: nothing to export: {why}")
+    found = checkpoint.checkpoint_of_run(args.run, args.checkpoint)
     tokenizer_dir = args.tokenizer or Path(found.recipe.get("data_dir", "")) / "tokenizer"
     kind = export(found, tokenizer_dir, args.output)
     print(f"hvdbert: exported {found.path} (step {found.step}) to {args.output} as {kind} with its tokenizer")

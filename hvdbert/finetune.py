@@ -17,7 +17,6 @@ they document (docs/quality.md). The dev part is drawn by --split-seed, by docum
 """
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import math
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hvdbert.data.corpus import docstrings
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 
 # The embedded task's classes: standard-library packages present on every CPython 3 install (no
@@ -56,16 +56,10 @@ def builtin_examples() -> list[Example]:
         for path in sorted((stdlib / package).rglob("*.py")):
             if {"test", "tests", "__pycache__"} & set(path.relative_to(stdlib).parts):
                 continue
-            try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= BUILTIN_MIN_CHARS and doc not in seen:
-                        seen.add(doc)
-                        examples.append(Example(doc, package, str(path.relative_to(stdlib))))
+            for doc in docstrings(path, BUILTIN_MIN_CHARS):
+                if doc not in seen:
+                    seen.add(doc)
+                    examples.append(Example(doc, package, str(path.relative_to(stdlib))))
     return examples
 
 

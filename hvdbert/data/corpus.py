@@ -20,7 +20,9 @@ def _stdlib_files() -> list[Path]:
     return sorted(p for p in stdlib.rglob("*.py") if not skip.intersection(p.relative_to(stdlib).parts))
 
 
-def _docstrings(path: Path) -> Iterator[str]:
+def docstrings(path: Path, min_chars: int = MIN_DOCUMENT_CHARS) -> Iterator[str]:
+    """The docstrings of a Python file's module, classes and functions of at least `min_chars`
+    characters (read with `ast`, nothing imported); none for a file that does not parse."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -28,7 +30,7 @@ def _docstrings(path: Path) -> Iterator[str]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node)
-            if doc and len(doc) >= MIN_DOCUMENT_CHARS:
+            if doc and len(doc) >= min_chars:
                 yield doc
 
 
@@ -43,7 +45,7 @@ def builtin_documents(max_documents: int = 0) -> Iterator[str]:
         if count == max_documents:
             return
     for path in _stdlib_files():
-        for doc in _docstrings(path):
+        for doc in docstrings(path):
             yield doc
             count += 1
             if count == max_documents:
