@@ -30,6 +30,7 @@ TINY_SHAPE = [f"--set={item}" for item in (
     "model.intermediate_size=256", "model.max_position_embeddings=128", "model.local_attention=32",
     "data.max_seq_len=64", "data.max_predictions_per_seq=20", "batch.global_batch_size=32",
     "batch.micro_batch_size=16", "batch.reference_workers=2", "train.precision=fp32", "optim.lr=3e-3",
+    "optim.reference_global_batch_size=32",  # the rate is set for this batch, not derived from 4608's
 )]
 SHORT = FAST + TINY_SHAPE + ["--set", "train.max_steps=8", "--set", "train.log_every=1",
                              "--set", "checkpoint.every_steps=4", "--set", "checkpoint.keep=5"]
