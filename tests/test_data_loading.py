@@ -85,12 +85,17 @@ def test_whole_word_masking_takes_every_piece_and_respects_the_budget():
             assert set(np.flatnonzero(word_id[r] == word)) <= set(masked.tolist())
 
 
+def prepare_builtin_data(tmp_path_factory, name: str, *options: str) -> Path:
+    """The embedded corpus prepared (in this process) with `options` into a fresh directory."""
+    out = tmp_path_factory.mktemp(name) / "data"
+    assert prepare_main(["--input", "builtin", *options, "--output", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def nsp_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("nsp") / "data"
-    assert prepare_main(["--input", "builtin", "--builtin-max-documents", "150", "--vocab-size", "800",
-                         "--seq-len", "64", "--format", "nsp", "--output", str(out)]) == 0
-    return out
+    return prepare_builtin_data(tmp_path_factory, "nsp", "--builtin-max-documents", "150", "--vocab-size", "800",
+                                "--seq-len", "64", "--format", "nsp")
 
 
 def open_stream(data: PreparedData, layout: StreamLayout, start: int = 0, seed: int = 11,
@@ -172,10 +177,8 @@ def test_every_sample_once_per_epoch_and_resume_is_immediate(nsp_data):
 
 @pytest.fixture(scope="module")
 def mlm_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mlm") / "data"
-    assert prepare_main(["--input", "builtin", "--builtin-max-documents", "300", "--vocab-size", "1000",
-                         "--seq-len", "64", "--documents-per-shard", "100", "--output", str(out)]) == 0
-    return out
+    return prepare_builtin_data(tmp_path_factory, "mlm", "--builtin-max-documents", "300", "--vocab-size", "1000",
+                                "--seq-len", "64", "--documents-per-shard", "100")
 
 
 def damaged_copy(source: Path, target: Path, how: str) -> Path:

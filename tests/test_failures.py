@@ -32,14 +32,14 @@ def rank_pid(run_dir: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
-def test_dead_rank_ends_the_job_non_zero_in_bounded_time(tmp_path, hvdbert_env, launcher):
-    run_dir = tmp_path / "run"
-    command = [str(BIN / "horovodrun"), f"--{launcher}", "-np", "2", "-H", "localhost:2", sys.executable, "-m",
-               "hvdbert.pretrain", "--recipe", str(TINY), "--output", str(run_dir), *FAST,
-               "--set", "train.log_every=1", "--set", "train.max_steps=1000"]
+def signal_rank_1_and_time_the_exit(command: list[str], run_dir: Path, tmp_path: Path, env, signum: int,
+                                    timeout: float) -> tuple[int, float]:
+    """Start `command` (a 2-rank job writing run_dir), let it log 3 steps, send `signum` to rank 1, and
+    return the job's exit status and the seconds from the signal to its exit (rank 1 is killed at the end
+    if it is still there, a stopped one included)."""
+    victim = None
     with open(tmp_path / "log", "w") as log:
-        job = subprocess.Popen(command, cwd=REPO, env=hvdbert_env, stdout=log, stderr=subprocess.STDOUT)
+        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         metrics = run_dir / "metrics.jsonl"
@@ -47,13 +47,25 @@ def test_dead_rank_ends_the_job_non_zero_in_bounded_time(tmp_path, hvdbert_env, 
             time.sleep(0.1)
         victim = rank_pid(run_dir, 1)
         assert victim is not None, (tmp_path / "log").read_text()[-3000:]
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        status = job.wait(timeout=120)
-        seconds = time.monotonic() - killed
+        os.kill(victim, signum)
+        signalled = time.monotonic()
+        status = job.wait(timeout=timeout)
+        return status, time.monotonic() - signalled
     finally:
         if job.poll() is None:
             job.kill()
+        if victim is not None and psutil.pid_exists(victim):
+            os.kill(victim, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
+def test_dead_rank_ends_the_job_non_zero_in_bounded_time(tmp_path, hvdbert_env, launcher):
+    run_dir = tmp_path / "run"
+    command = [str(BIN / "horovodrun"), f"--{launcher}", "-np", "2", "-H", "localhost:2", sys.executable, "-m",
+               "hvdbert.pretrain", "--recipe", str(TINY), "--output", str(run_dir), *FAST,
+               "--set", "train.log_every=1", "--set", "train.max_steps=1000"]
+    status, seconds = signal_rank_1_and_time_the_exit(command, run_dir, tmp_path, hvdbert_env, signal.SIGKILL,
+                                                      timeout=120)
     print(f"{launcher}: rank 1 killed; job exited {status} after {seconds:.1f} s")
     assert status != 0
     assert seconds < 60
@@ -132,25 +144,9 @@ def test_frozen_rank_ends_the_job_within_the_stall_bound(tmp_path, hvdbert_env, 
         command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *pretrain]
     else:
         command = [str(BIN / "horovodrun"), f"--{launcher}", "-np", "2", "-H", "localhost:2", *pretrain]
-    victim = None
-    with open(tmp_path / "log", "w") as log:
-        job = subprocess.Popen(command, cwd=REPO, env=hvdbert_env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        metrics = run_dir / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        victim = rank_pid(run_dir, 1)
-        assert victim is not None, (tmp_path / "log").read_text()[-3000:]
-        os.kill(victim, signal.SIGSTOP)
-        frozen = time.monotonic()
-        status = job.wait(timeout=STALL_SECONDS + 120)  # the bound on this test: stall bound + teardown
-        seconds = time.monotonic() - frozen
-    finally:
-        if job.poll() is None:
-            job.kill()
-        if victim is not None and psutil.pid_exists(victim):
-            os.kill(victim, signal.SIGKILL)
+    # the bound on this test: stall bound + teardown
+    status, seconds = signal_rank_1_and_time_the_exit(command, run_dir, tmp_path, hvdbert_env, signal.SIGSTOP,
+                                                      timeout=STALL_SECONDS + 120)
     output = (tmp_path / "log").read_text()
     print(f"{launcher}: rank 1 frozen; job exited {status} after {seconds:.1f} s")
     assert status != 0, output[-3000:]
