@@ -19,16 +19,14 @@ from pathlib import Path
 
 from hvdbert import checkpoint
 from hvdbert.agreement import check_agreement
-from hvdbert.config import Recipe, load_recipe
-from hvdbert.data.shards import PreparedData
+from hvdbert.config import load_recipe
 from hvdbert.dist import Distributed, init_distributed
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry, launcher_rank, rank_zero_decides
 from hvdbert.evaluate import build_evaluator, summary_text
-from hvdbert.files import check_output_location
 from hvdbert.metrics import NullMetrics, RunMetrics
 from hvdbert.model import count_parameters
-from hvdbert.run import Run, build_run, check_data
-from hvdbert.runlock import check_free, lock_run_dir
+from hvdbert.run import Run, build_run, preflight, refuse_used_run_dir
+from hvdbert.runlock import lock_run_dir
 from hvdbert.train import TrainingDiverged, train
 
 log = logging.getLogger("hvdbert")
@@ -70,27 +68,6 @@ def _rewrite_lines(path: Path, edit) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(edit(lines)), encoding="utf-8")
     os.replace(temporary, path)
-
-
-def refuse_used_run_dir(run_dir: Path, resuming: bool) -> None:
-    if not resuming and (run_dir / "metrics.jsonl").exists():
-        raise UsageError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --output "
-                         "or continue it with --resume auto")
-
-
-def preflight(recipe: Recipe, output: Path, data_dir: Path | None, resume: str | None) -> None:
-    """What can be refused before any worker starts, without writing anything: the launchers run it
-    (through `hvdbert.plan --output ...`) before horovodrun, and rank 0 runs it before Horovod
-    starts. The run re-checks all of it on rank 0 under the run directory's lock."""
-    check_output_location(output)
-    refuse_used_run_dir(output, resume is not None)
-    check_free(output)
-    if resume not in (None, "auto"):
-        checkpoint.open_checkpoint(Path(resume), verify=False)  # the sha256 sums are checked on rank 0
-    if recipe.checkpoint.init_from:
-        checkpoint.open_checkpoint(Path(recipe.checkpoint.init_from), verify=False)
-    if data_dir is not None:
-        check_data(PreparedData(data_dir), recipe)
 
 
 def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, sample_log_ranks: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hvdbert import families
+from hvdbert import checkpoint, families
 from hvdbert.config import Recipe
 from hvdbert.data.loader import BatchStream, StreamLayout
 from hvdbert.data.masking import MaskingRule
@@ -21,10 +21,12 @@ from hvdbert.data.shards import PreparedData
 from hvdbert.data.tokenizer import tokenizer_hash
 from hvdbert.dist import Distributed
 from hvdbert.errors import UsageError
+from hvdbert.files import check_output_location
 from hvdbert.model import PretrainingForward, build_model, compile_model
 from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import Plan, make_plan
 from hvdbert.prepare import builtin_cache_dir, prepare_builtin
+from hvdbert.runlock import check_free
 from hvdbert.train import Precision, TrainState
 
 
@@ -90,6 +92,27 @@ def check_data(data: PreparedData, recipe: Recipe) -> None:
             f"{data.tokenizer_dir}: this tokenizer (sha256 {stored[:12]}) is not the one the data was "
             f"prepared with ({manifest.tokenizer_sha256[:12]} in manifest.json); prepare the data again"
         )
+
+
+def refuse_used_run_dir(run_dir: Path, resuming: bool) -> None:
+    if not resuming and (run_dir / "metrics.jsonl").exists():
+        raise UsageError(f"{run_dir} already holds a run (metrics.jsonl); choose a new --output "
+                         "or continue it with --resume auto")
+
+
+def preflight(recipe: Recipe, output: Path, data_dir: Path | None, resume: str | None) -> None:
+    """What can be refused before any worker starts, without writing anything: the launchers run it
+    (through `hvdbert.plan --output ...`) before horovodrun, and rank 0 runs it before Horovod
+    starts. The run re-checks all of it on rank 0 under the run directory's lock."""
+    check_output_location(output)
+    refuse_used_run_dir(output, resume is not None)
+    check_free(output)
+    if resume not in (None, "auto"):
+        checkpoint.open_checkpoint(Path(resume), verify=False)  # the sha256 sums are checked on rank 0
+    if recipe.checkpoint.init_from:
+        checkpoint.open_checkpoint(Path(recipe.checkpoint.init_from), verify=False)
+    if data_dir is not None:
+        check_data(PreparedData(data_dir), recipe)
 
 
 @dataclass
