@@ -1,6 +1,7 @@
 """Held-out evaluation: masked-LM loss, accuracy and perplexity (and NSP accuracy) of a model.
 
-    python -m hvdbert.evaluate --run RUN_DIR [--checkpoint DIR] [--data DIR] [--json FILE]
+    python -m hvdbert.evaluate --run RUN_DIR [--checkpoint DIR] [--data DIR] [--json FILE] [--set eval.KEY=V]
+    python -m hvdbert.evaluate --model HF_DIR --data DIR [--json FILE] [--set eval.KEY=V]
     horovodrun -np N python -m hvdbert.evaluate ...     (the same figures, the work split N ways)
 
 The held-out sequences (DATA_DIR/validation from `prepare --validation-fraction`, or a directory
@@ -10,6 +11,8 @@ like. Sequences are cut into micro-batches of batch.micro_batch_size in a fixed 
 b goes to rank b mod N: each micro-batch holds the same sequences for any worker count, and the
 per-rank sums meet in one allreduce, so the figure does not depend on N. The model runs with dropout
 off and no random number is drawn: training goes on exactly as it would have without evaluation.
+--model takes a transformers masked-LM directory (hvdbert.export's output, a Trainer checkpoint) and
+evaluates it identically, with the [eval] defaults unless --set says otherwise.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hvdbert.config import EvalConfig, Recipe, recipe_from_tree
+from hvdbert.config import EvalConfig, Recipe, apply_overrides, recipe_from_tree
 from hvdbert.data.loader import permute
 from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
@@ -176,13 +179,47 @@ def summary_text(record: dict) -> str:
 # The command
 
 
-def recipe_of_checkpoint(found) -> Recipe:
-    """The recipe a checkpoint was trained with (its recipe.json), validated as any recipe."""
+def recipe_of_checkpoint(found, overrides: list[str] = ()) -> Recipe:
+    """The recipe a checkpoint was trained with (its recipe.json) under `overrides` (--set), validated
+    as any recipe."""
     from dataclasses import fields
 
     sections = {f.name for f in fields(Recipe)} - {"source"}
     tree = {k: v for k, v in found.recipe.items() if k in sections and isinstance(v, dict)}
-    return recipe_from_tree(tree, str(found.path / "recipe.json"))
+    return recipe_from_tree(apply_overrides(tree, list(overrides)), str(found.path / "recipe.json"))
+
+
+def load_transformers_mlm(model_dir: Path, data: PreparedData) -> torch.nn.Module:
+    """A transformers model directory as `evaluate()` takes it: BertForPreTraining when it was saved as
+    one (its NSP head is evaluated on sentence-pair data), else AutoModelForMaskedLM (BertForMaskedLM,
+    ModernBertForMaskedLM). Refused in one line: a directory that is not a model, a tokenizer beside it
+    with another vocabulary than the held-out data's, too few token ids or positions, or sentence-pair
+    data for a model without an NSP head."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, BertForPreTraining
+
+    from hvdbert.data.tokenizer import load_tokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"--model {model_dir}: not a transformers model directory (no config.json); for an "
+                         "hvdbert run use --run RUN_DIR")
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    manifest = data.manifest
+    if any((model_dir / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        if load_tokenizer(model_dir).get_vocab() != load_tokenizer(data.tokenizer_dir).get_vocab():
+            raise UsageError(f"--model {model_dir}: its tokenizer has another vocabulary than the held-out data "
+                             f"{data.directory}; evaluate on data prepared with --tokenizer {model_dir}")
+    if config.vocab_size < manifest.vocab_size:
+        raise UsageError(f"--model {model_dir}: {config.vocab_size} token ids, but {data.directory} uses "
+                         f"{manifest.vocab_size}; it was not trained with this data's tokenizer")
+    if manifest.seq_len > config.max_position_embeddings:
+        raise UsageError(f"--data {data.directory}: sequences of {manifest.seq_len} tokens exceed the model's "
+                         f"max_position_embeddings = {config.max_position_embeddings}")
+    if "BertForPreTraining" in (config.architectures or []):
+        return BertForPreTraining.from_pretrained(str(model_dir), local_files_only=True)
+    if data.has_nsp:
+        raise UsageError(f"--model {model_dir} has no next-sentence head ({', '.join(config.architectures or [])}) "
+                         f"but {data.directory} holds sentence pairs; evaluate it on mlm data")
+    return AutoModelForMaskedLM.from_pretrained(str(model_dir), local_files_only=True)
 
 
 @cli_entry("hvdbert.evaluate")
@@ -194,38 +231,59 @@ def main(argv: list[str] | None = None) -> int:
     from hvdbert.train import Precision
 
     parser = ArgumentParser(prog="python -m hvdbert.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, type=Path, help="run directory (hvdbert.pretrain --output)")
+    parser.add_argument("--run", type=Path, help="run directory (hvdbert.pretrain --output)")
+    parser.add_argument("--model", type=Path, help="a transformers model directory instead of --run "
+                                                   "(hvdbert.export's output, a Trainer checkpoint); needs --data")
     parser.add_argument("--checkpoint", type=Path, help="evaluate this checkpoint (default: the run's newest)")
     parser.add_argument("--data", type=Path, help="held-out data directory (default: the run's evaluation "
                                                   "data, else its DATA_DIR/validation)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="e.g. eval.max_sequences=0: over the checkpoint's recipe, or the defaults with --model")
     args = parser.parse_args(argv)
-    found = checkpoint.checkpoint_of_run(args.run, args.checkpoint)
-    recipe = recipe_of_checkpoint(found)
-    train_dir = Path(found.recipe.get("data_dir", ""))
-    eval_dir = args.data or (Path(found.recipe["eval_data_dir"]) if found.recipe.get("eval_data_dir") else None)
-    if not (train_dir / "manifest.json").is_file():
-        raise UsageError(f"{found.path}: its training data {train_dir} is gone; the held-out data must be "
-                         "checked against its tokenizer")
-    data = open_eval_data(eval_dir, PreparedData(train_dir), recipe, "--data")
+    if (args.run is None) == (args.model is None):
+        raise UsageError("give one of --run RUN_DIR (an hvdbert run) and --model HF_DIR (a transformers model)")
+    if args.model is not None:
+        if args.checkpoint is not None or args.data is None:
+            raise UsageError("--model HF_DIR takes --data DIR (prepared held-out data, e.g. DATA_DIR/validation) "
+                             "and no --checkpoint")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: the one line below is the output
+        recipe = recipe_from_tree(apply_overrides({}, args.set), "--set")
+        data = PreparedData(args.data)
+        model = load_transformers_mlm(args.model, data)
+        source, step = str(args.model), None
+    else:
+        found = checkpoint.checkpoint_of_run(args.run, args.checkpoint)
+        recipe = recipe_of_checkpoint(found, args.set)
+        train_dir = Path(found.recipe.get("data_dir", ""))
+        eval_dir = args.data or (Path(found.recipe["eval_data_dir"]) if found.recipe.get("eval_data_dir") else None)
+        if not (train_dir / "manifest.json").is_file():
+            raise UsageError(f"{found.path}: its training data {train_dir} is gone; the held-out data must be "
+                             "checked against its tokenizer")
+        data = open_eval_data(eval_dir, PreparedData(train_dir), recipe, "--data")
+        model = build_model(recipe.model, with_nsp=bool(found.recipe.get("with_nsp", False)))
+        checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
+        source, step = str(found.path), found.step
 
     dist = init_distributed(recipe.dist)
     device = choose_device(dist, recipe.train.precision)
     if device.type == "cpu":
         torch.set_num_threads(recipe.dist.threads_per_worker)  # as in training: the same arithmetic
-    model = build_model(recipe.model, with_nsp=bool(found.recipe.get("with_nsp", False)))
-    checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
     model.to(device)
     record = evaluate(model, HeldOut(data, recipe.eval, recipe.batch.micro_batch_size), dist, device,
                       Precision.create(recipe.train.precision, device).autocast)
-    record = {"checkpoint": str(found.path), "step": found.step, "eval_data": str(data.directory), **record}
+    record = {"checkpoint" if args.model is None else "model": source, "step": step,
+              "eval_data": str(data.directory), **record}
     if dist.rank == 0:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             temporary = args.json.with_name(args.json.name + ".tmp")
             temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
             temporary.replace(args.json)
-        print(f"hvdbert: {found.path} (step {found.step}) on {data.directory}: {summary_text(record)}", flush=True)
+        where = source if step is None else f"{source} (step {step})"
+        print(f"hvdbert: {where} on {data.directory}: {summary_text(record)}", flush=True)
     dist.shutdown()
     return 0
 

@@ -83,3 +83,37 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, hvdbert_env, data):
     last = read_metrics(ok)[-1]
     assert last["step"] == 2 and last["eval_sequences"] > 0
     assert json.loads((ok / "recipe.json").read_text())["eval_data_dir"] == str(bare)
+
+
+def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, hvdbert_env, data):
+    """--model HF_DIR (a Trainer checkpoint, an export) is evaluated on the same sequences and masks as
+    the checkpoint it came from: the figure is the same, whatever micro-batch each path cuts."""
+    run_dir, exported = tmp_path / "run", tmp_path / "hf"
+    run_module("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", str(data), "--output",
+                                    str(run_dir)], hvdbert_env, timeout=300)
+    run_module("hvdbert.export", ["--run", str(run_dir), "--output", str(exported)], hvdbert_env, timeout=200)
+    sets = ["--set", "eval.max_sequences=48"]
+    run_module("hvdbert.evaluate", ["--run", str(run_dir), *sets, "--json", str(tmp_path / "run.json")],
+               hvdbert_env, timeout=200)
+    result = run_module("hvdbert.evaluate", ["--model", str(exported), "--data", str(data / "validation"), *sets,
+                                             "--set", "batch.micro_batch_size=7", "--json", str(tmp_path / "hf.json")],
+                        hvdbert_env, timeout=200)
+    ours, theirs = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("run", "hf"))
+    assert ours["step"] == 2 and theirs["model"] == str(exported) and theirs["step"] is None
+    assert ours["eval_sequences"] == theirs["eval_sequences"] == 48
+    assert ours["eval_masked_tokens"] == theirs["eval_masked_tokens"]
+    assert ours["eval_unigram_entropy"] == theirs["eval_unigram_entropy"]
+    assert theirs["eval_loss"] == pytest.approx(ours["eval_loss"], rel=1e-5)
+    assert theirs["eval_mlm_accuracy"] == pytest.approx(ours["eval_mlm_accuracy"], abs=1e-9)
+    assert "held-out loss" in result.stdout and result.stderr.strip() == ""
+
+    other = tmp_path / "other"  # another tokenizer
+    run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--vocab-size", "600",
+                                   "--output", str(other)], hvdbert_env, timeout=300)
+    for args, message in ((["--model", str(exported), "--data", str(other)], "another vocabulary"),
+                          (["--model", str(exported)], "--data"),
+                          (["--model", str(run_dir), "--data", str(data / "validation")], "config.json"),
+                          (["--run", str(run_dir), "--model", str(exported)], "one of")):
+        result = run_module("hvdbert.evaluate", args, hvdbert_env, timeout=200, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
