@@ -127,3 +127,93 @@ def test_run_mlm_peers_refuse_another_corpus(hvdbert_env, tmp_path):
                         hvdbert_env, check=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "ddp-hvdbert-model" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# bench/time_to_quality.py: hvdbert against the Trainer on run_mlm.py's recipe, end to end on a tiny shape
+
+TINY_SHAPE = ["--set", "model.vocab_size=1500", "--set", "model.hidden_size=64", "--set", "model.num_hidden_layers=2",
+              "--set", "model.num_attention_heads=2", "--set", "model.intermediate_size=128",
+              "--set", "data.max_seq_len=64", "--set", "data.max_predictions_per_seq=10",
+              "--set", "batch.micro_batch_size=4", "--set", "eval.max_sequences=32"]
+
+
+@pytest.fixture(scope="module")
+def quality_data(hvdbert_env, tmp_path_factory):
+    data = tmp_path_factory.mktemp("quality") / "data"
+    run_module("hvdbert.prepare", ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64",
+                                   "--vocab-size", "1500", "--validation-fraction", "0.1", "--output", str(data)],
+               hvdbert_env, timeout=300)
+    return data
+
+
+def test_time_to_quality_end_to_end(hvdbert_env, quality_data, tmp_path):
+    """Both systems train, save, are evaluated alike and probed; the headline follows from the rows.
+    hvdbert's AdamW at 2e-3 against the Trainer at 1e-5 (which barely moves in 4 steps): hvdbert passes
+    the Trainer's final loss, so the ratio is computed, and checked against the rows."""
+    from bench.time_to_quality import cpu_to_reach
+
+    output = tmp_path / "out"
+    result = run_module("bench.time_to_quality", [
+        "--data", str(quality_data), "--output", str(output), "--workdir", str(tmp_path / "runs"),
+        "--hvdbert", "adamw:2e-3", "--trainer", "1e-5", "--steps", "4", "--save-every", "2",
+        "--global-batch-size", "8", "--probe-seeds", "1", "--probe-epochs", "1", *TINY_SHAPE,
+    ], hvdbert_env, timeout=400)
+    rows = [json.loads(line) for line in (output / "quality.jsonl").read_text().splitlines()]
+    curves = {system: [r for r in rows if r["system"] == system] for system in ("hvdbert", "trainer")}
+    assert [r["lr"] for r in curves["hvdbert"]] == ["2e-3"] * 2 and [r["lr"] for r in curves["trainer"]] == ["1e-5"] * 2
+    for curve in curves.values():
+        assert [r["step"] for r in curve] == [2, 4] and [r["samples"] for r in curve] == [16, 32]
+        assert 0 < curve[0]["cpu_seconds"] < curve[1]["cpu_seconds"]
+        assert all(math.isfinite(r["eval_loss"]) and 0 <= r["eval_mlm_accuracy"] <= 1 for r in curve)
+        assert all(r["eval_sequences"] == 32 for r in curve)
+    # the same held-out tokens and masks for every model
+    assert len({r["eval_unigram_entropy"] for r in rows}) == 1
+
+    summary = json.loads((output / "summary.json").read_text())
+    trainer_final = curves["trainer"][-1]
+    assert summary["target_eval_loss"] == trainer_final["eval_loss"]
+    reach = cpu_to_reach(curves["hvdbert"], trainer_final["eval_loss"])
+    assert reach["interpolated"] is not None, rows
+    assert summary["cpu_ratio"] == pytest.approx(reach["interpolated"] / trainer_final["cpu_seconds"])
+    assert summary["cpu_ratio_first_save"] == pytest.approx(reach["first_save"] / trainer_final["cpu_seconds"])
+    assert [(p["model"], p["seed"]) for p in summary["probe"]] == [("hvdbert", 1), ("trainer", 1), ("from scratch", 1)]
+    assert all(0 <= p["dev_accuracy"] <= 1 and p["epochs"] == 1 for p in summary["probe"])
+
+    table = (output / "quality.md").read_text()
+    assert table in result.stdout
+    assert "| hvdbert | adamw | 2e-3 (best) |" in table and "| HF Trainer (run_mlm.py) | adamw | 1e-5 (best) |" in table
+    assert f"**{summary['cpu_ratio']:.2f}x**" in table and "| from scratch | 1 |" in table
+    assert (output / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The Trainer's checkpoints are transformers directories that hvdbert.evaluate takes as they are
+    trainer_dir = tmp_path / "runs" / "trainer-adamw-1e-5" / "checkpoint-4"
+    run_module("hvdbert.evaluate", ["--model", str(trainer_dir), "--data", str(quality_data / "validation"),
+                                    "--set", "eval.max_sequences=32", "--set", "batch.micro_batch_size=4",
+                                    "--json", str(tmp_path / "again.json")], hvdbert_env, timeout=200)
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["eval_loss"] == pytest.approx(trainer_final["eval_loss"], rel=1e-6)
+
+
+def test_cpu_to_reach_interpolates_between_saves():
+    from bench.time_to_quality import cpu_to_reach
+
+    curve = [{"step": 1, "cpu_seconds": 10.0, "eval_loss": 7.0}, {"step": 2, "cpu_seconds": 20.0, "eval_loss": 6.0},
+             {"step": 3, "cpu_seconds": 30.0, "eval_loss": 5.0}]
+    assert cpu_to_reach(curve, 5.5) == {"interpolated": 25.0, "first_save": 30.0, "step": 3}
+    assert cpu_to_reach(curve, 6.0) == {"interpolated": 20.0, "first_save": 20.0, "step": 2}
+    assert cpu_to_reach(curve, 7.5) == {"interpolated": 10.0, "first_save": 10.0, "step": 1}  # nothing measured earlier
+    assert cpu_to_reach(curve, 4.9)["interpolated"] is None
+
+
+def test_time_to_quality_refuses_bad_input_in_one_line(hvdbert_env, quality_data, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("Some other text.\n\nAnd another document.\n")
+    base = ["--data", str(quality_data), "--output", str(tmp_path / "out"), "--workdir", str(tmp_path / "runs"),
+            *TINY_SHAPE]
+    for extra, message in ((["--hvdbert", "adamw"], "OPTIMIZER:LR"), (["--trainer", "0,1e-3"], "positive"),
+                           (["--hvdbert", "sgd:1e-3"], "optim.name"), (["--input", str(other)], "not the ones"),
+                           (["--steps", "0"], "--steps")):
+        result = run_module("bench.time_to_quality", [*base, *extra], hvdbert_env, check=False, timeout=200)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
