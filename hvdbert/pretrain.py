@@ -264,7 +264,14 @@ def run_elastic(run: Run, run_dir: Path, checkpointer, stop, evaluator, agree, s
 
     def on_reset() -> None:  # Horovod calls this after re-forming the ring with the new workers
         setup_logging(dist)  # this worker's rank may have changed: rank 0 speaks, the others prefix theirs
-        plan = run.replan()
+        try:
+            plan = run.replan()
+        except UsageError as refusal:  # every worker reaches it; rank 0 alone says why
+            if dist.rank != 0:
+                raise SystemExit(2) from None
+            raise UsageError(f"the elastic job now has {dist.size} workers: {refusal}; offer hosts whose slots add "
+                             "up to counts that work (--max-np caps the count), then continue with --resume "
+                             "auto") from None
         log.warning("hvdbert: elastic reset: now %d workers, accumulation %d", dist.size, plan.accumulation_steps)
 
     def once(elastic_state) -> dict:
