@@ -209,15 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                  f"{count_parameters(run.model):,}", plan.global_batch_size, plan.workers, plan.micro_batch_size,
                  plan.accumulation_steps, plan.max_steps, plan.lr_derivation, run.data.directory, len(run.data))
 
-    stop = checkpoint.StopRequest()
-    stop.install()
+    stop = checkpoint.StopRequest()  # installed when training is about to start
     checkpointer = checkpoint.Checkpointer(run, args.output, resolved())
     try:
         if args.elastic:
+            stop.install()
             summary = run_elastic(run, args.output, checkpointer, stop, evaluator, agree, start, lock)
         else:
             agree()
             start()
+            stop.install()
             sample_log = open_sample_log(args.output, recipe.data.record_sample_ids, dist)
             try:
                 summary = train_once(run, args.output, checkpointer, stop, sample_log, evaluator=evaluator)
