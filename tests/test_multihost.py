@@ -4,7 +4,8 @@ Every job runs as a user would run it: an SSH session into host-a starts the lau
 starts the workers over SSH. Each host prepares the embedded corpus into a cache of its own (no
 shared cache; the file system is the machine's, as a shared one would be for data and runs), and
 training traffic goes over eth1, the second interface, as docs/clusters.md tells users to select
-it. The per-step losses of two hosts must equal those of one host with two workers.
+it. The per-step losses of two hosts must equal those of one host with two workers. An elastic job
+grows from host-a and host-b to host-c and shrinks back when rank 0's host leaves the hosts file.
 
 Needs root and `ip netns`; skipped with the reason where they are missing. Each job is bounded in
 time; the hosts (namespaces, sshd processes, per-namespace files) are removed at the end, also
