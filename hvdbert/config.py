@@ -125,6 +125,9 @@ class CheckpointConfig:
 @dataclass
 class ElasticConfig:
     commit_every: int = positive(10)  # steps between hvd.elastic state commits
+    # A new rank 0 (its predecessor's host left the job) waits this long for the run directory's
+    # lock, which the predecessor holds until its process ends.
+    lock_wait_seconds: float = bounded(60.0, lambda v: v >= 0, "must be 0 or more")
 
 
 @dataclass

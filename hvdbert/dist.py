@@ -96,6 +96,9 @@ class Distributed(Protocol):
     local_rank: int
     local_size: int
     backend: str
+    # Horovod elastic: workers may join a running job. A joining worker meets the others only inside
+    # the elastic loop (at the state's sync), so nothing before it may be a collective.
+    elastic: bool
 
     def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module: ...
     def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool): ...
@@ -109,7 +112,7 @@ class Distributed(Protocol):
     def synchronize(self, optimizer) -> None: ...
     def skip_synchronize(self, optimizer) -> contextlib.AbstractContextManager: ...
     def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None: ...
-    def elastic_run(self, fn, state_objects: dict, on_reset): ...
+    def elastic_run(self, fn, state_objects: dict, on_reset, before_sync=None): ...
     def shutdown(self) -> None: ...
 
 
@@ -121,6 +124,7 @@ class SingleProcess:
     local_rank = 0
     local_size = 1
     backend = "none"
+    elastic = False
 
     def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module:
         return forward  # Horovod reduces through the optimizer's hooks, not the forward
@@ -162,7 +166,7 @@ class SingleProcess:
     def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None:
         pass
 
-    def elastic_run(self, fn, state_objects: dict, on_reset):
+    def elastic_run(self, fn, state_objects: dict, on_reset, before_sync=None):
         raise UsageError("--elastic needs Horovod elastic: run under horovodrun with --min-np/--max-np "
                          "and --host-discovery-script (see docs/resume.md)")
 
@@ -192,6 +196,7 @@ class HorovodDistributed(SingleProcess):
             os.environ.setdefault(name, value)
         hvd.init()
         self.hvd = hvd
+        self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"  # set by horovodrun's elastic driver
         self.refresh()
         host = socket.gethostname()
         self.watchdog = (CollectiveWatchdog(cfg.stall_timeout_seconds, lambda: f"rank {self.rank} (host {host})")
@@ -272,16 +277,26 @@ class HorovodDistributed(SingleProcess):
     def shutdown(self) -> None:
         self.hvd.shutdown()
 
-    def elastic_run(self, fn, state_objects: dict, on_reset):
+    def elastic_run(self, fn, state_objects: dict, on_reset, before_sync=None):
         """Run fn(state) under Horovod elastic (Gloo only). `state_objects` (model, optimizer and plain
         counters) are committed by `state.commit()` and restored to the last commit when a worker is
-        lost; then Horovod re-forms the ring, broadcasts the state from the new rank 0, calls
-        `on_reset` (after refreshing rank and size here) and runs fn again."""
+        lost; then Horovod re-forms the ring, calls `on_reset` (after refreshing rank and size here),
+        syncs the state from the new rank 0 and runs fn again. `before_sync()`, when given, runs on
+        every worker right before each sync: the first collective a joining worker takes part in."""
         hvd = self.hvd
         if not hvd.gloo_enabled():
             raise UsageError("--elastic needs Horovod over Gloo: launch with horovodrun --min-np/--max-np "
                              "--host-discovery-script (not mpirun)")
-        state = hvd.elastic.TorchState(**state_objects)
+
+        class State(hvd.elastic.TorchState):
+            def sync(self) -> None:
+                # Horovod: every worker syncs here after a reset (a new one before its first step), so
+                # checks that every worker must pass go first, before rank 0's state overwrites theirs.
+                if before_sync is not None:
+                    before_sync()
+                super().sync()
+
+        state = State(**state_objects)
 
         def reset() -> None:
             self.refresh()

@@ -19,6 +19,7 @@ tokenizer is trained on the training documents only.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -393,14 +394,24 @@ def prepare_builtin(output: Path, vocab_size: int, seq_len: int, max_documents: 
     BUILTIN_VALIDATION_FRACTION of its documents held out in output/validation."""
     output = Path(output)
     if not (output / "manifest.json").is_file():
-        log.warning("preparing the embedded corpus in %s (once)", output)
-        options = Options(sources=(Source("builtin", "builtin"),), seq_len=seq_len,
-                          builtin_max_documents=max_documents, validation_fraction=BUILTIN_VALIDATION_FRACTION)
-        try:
-            prepare(options, output, vocab_size=vocab_size, source="builtin", comm=_OneProcess())
-        except UsageError:
-            if not (output / "manifest.json").is_file():  # not a concurrent preparer that finished first
-                raise
+        output.parent.mkdir(parents=True, exist_ok=True)
+        # Callers on one host (elastic workers, which cannot wait at a barrier) take turns: the
+        # first prepares, the others find the manifest. Where the file system has no locks, each
+        # prepares into a partial directory of its own and the first to finish publishes it.
+        with open(output.parent / f".{output.name}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:
+                pass
+            if not (output / "manifest.json").is_file():
+                log.warning("preparing the embedded corpus in %s (once)", output)
+                options = Options(sources=(Source("builtin", "builtin"),), seq_len=seq_len,
+                                  builtin_max_documents=max_documents, validation_fraction=BUILTIN_VALIDATION_FRACTION)
+                try:
+                    prepare(options, output, vocab_size=vocab_size, source="builtin", comm=_OneProcess())
+                except UsageError:
+                    if not (output / "manifest.json").is_file():  # not a concurrent preparer that finished first
+                        raise
     return PreparedData(output)
 
 

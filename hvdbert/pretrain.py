@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from hvdbert.evaluate import build_evaluator, summary_text
 from hvdbert.metrics import NullMetrics, RunMetrics
 from hvdbert.model import count_parameters
 from hvdbert.run import Run, build_run, preflight, refuse_used_run_dir
-from hvdbert.runlock import lock_run_dir
+from hvdbert.runlock import LOCK_FILE, RankZeroLock
 from hvdbert.train import TrainingDiverged, train
 
 log = logging.getLogger("hvdbert")
@@ -70,6 +71,19 @@ def _rewrite_lines(path: Path, edit) -> None:
     os.replace(temporary, path)
 
 
+def cut_sample_logs(run_dir: Path, step: int, ranks: int) -> None:
+    """Cut the sample-id logs back to `step`: line k of RUN_DIR/sample_ids/rank-<r>.txt is what rank r
+    read at step k + 1, in the history that continues from `step` (a resume's checkpoint, an elastic
+    job's last commit). A rank that did not exist at some steps (another worker count then) has empty
+    lines for them; ranks 0..ranks-1 get their file now."""
+    directory = run_dir / "sample_ids"
+    logs = set(directory.glob("rank-*.txt")) | {directory / f"rank-{r}.txt" for r in range(ranks)}
+    if ranks:
+        directory.mkdir(exist_ok=True)
+    for sample_log in logs:
+        _rewrite_lines(sample_log, lambda lines: lines[:step] + ["\n"] * (step - len(lines)))
+
+
 def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, sample_log_ranks: int) -> None:
     """A fresh run refuses a used directory; a resumed one (resume_step: its checkpoint's step, 0 when
     `--resume auto` found none) keeps metrics.jsonl and the sample-id logs up to that step."""
@@ -79,14 +93,7 @@ def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, samp
         checkpoint.discard_later(run_dir, resume_step)
         _rewrite_lines(run_dir / "metrics.jsonl",
                        lambda lines: [line for line in lines if json.loads(line)["step"] <= resume_step])
-        # Line k of rank-<r>.txt is step k + 1: a rank that did not exist before the resume (another
-        # worker count) gets empty lines for the steps it did not run.
-        logs = set((run_dir / "sample_ids").glob("rank-*.txt"))
-        logs |= {run_dir / "sample_ids" / f"rank-{r}.txt" for r in range(sample_log_ranks)}
-        if sample_log_ranks:
-            (run_dir / "sample_ids").mkdir(exist_ok=True)
-        for sample_log in logs:
-            _rewrite_lines(sample_log, lambda lines: lines[:resume_step] + ["\n"] * (resume_step - len(lines)))
+        cut_sample_logs(run_dir, resume_step, sample_log_ranks)
     temporary = run_dir / "recipe.json.tmp"
     temporary.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, run_dir / "recipe.json")
@@ -143,65 +150,85 @@ def open_sample_log(run_dir: Path, enabled: bool, dist: Distributed):
 @cli_entry("hvdbert.pretrain")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    elastic_launch = os.environ.get("HOROVOD_ELASTIC") == "1"  # set by horovodrun's elastic driver
     try:  # before Horovod starts: bad input fails fast, alike on every rank
         recipe = load_recipe(args.recipe, args.set)
         # Rank 0 checks the run directory for all (when it refuses, the launcher stops the others);
         # a worker that joins an elastic run later would find the run directory in use by its own job.
-        if launcher_rank() == 0 and os.environ.get("HOROVOD_ELASTIC") != "1":
+        if launcher_rank() == 0 and not elastic_launch:
             preflight(recipe, args.output, args.data, args.resume)
+        if elastic_launch and not args.elastic:
+            raise UsageError("started by horovodrun's elastic driver (--host-discovery-script) without "
+                             "--elastic: add --elastic to the hvdbert.pretrain arguments (launch/multinode.sh "
+                             "--elastic adds it)")
     except UsageError:
         if launcher_rank() != 0:  # rank 0 alone says why
             raise SystemExit(2) from None
         raise
-    if args.elastic and os.environ.get("HOROVOD_ELASTIC") != "1":  # set by horovodrun's elastic driver
+    if args.elastic and not elastic_launch:
         raise UsageError("--elastic needs Horovod elastic: launch with horovodrun --min-np N --max-np M "
                          "--host-discovery-script launch/discover_hosts.sh (Gloo; see docs/resume.md)")
     dist = init_distributed(recipe.dist)
     setup_logging(dist)
+    # Under elastic nothing from here to the elastic loop is a collective: a worker that joins a
+    # running job meets the others only at the loop's state sync (dist.Distributed.elastic).
     run = build_run(recipe, args.data, dist)
     if run.plan.lr_warning and dist.rank == 0:
         log.warning(run.plan.lr_warning)
     evaluator = build_evaluator(args.eval_data, run)  # refuses before anything is written
-    resolved = resolved_recipe(run)
-    if evaluator is not None:
-        resolved["eval_data_dir"] = str(evaluator.held_out.data.directory)
+    eval_data = evaluator.held_out.data if evaluator is not None else None
 
-    check_agreement(dist, run.data, resolved, args.resume, args.output, recipe.checkpoint.init_from,
-                    eval_data=evaluator.held_out.data if evaluator is not None else None)
-    held = []  # rank 0's lock on the run directory, kept until the process exits
+    def resolved() -> dict:  # for the run's current worker count (an elastic reset changes it)
+        found = resolved_recipe(run)
+        if eval_data is not None:
+            found["eval_data_dir"] = str(eval_data.directory)
+        return found
 
-    def restore_and_prepare() -> str:
-        held.append(lock_run_dir(args.output))  # before anything there is read: one run at a time
-        outcome = restore_on_rank0(args, run)
-        prepare_run_dir(args.output, resolved, run.state.step if args.resume else None,
-                        dist.size if recipe.data.record_sample_ids else 0)
-        return outcome
+    def agree() -> None:
+        check_agreement(dist, run.data, resolved(), args.resume, args.output, recipe.checkpoint.init_from,
+                        eval_data=eval_data)
 
-    log.info("hvdbert: %s", rank_zero_decides(dist.rank, lambda v: dist.broadcast_object(v, name="startup"),
-                                              restore_and_prepare))
-    run.broadcast_from_rank0()
+    lock = RankZeroLock(args.output)  # rank 0's lock on the run directory, kept until the process exits
 
-    stop = checkpoint.StopRequest()
-    stop.install()
-    checkpointer = checkpoint.Checkpointer(run, args.output, resolved)
-    plan = run.plan
-    log.info("hvdbert: %d workers (%s), %s parameters, global batch %d = %d workers x %d micro x %d "
-             "accumulation, %d steps, lr %s, data %s (%d sequences)", dist.size, dist.backend,
-             f"{count_parameters(run.model):,}", plan.global_batch_size, plan.workers, plan.micro_batch_size,
-             plan.accumulation_steps, plan.max_steps, plan.lr_derivation, run.data.directory, len(run.data))
-    sample_log = open_sample_log(args.output, recipe.data.record_sample_ids, dist)
+    def start() -> None:
+        """Rank 0 locks the run directory, restores (or keeps the random start) and prepares it;
+        then every rank takes rank 0's state. Every rank calls it at the same point."""
+        def restore_and_prepare() -> str:
+            lock.take()  # before anything there is read: one run at a time
+            outcome = restore_on_rank0(args, run)
+            prepare_run_dir(args.output, resolved(), run.state.step if args.resume else None,
+                            dist.size if recipe.data.record_sample_ids else 0)
+            return outcome
+
+        log.info("hvdbert: %s", rank_zero_decides(dist.rank, lambda v: dist.broadcast_object(v, name="startup"),
+                                                  restore_and_prepare))
+        run.broadcast_from_rank0()
+        plan = run.plan
+        log.info("hvdbert: %d workers (%s), %s parameters, global batch %d = %d workers x %d micro x %d "
+                 "accumulation, %d steps, lr %s, data %s (%d sequences)", dist.size, dist.backend,
+                 f"{count_parameters(run.model):,}", plan.global_batch_size, plan.workers, plan.micro_batch_size,
+                 plan.accumulation_steps, plan.max_steps, plan.lr_derivation, run.data.directory, len(run.data))
+
+    stop = checkpoint.StopRequest()  # installed when training is about to start
+    checkpointer = checkpoint.Checkpointer(run, args.output, resolved())
     try:
         if args.elastic:
-            summary = run_elastic(run, args.output, checkpointer, stop, sample_log, evaluator)
+            stop.install()
+            summary = run_elastic(run, args.output, checkpointer, stop, evaluator, agree, start, lock)
         else:
-            summary = train_once(run, args.output, checkpointer, stop, sample_log, evaluator=evaluator)
+            agree()
+            start()
+            stop.install()
+            sample_log = open_sample_log(args.output, recipe.data.record_sample_ids, dist)
+            try:
+                summary = train_once(run, args.output, checkpointer, stop, sample_log, evaluator=evaluator)
+            finally:
+                if sample_log is not None:
+                    sample_log.close()
     except TrainingDiverged as error:
         if dist.rank == 0:
             print(f"hvdbert.pretrain: error: {error}", file=sys.stderr, flush=True)
         return 3
-    finally:
-        if sample_log is not None:
-            sample_log.close()
     if dist.rank == 0:
         how = f" (stopped by {summary['stopped_by']}; continue with --resume auto)" if summary["stopped_by"] else ""
         print(f"hvdbert: done: {summary['steps']} steps, {summary['samples_seen']} samples seen, "
@@ -224,29 +251,68 @@ def train_once(run: Run, run_dir: Path, checkpointer, stop, sample_log, after_st
         metrics.close()
 
 
-def run_elastic(run: Run, run_dir: Path, checkpointer, stop, sample_log, evaluator=None) -> dict:
-    """Horovod elastic: workers may leave (and join) mid-run. The model, optimizer and progress
+def run_elastic(run: Run, run_dir: Path, checkpointer, stop, evaluator, agree, start, lock: RankZeroLock) -> dict:
+    """Horovod elastic: workers may leave and join mid-run. The model, optimizer and progress
     counters are committed every elastic.commit_every steps; after a reset, the plan (accumulation,
     LR) is recomputed for the new worker count and the data stream restarts at the committed global
-    sample position, so the global batch and the sample order are those of an uninterrupted run."""
-    dist, state = run.dist, run.state
+    sample position, so the global batch and the sample order are those of an uninterrupted run.
+
+    A worker that joins runs no start-up collective of its own: every worker checks its agreement
+    with rank 0 (`agree`) right before each state sync, the job's first workers then run `start`
+    once (rank 0 restores, every rank takes its state), and after every reset rank 0, whichever
+    process it is now, holds the run directory's lock."""
+    dist, state, recipe = run.dist, run.state, run.recipe
 
     def on_reset() -> None:  # Horovod calls this after re-forming the ring with the new workers
-        plan = run.replan()
+        setup_logging(dist)  # this worker's rank may have changed: rank 0 speaks, the others prefix theirs
+        try:
+            plan = run.replan()
+        except UsageError as refusal:  # every worker reaches it; rank 0 alone says why
+            if dist.rank != 0:
+                raise SystemExit(2) from None
+            raise UsageError(f"the elastic job now has {dist.size} workers: {refusal}; offer hosts whose slots add "
+                             "up to counts that work (--max-np caps the count), then continue with --resume "
+                             "auto") from None
         log.warning("hvdbert: elastic reset: now %d workers, accumulation %d", dist.size, plan.accumulation_steps)
 
     def once(elastic_state) -> dict:
-        state.load_state_dict({"step": elastic_state.step, "samples_seen": elastic_state.samples_seen})
+        if not elastic_state.started:  # the job's first workers, before their first step
+            start()
+            elastic_state.step, elastic_state.samples_seen = state.step, state.samples_seen
+            elastic_state.started = True
+            elastic_state.commit()  # a rollback returns to the restored start, not to the random one
+        else:
+            state.load_state_dict({"step": elastic_state.step, "samples_seen": elastic_state.samples_seen})
+            if dist.rank != 0:
+                lock.release()
+            had_lock = lock.held
+            rank_zero_decides(dist.rank, lambda v: dist.broadcast_object(v, name="run_lock"),
+                              lambda: lock.take(recipe.elastic.lock_wait_seconds))
+            if dist.rank == 0 and not had_lock:
+                log.info("hvdbert: rank 0 is now pid %d on %s; it holds %s", os.getpid(), socket.gethostname(),
+                         run_dir / LOCK_FILE)
+        if recipe.data.record_sample_ids:
+            # Steps after the last commit are done again: the logs are cut back to it, so that they
+            # hold the history that counts (line k: step k + 1), as after a resume.
+            if dist.rank == 0:
+                cut_sample_logs(run_dir, state.step, dist.size)
+            dist.barrier()
+        sample_log = open_sample_log(run_dir, recipe.data.record_sample_ids, dist)
 
         def commit(progress) -> None:
-            if progress.step % run.recipe.elastic.commit_every == 0:
+            if progress.step % recipe.elastic.commit_every == 0:
                 elastic_state.step, elastic_state.samples_seen = progress.step, progress.samples_seen
                 elastic_state.commit()  # Horovod: also where a host change is noticed
 
-        return train_once(run, run_dir, checkpointer, stop, sample_log, after_step=commit, evaluator=evaluator)
+        try:
+            return train_once(run, run_dir, checkpointer, stop, sample_log, after_step=commit, evaluator=evaluator)
+        finally:
+            if sample_log is not None:
+                sample_log.close()
 
     return dist.elastic_run(once, {"model": run.model, "optimizer": run.optimizer, "step": state.step,
-                                   "samples_seen": state.samples_seen}, on_reset)
+                                   "samples_seen": state.samples_seen, "started": False},
+                            on_reset, before_sync=agree)
 
 
 if __name__ == "__main__":

@@ -51,9 +51,15 @@ def open_data(data_dir: Path | None, recipe: Recipe, dist: Distributed) -> Prepa
     if data_dir is None:
         directory = builtin_cache_dir(cache_root() / "data", vocab_size, recipe.data.max_seq_len,
                                       recipe.data.builtin_max_documents)
-        if dist.local_rank == 0:  # one preparer per host; the others wait for it
+        if dist.elastic:
+            # A worker that joins a running elastic job meets the others only at the state's sync, so
+            # no barrier here: each worker calls the preparation, which one at a time per host (a
+            # file lock) prepares the corpus or finds it prepared.
             prepare_builtin(directory, vocab_size, recipe.data.max_seq_len, recipe.data.builtin_max_documents)
-        dist.barrier(bounded=False)  # preparing may take minutes: not a stall
+        else:
+            if dist.local_rank == 0:  # one preparer per host; the others wait for it
+                prepare_builtin(directory, vocab_size, recipe.data.max_seq_len, recipe.data.builtin_max_documents)
+            dist.barrier(bounded=False)  # preparing may take minutes: not a stall
         data_dir = directory
     data = PreparedData(data_dir)
     check_data(data, recipe)

@@ -48,22 +48,30 @@ def in_use(run_dir: Path, path: Path) -> UsageError:
                       "directory at a time: wait for it to end, stop it, or choose another --output")
 
 
-def lock_run_dir(run_dir: Path) -> RunLock:
-    """Create RUN_DIR if needed and lock it, or refuse (UsageError) naming the run that holds it."""
+def lock_run_dir(run_dir: Path, wait_seconds: float = 0.0) -> RunLock:
+    """Create RUN_DIR if needed and lock it, or refuse (UsageError) naming the run that holds it.
+    wait_seconds: how long to wait for a holder that is expected to go away (an elastic job's
+    previous rank 0, on a host that left the job)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        os.close(fd)
-        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise in_use(run_dir, path) from None
-        # Some network filesystems (Lustre mounted without -o flock) have no locks at all.
-        log.warning("hvdbert: cannot lock %s (%s): make sure no other run uses this directory",
-                    path, error.strerror)
-        return RunLock(path, None)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise in_use(run_dir, path) from None
+            # Some network filesystems (Lustre mounted without -o flock) have no locks at all.
+            log.warning("hvdbert: cannot lock %s (%s): make sure no other run uses this directory",
+                        path, error.strerror)
+            return RunLock(path, None)
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
@@ -85,3 +93,25 @@ def check_free(run_dir: Path) -> None:
             raise in_use(run_dir, path) from None
     finally:
         os.close(fd)
+
+
+class RankZeroLock:
+    """RUN_DIR/lock as rank 0 holds it, whichever process rank 0 is: after an elastic reset it can be
+    another one (the previous rank 0's host left the job), which then takes the lock over."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._held: RunLock | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def take(self, wait_seconds: float = 0.0) -> None:
+        if self._held is None:
+            self._held = lock_run_dir(self.run_dir, wait_seconds)
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None

@@ -259,13 +259,13 @@ def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample
             raise TrainingDiverged(f"{bad_steps} consecutive steps (up to step {state.step}) had a non-finite "
                                    f"loss, more than train.max_bad_steps = {cfg.max_bad_steps}; diagnostic "
                                    f"checkpoint: {path}; lower optim.lr or check the data")
-        if after_step is not None:
-            after_step(state)
         if guard.stop_agreed:
             stopped = stop.signal_name if stop is not None and stop.requested else "signal on another rank"
             break
         if checkpointer and state.step % checkpointer.every_steps == 0:
             checkpointer.save(state)
+        if after_step is not None:  # last: an elastic commit may leave the loop (a host joined or left)
+            after_step(state)
     if checkpointer and (stopped or state.step % checkpointer.every_steps):
         checkpointer.save(state)  # the end of the run, or a preemption: never lose a step
     seconds = time.perf_counter() - run_start

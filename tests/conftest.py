@@ -46,3 +46,38 @@ def run_module(module: str, args: list[str], env: dict[str, str], np: int = 1, t
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def committed_sample_ids(run_dir: Path, steps: int) -> list[list[int]]:
+    """Per step 1..steps, the sample ids all ranks read, from `data.record_sample_ids` logs: line k of
+    RUN_DIR/sample_ids/rank-R.txt is step k + 1 (an empty or missing line: rank R did not exist then)."""
+    logs = [p.read_text().split("\n") for p in sorted((run_dir / "sample_ids").glob("rank-*.txt"))]
+    return [[int(i) for log in logs if k < len(log) for i in log[k].split()] for k in range(steps)]
+
+
+def uninterrupted_sample_ids(samples: int, seed: int, global_batch_size: int, steps: int) -> list[dict[int, int]]:
+    """Per step 1..steps, {sample id: epoch} of what any run reads there, from the global positions
+    alone (docs/data.md: position p is sample permute(p mod N) of epoch p // N, N = `samples`)."""
+    import numpy as np
+
+    from hvdbert.data.loader import permute
+
+    found = []
+    for k in range(steps):
+        positions = np.arange(k * global_batch_size, (k + 1) * global_batch_size)
+        found.append({int(permute(np.array([p % samples]), samples, seed, int(p // samples))[0]): int(p // samples)
+                      for p in positions})
+    return found
+
+
+def assert_each_sample_once_per_epoch(per_step: list[list[int]], expected: list[dict[int, int]]) -> dict[int, int]:
+    """Every step read exactly the samples of its positions, so no sample twice in an epoch; returns
+    the number of ids read per epoch."""
+    per_epoch: dict[int, list[int]] = {}
+    for step, (ids, wanted) in enumerate(zip(per_step, expected), start=1):
+        assert sorted(ids) == sorted(wanted), f"step {step}: read {sorted(ids)}, expected {sorted(wanted)}"
+        for i in ids:
+            per_epoch.setdefault(wanted[i], []).append(i)
+    for epoch, ids in per_epoch.items():
+        assert len(set(ids)) == len(ids), f"epoch {epoch}: a sample read twice"
+    return {epoch: len(ids) for epoch, ids in per_epoch.items()}

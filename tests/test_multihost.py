@@ -4,7 +4,8 @@ Every job runs as a user would run it: an SSH session into host-a starts the lau
 starts the workers over SSH. Each host prepares the embedded corpus into a cache of its own (no
 shared cache; the file system is the machine's, as a shared one would be for data and runs), and
 training traffic goes over eth1, the second interface, as docs/clusters.md tells users to select
-it. The per-step losses of two hosts must equal those of one host with two workers.
+it. The per-step losses of two hosts must equal those of one host with two workers. An elastic job
+grows from host-a and host-b to host-c and shrinks back when rank 0's host leaves the hosts file.
 
 Needs root and `ip netns`; skipped with the reason where they are missing. Each job is bounded in
 time; the hosts (namespaces, sshd processes, per-namespace files) are removed at the end, also
@@ -12,6 +13,7 @@ after a failure.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, read_metrics
+from conftest import (BIN, REPO, assert_each_sample_once_per_epoch, committed_sample_ids, read_metrics,
+                      uninterrupted_sample_ids)
 from netns_cluster import Cluster, quote, unavailable
 
 pytestmark = pytest.mark.multiprocess
 
-HOSTS = ["host-a", "host-b"]
+HOSTS = ["host-a", "host-b", "host-c"]  # host-c joins the elastic test only
 STEPS = 8
 STALL_SECONDS = 20  # dist.stall_timeout_seconds in the fault tests
 FAULT_STEPS, FAULT_CHECKPOINT_EVERY = 40, 5
@@ -257,3 +260,121 @@ def test_frozen_worker_under_mpirun_ends_the_job_and_resume_continues_exactly(cl
     assert status != 0, output[-3000:]
     assert f"longer than dist.stall_timeout_seconds = {STALL_SECONDS}" in output, output[-3000:]
     assert_resumes_exactly(cluster, launcher, env, run_dir, one_host["faults"], stopped_at)
+
+
+# --- elastic: a host joins, a host leaves -----------------------------------------------------------
+
+ELASTIC_STEPS, ELASTIC_COMMIT_EVERY = 40, 2
+ELASTIC_GLOBAL_BATCH, ELASTIC_MICRO = 48, 8  # 6 micro-batches a step: 2 workers x 3, or 3 x 2
+
+
+def last_record_per_step(run_dir: Path) -> dict[int, dict]:
+    """Steps redone after a rollback are logged again: the last record of a step is the committed one."""
+    return {r["step"]: r for r in read_metrics(run_dir)} if (run_dir / "metrics.jsonl").is_file() else {}
+
+
+def write_hosts(path: Path, hosts: list[str]) -> None:
+    # as docs/clusters.md tells cluster tooling to: a new file renamed over the old one
+    temporary = path.with_name(path.name + ".new")
+    temporary.write_text("".join(f"{name}:1\n" for name in hosts))
+    os.replace(temporary, path)
+
+
+def test_elastic_job_grows_to_a_third_host_and_shrinks_back(cluster, tmp_path):
+    """multinode.sh --elastic on host-a and host-b; host-c is added to the hosts file once steps are
+    logged (3 workers), then rank 0's host is removed (2 workers), and the job finishes."""
+    from hvdbert.data.shards import PreparedData
+    from hvdbert.runlock import check_free
+    from hvdbert.errors import UsageError
+
+    run_dir, hosts_file = tmp_path / "run", tmp_path / "hosts"
+    write_hosts(hosts_file, ["host-a", "host-b"])
+    launcher = ["launch/multinode.sh", "--elastic", "-n", "2", "--min-np", "2", "--max-np", "3", "--nic", "eth1",
+                *pretrain_args(run_dir, ELASTIC_STEPS, "--set", f"batch.global_batch_size={ELASTIC_GLOBAL_BATCH}",
+                               "--set", f"batch.micro_batch_size={ELASTIC_MICRO}",
+                               "--set", f"elastic.commit_every={ELASTIC_COMMIT_EVERY}",
+                               "--set", "checkpoint.every_steps=10", "--set", "checkpoint.keep=20",
+                               "--set", "data.record_sample_ids=true")]
+    env = {**launcher_env(cluster), "HVDBERT_HOSTS_FILE": str(hosts_file)}
+    log_path = tmp_path / "elastic.log"
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(on_host_command(cluster, "host-a", launcher, env), stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_for(condition, what: str, seconds: float = 240) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert condition(), f"{what}: job exit {job.poll()}\n{log_path.read_text()[-4000:]}"
+
+    def workers_at_last_step() -> int:
+        records = last_record_per_step(run_dir)
+        return records[max(records)]["workers"] if records else 0
+
+    try:
+        wait_for(lambda: len(last_record_per_step(run_dir)) >= 4, "4 steps on two hosts")
+        print(f"{time.monotonic() - started:.0f} s: {len(last_record_per_step(run_dir))} steps on two hosts")
+        write_hosts(hosts_file, ["host-a", "host-b", "host-c"])
+        grown_at = max(last_record_per_step(run_dir))
+        print(f"{time.monotonic() - started:.0f} s: host-c added after step {grown_at}")
+        wait_for(lambda: workers_at_last_step() == 3, "the job grows to host-c")
+        print(f"{time.monotonic() - started:.0f} s: 3 workers")
+        wait_for(lambda: sum(r["workers"] == 3 for r in last_record_per_step(run_dir).values()) >= 4,
+                 "steps on three hosts")
+        # Horovod orders the first hosts as it likes: find rank 0's host (it holds the lock) and remove it.
+        leaving = (run_dir / "lock").read_text().split()[3]
+        assert leaving in ("host-a", "host-b"), leaving
+        write_hosts(hosts_file, [name for name in HOSTS if name != leaving])
+        shrunk_at = max(last_record_per_step(run_dir))
+        print(f"{time.monotonic() - started:.0f} s: {leaving} removed after step {shrunk_at}")
+        wait_for(lambda: workers_at_last_step() == 2, f"the job shrinks without {leaving}")
+        print(f"{time.monotonic() - started:.0f} s: 2 workers")
+        # The new rank 0, on another host, holds the run directory's lock: another run is refused.
+        with pytest.raises(UsageError, match="in use by another run"):
+            check_free(run_dir)
+        assert job.poll() is None  # (the job had many steps left: the lock was held while it ran)
+        status = job.wait(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        for name in HOSTS:
+            cluster.kill_processes(name)
+    seconds = time.monotonic() - started
+    output = log_path.read_text()
+    assert status == 0, output[-4000:]
+
+    records = read_metrics(run_dir)
+    committed = last_record_per_step(run_dir)
+    workers = [committed[s]["workers"] for s in sorted(committed)]
+    phases = [w for k, w in enumerate(workers) if k == 0 or w != workers[k - 1]]
+    print(f"elastic across hosts: {seconds:.0f} s; host-c added after step {grown_at}, {leaving} removed after "
+          f"step {shrunk_at}; workers by step {workers}; {len(records)} records for {len(committed)} steps")
+    assert sorted(committed) == list(range(1, ELASTIC_STEPS + 1))
+    assert phases == [2, 3, 2], workers
+    assert all(r["samples_seen"] == r["step"] * ELASTIC_GLOBAL_BATCH for r in committed.values())
+    assert all(r["global_batch_size"] == ELASTIC_GLOBAL_BATCH for r in records)
+    assert {(r["workers"], r["accumulation_steps"]) for r in records} == {(2, 3), (3, 2)}
+    assert f"hvdbert: done: {ELASTIC_STEPS} steps, {ELASTIC_STEPS * ELASTIC_GLOBAL_BATCH} samples seen" in output
+    assert f"preparing the embedded corpus in {cluster.workdir}/cache-host-c/" in output
+    assert "hvdbert: rank 0 is now pid" in output  # the new rank 0 took the run directory's lock over
+    # host-c prepared the embedded corpus into its own cache when it joined, and got the same bytes
+    manifests = [sorted((Path(cluster.workdir) / f"cache-{name}").glob("data/builtin-*/manifest.json"))
+                 for name in HOSTS]
+    assert all(len(m) == 1 for m in manifests), manifests
+    assert manifests[0][0].read_bytes() == manifests[1][0].read_bytes() == manifests[2][0].read_bytes()
+    # The lock file names the run's last rank 0, a worker on a host that stayed.
+    last_holder = (run_dir / "lock").read_text().split()[3]
+    assert last_holder != leaving and last_holder in HOSTS, last_holder
+
+    # No sample read twice: the committed history in the ranks' logs holds, at every step, exactly
+    # the samples of that step's global positions, as an uninterrupted run reads them.
+    data = PreparedData(manifests[0][0].parent)
+    seed = json.loads((run_dir / "recipe.json").read_text())["train"]["seed"]
+    per_step = committed_sample_ids(run_dir, ELASTIC_STEPS)
+    per_epoch = assert_each_sample_once_per_epoch(
+        per_step, uninterrupted_sample_ids(len(data), seed, ELASTIC_GLOBAL_BATCH, ELASTIC_STEPS))
+    ids = [i for step_ids in per_step for i in step_ids]
+    print(f"sample ids: {len(ids)} read over {ELASTIC_STEPS} steps, {len(set(ids))} distinct, "
+          f"{len(data)} samples in the data, read per epoch {per_epoch}")
+    assert len(ids) == ELASTIC_STEPS * ELASTIC_GLOBAL_BATCH

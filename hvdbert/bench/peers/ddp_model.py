@@ -33,6 +33,7 @@ class TorchDDP:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         self.backend = f"torch-ddp-{torch_dist.get_backend()}"
+        self.elastic = False  # a fixed set of workers: start-up may use collectives
 
     def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module:
         # DDP: broadcasts rank 0's weights now, then averages gradients during every backward through
