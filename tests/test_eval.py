@@ -117,3 +117,35 @@ def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, hv
         result = run_module("hvdbert.evaluate", args, hvdbert_env, timeout=200, check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def in_run_and_standalone(tmp_path, hvdbert_env, args: list[str]) -> tuple[dict, dict]:
+    """The held-out figures a 4-step run logged at its end, and hvdbert.evaluate's for its last checkpoint."""
+    run_dir = tmp_path / "run"
+    run_module("hvdbert.pretrain", [*args, "--output", str(run_dir), "--set", "eval.at_end=true",
+                                    "--set", "eval.max_sequences=32"], hvdbert_env, timeout=400)
+    in_run = read_metrics(run_dir)[-1]
+    run_module("hvdbert.evaluate", ["--run", str(run_dir), "--json", str(tmp_path / "eval.json")], hvdbert_env,
+               timeout=200)
+    return in_run, json.loads((tmp_path / "eval.json").read_text())
+
+
+def test_sentence_pair_data_gets_nsp_figures_in_the_run_and_from_a_checkpoint(tmp_path, hvdbert_env):
+    data = tmp_path / "nsp"
+    run_module("hvdbert.prepare", [*PREPARE, "--format", "nsp", "--validation-fraction", "0.1", "--output", str(data)],
+               hvdbert_env, timeout=300)
+    in_run, standalone = in_run_and_standalone(tmp_path, hvdbert_env, [*SHORT, "--data", str(data),
+                                                                       "--set", "data.format=nsp"])
+    assert in_run["step"] == 4 and 0.0 <= in_run["eval_nsp_accuracy"] <= 1.0 and in_run["eval_nsp_loss"] > 0
+    assert standalone["step"] == 4
+    for key in ("eval_loss", "eval_nsp_loss"):
+        assert standalone[key] == pytest.approx(in_run[key], rel=1e-6, abs=1e-6)
+    assert standalone["eval_nsp_accuracy"] == pytest.approx(in_run["eval_nsp_accuracy"], abs=1e-9)
+
+
+def test_a_modernbert_checkpoint_gets_the_runs_figure(tmp_path, hvdbert_env, data):
+    modernbert = ["--recipe", str(TINY.parent / "tiny-modernbert.toml"), *SHORT[2:]]
+    in_run, standalone = in_run_and_standalone(tmp_path, hvdbert_env, [*modernbert, "--data", str(data)])
+    assert in_run["step"] == standalone["step"] == 4 and "eval_nsp_loss" not in in_run
+    assert standalone["eval_loss"] == pytest.approx(in_run["eval_loss"], rel=1e-6, abs=1e-6)
+    assert standalone["eval_mlm_accuracy"] == pytest.approx(in_run["eval_mlm_accuracy"], abs=1e-9)
