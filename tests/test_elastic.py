@@ -102,3 +102,20 @@ def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env):
     per_epoch = assert_each_sample_once_per_epoch(per_step, uninterrupted_sample_ids(
         len(PreparedData(Path(resolved["data_dir"]))), resolved["train"]["seed"], GLOBAL_BATCH, MAX_STEPS))
     print(f"elastic: {redone} steps logged twice (redone after the rollback); sample ids read per epoch {per_epoch}")
+
+
+def test_elastic_outside_an_elastic_launch_is_refused(tmp_path, hvdbert_env):
+    result = run_module("hvdbert.pretrain", ["--elastic", "--recipe", str(TINY), "--output", str(tmp_path / "run"),
+                                             *FAST], hvdbert_env, check=False)
+    assert result.returncode == 2 and "--elastic needs Horovod elastic" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_elastic_launch_without_elastic_is_refused(tmp_path, hvdbert_env):
+    # horovodrun's elastic driver marks its workers with HOROVOD_ELASTIC=1; a worker so started
+    # without --elastic would train outside the elastic loop, so it stops before Horovod starts.
+    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(tmp_path / "run"), *FAST],
+                        {**hvdbert_env, "HOROVOD_ELASTIC": "1"}, check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "without --elastic: add --elastic" in last, result.stderr
+    assert not (tmp_path / "run").exists()
