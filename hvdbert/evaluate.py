@@ -30,7 +30,6 @@ from hvdbert.config import EvalConfig, Recipe, apply_overrides, recipe_from_tree
 from hvdbert.data.loader import permute
 from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
-from hvdbert.data.split import VALIDATION_DIR
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.model import pretraining_loss
 
