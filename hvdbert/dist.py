@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from hvdbert.config import DistConfig
-from hvdbert.errors import UsageError
+from hvdbert.errors import UsageError, elastic_launch
 
 _LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
@@ -188,7 +188,7 @@ class HorovodDistributed(SingleProcess):
 
         # Horovod reads its tuning knobs from the environment when it starts its background thread.
         os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(cfg.fusion_threshold_mb * 1024 * 1024))
-        if os.environ.get("HOROVOD_ELASTIC") != "1":
+        if not elastic_launch():
             # Not under elastic: with both the cycle time and the fusion threshold fixed, Horovod
             # 0.28.1 crashed (SIGSEGV in hvd.init) re-initialising after a lost worker, on every try here.
             os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cycle_time_ms(cfg)))
@@ -196,7 +196,7 @@ class HorovodDistributed(SingleProcess):
             os.environ.setdefault(name, value)
         hvd.init()
         self.hvd = hvd
-        self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"  # set by horovodrun's elastic driver
+        self.elastic = elastic_launch()
         self.refresh()
         host = socket.gethostname()
         self.watchdog = (CollectiveWatchdog(cfg.stall_timeout_seconds, lambda: f"rank {self.rank} (host {host})")

@@ -87,3 +87,9 @@ def launcher_rank() -> int:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 0
+
+
+def elastic_launch() -> bool:
+    """Whether horovodrun's elastic driver (--host-discovery-script) started this process: it sets
+    HOROVOD_ELASTIC=1 for its workers. Readable before Horovod starts, like launcher_rank."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"

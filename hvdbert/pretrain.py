@@ -22,7 +22,7 @@ from hvdbert import checkpoint
 from hvdbert.agreement import check_agreement
 from hvdbert.config import load_recipe
 from hvdbert.dist import Distributed, init_distributed
-from hvdbert.errors import ArgumentParser, UsageError, cli_entry, launcher_rank, rank_zero_decides
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry, elastic_launch, launcher_rank, rank_zero_decides
 from hvdbert.evaluate import build_evaluator, summary_text
 from hvdbert.metrics import NullMetrics, RunMetrics
 from hvdbert.model import count_parameters
@@ -150,14 +150,13 @@ def open_sample_log(run_dir: Path, enabled: bool, dist: Distributed):
 @cli_entry("hvdbert.pretrain")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    elastic_launch = os.environ.get("HOROVOD_ELASTIC") == "1"  # set by horovodrun's elastic driver
     try:  # before Horovod starts: bad input fails fast, alike on every rank
         recipe = load_recipe(args.recipe, args.set)
         # Rank 0 checks the run directory for all (when it refuses, the launcher stops the others);
         # a worker that joins an elastic run later would find the run directory in use by its own job.
-        if launcher_rank() == 0 and not elastic_launch:
+        if launcher_rank() == 0 and not elastic_launch():
             preflight(recipe, args.output, args.data, args.resume)
-        if elastic_launch and not args.elastic:
+        if elastic_launch() and not args.elastic:
             raise UsageError("started by horovodrun's elastic driver (--host-discovery-script) without "
                              "--elastic: add --elastic to the hvdbert.pretrain arguments (launch/multinode.sh "
                              "--elastic adds it)")
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if launcher_rank() != 0:  # rank 0 alone says why
             raise SystemExit(2) from None
         raise
-    if args.elastic and not elastic_launch:
+    if args.elastic and not elastic_launch():
         raise UsageError("--elastic needs Horovod elastic: launch with horovodrun --min-np N --max-np M "
                          "--host-discovery-script launch/discover_hosts.sh (Gloo; see docs/resume.md)")
     dist = init_distributed(recipe.dist)
