@@ -4,7 +4,8 @@ samples and CPU-seconds, each system at the best learning rate of a small sweep,
     python -m bench.time_to_quality --data DATA_DIR --output DIR [--workdir DIR]
         [--recipe bench/recipes/bert-mini-cpu.toml] [--hvdbert adamw:5e-4,adamw:1e-3,lamb:3e-3]
         [--trainer 2e-4,5e-4,1e-3] [--steps 600] [--global-batch-size 64] [--save-every 50]
-        [--probe-seeds 3] [--probe-epochs E] [--input PATH ...] [--set SECTION.KEY=VALUE ...]
+        [--probe-seeds 3] [--probe-epochs E] [--probe-lr LR] [--probe-train-per-class N] [--input PATH ...]
+        [--set SECTION.KEY=VALUE ...]
 
 DATA_DIR is `hvdbert.prepare` output with a held-out split (--validation-fraction). Both systems train
 the recipe's model shape (BERT-mini by default) from scratch, one process each with the recipe's
@@ -99,6 +100,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--save-every", type=int, default=50, help="steps between saved models (default 50)")
     parser.add_argument("--probe-seeds", type=int, default=3, help="fine-tuning seeds per model (default 3; 0: no probe)")
     parser.add_argument("--probe-epochs", type=float, help="hvdbert.finetune --epochs (default: finetune's)")
+    parser.add_argument("--probe-lr", type=float, help="hvdbert.finetune --lr (default: finetune's)")
+    parser.add_argument("--probe-train-per-class", type=int,
+                        help="hvdbert.finetune --train-per-class: a few-shot probe (default: every example)")
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="the input DATA_DIR was prepared from (default: its manifest's source)")
     parser.add_argument("--text-field", help="as given to prepare (default: prepare's)")
@@ -116,8 +120,10 @@ def parse_args(argv: list[str] | None):
     for name in ("steps", "global_batch_size", "save_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.probe_seeds < 0 or (args.probe_epochs is not None and not args.probe_epochs > 0):
-        raise UsageError("--probe-seeds must be 0 or more and --probe-epochs greater than 0")
+    if args.probe_seeds < 0 or any(value is not None and not value > 0 for value in (
+            args.probe_epochs, args.probe_lr, args.probe_train_per_class)):
+        raise UsageError("--probe-seeds must be 0 or more; --probe-epochs, --probe-lr and --probe-train-per-class "
+                         "greater than 0")
     args.runs = sweep(args.hvdbert, args.trainer)
     return args
 
@@ -449,31 +455,46 @@ def headline(curves: dict[RunSpec, list[dict]]) -> dict:
 # The probe
 
 
+def probe_flags(args) -> list[str]:
+    """The hvdbert.finetune flags given by --probe-*; finetune's own defaults for the others."""
+    flags = []
+    for flag, value in (("--epochs", args.probe_epochs), ("--lr", args.probe_lr),
+                        ("--train-per-class", args.probe_train_per_class)):
+        if value is not None:
+            flags += [flag, format(value, "g")]
+    return flags
+
+
 def probe(args, best: dict[str, RunSpec], workdir: Path, threads: int) -> list[dict]:
     """hvdbert.finetune --task builtin on both best final models and from scratch, --probe-seeds seeds."""
     from hvdbert.bench.orchestrate import child_env
+
+    flags = probe_flags(args)
+    # results are kept per setting: a probe with other flags is not read back as this one
+    results_dir = workdir / "-".join(["probe", *(f.lstrip("-") for f in flags)])
 
     trainer_final = saved_model("trainer", workdir / best["trainer"].name, args.steps)
     models = [("hvdbert", best["hvdbert"].name, workdir / best["hvdbert"].name, []),  # its newest checkpoint
               ("trainer", best["trainer"].name, trainer_final, []),
               ("from scratch", "from-scratch", trainer_final, ["--from-scratch"])]  # the same shape, random weights
     results = []
-    (workdir / "probe").mkdir(exist_ok=True)
+    results_dir.mkdir(exist_ok=True)
     for seed in range(1, args.probe_seeds + 1):
         for name, slug, model, extra in models:
-            result = workdir / "probe" / f"{slug}-seed{seed}.json"
+            result = results_dir / f"{slug}-seed{seed}.json"
             if not result.is_file():
                 print(f"time_to_quality: probe {name}, seed {seed} ...", flush=True)
                 with tempfile.TemporaryDirectory(prefix="probe-", dir=workdir) as scratch:
                     command = [sys.executable, "-m", "hvdbert.finetune", "--model", str(model), "--task", "builtin",
                                "--output", str(Path(scratch) / "model"), "--json", str(result), "--seed", str(seed),
-                               *extra, *(["--epochs", str(args.probe_epochs)] if args.probe_epochs else [])]
+                               *extra, *flags]
                     completed = subprocess.run(command, cwd=REPO, env=child_env(threads), capture_output=True, text=True)
                 if completed.returncode != 0:
                     raise RuntimeError(f"{' '.join(command)} exited {completed.returncode}:\n{completed.stderr[-3000:]}")
             scores = json.loads(result.read_text(encoding="utf-8"))
-            results.append({"model": name, "seed": seed, **{k: scores[k] for k in (
-                "dev_accuracy", "dev_macro_f1", "dev_majority_accuracy", "epochs", "train_examples", "dev_examples")}})
+            results.append({"model": name, "seed": seed, "train_per_class": scores.get("train_per_class", 0),
+                            **{k: scores[k] for k in ("dev_accuracy", "dev_macro_f1", "dev_majority_accuracy", "epochs",
+                                                      "lr", "train_examples", "dev_examples")}})
     return results
 
 
@@ -544,8 +565,10 @@ def report(args, recipe, curves: dict[RunSpec, list[dict]], top: dict, probes: l
             lines.append(f"| {name} | {summary['seeds']} | {summary['accuracy_mean']:.4f} | "
                          f"{summary['accuracy_min']:.4f}-{summary['accuracy_max']:.4f} | {summary['macro_f1_mean']:.4f} | "
                          f"{summary['macro_f1_min']:.4f}-{summary['macro_f1_max']:.4f} |")
-        lines += ["", f"Majority class: {probes[0]['dev_majority_accuracy']:.4f}; {probes[0]['train_examples']} "
-                  f"training and {probes[0]['dev_examples']} dev examples, {probes[0]['epochs']:g} epoch(s)."]
+        first = probes[0]
+        few = f" (at most {first['train_per_class']} per class)" if first["train_per_class"] else ""
+        lines += ["", f"Majority class: {first['dev_majority_accuracy']:.4f}; {first['train_examples']} training{few} "
+                  f"and {first['dev_examples']} dev examples, {first['epochs']:g} epoch(s) at lr {first['lr']:g}."]
     return "\n".join(lines) + "\n"
 
 

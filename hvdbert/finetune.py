@@ -2,7 +2,8 @@
 
     python -m hvdbert.finetune --model RUN_DIR|HF_DIR --task builtin|FILE [--text-field text]
                                [--label-field label] --output DIR [--json FILE] [--from-scratch]
-                               [--seed 42] [--split-seed 0] [--epochs 5] [--lr 1e-4] [--max-length 128]
+                               [--seed 42] [--split-seed 0] [--train-per-class N] [--epochs 5] [--lr 1e-4]
+                               [--max-length 128]
 
 --model is an hvdbert run directory (its newest checkpoint, exported as `hvdbert.export` does) or a
 transformers model directory. The encoder gets a classification head (transformers'
@@ -121,6 +122,17 @@ def split_by_document(examples: list[Example], dev_fraction: float, seed: int) -
     return train, dev
 
 
+def few_per_class(train: list[Example], per_class: int, seed: int) -> list[Example]:
+    """At most `per_class` training examples of each class, a seeded draw (in the task's order): the
+    few-shot probe, where what the encoder learned before fine-tuning counts most."""
+    rng = np.random.default_rng([seed, per_class])
+    kept = []
+    for label in sorted({e.label for e in train}):
+        indices = [i for i, e in enumerate(train) if e.label == label]
+        kept += [indices[i] for i in rng.permutation(len(indices))[:per_class]]
+    return [train[i] for i in sorted(kept)]
+
+
 def macro_f1(truth: np.ndarray, predicted: np.ndarray, classes: int) -> float:
     scores = []
     for c in range(classes):
@@ -209,6 +221,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=42, help="initialisation and shuffling")
     parser.add_argument("--split-seed", type=int, default=0, help="which documents form the dev part")
     parser.add_argument("--dev-fraction", type=float, default=0.2, help="of documents")
+    parser.add_argument("--train-per-class", type=int, default=0,
+                        help="fine-tune on at most N examples of each class, drawn by --split-seed (0: all)")
     # Small BERTs fine-tune well at 1e-4, batch 32, a few epochs (Turc et al. 2019 sweep 3e-5..1e-4).
     parser.add_argument("--epochs", type=float, default=5.0)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -217,6 +231,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 0.0 < args.dev_fraction < 1.0:
         raise UsageError(f"--dev-fraction {args.dev_fraction}: must be in (0, 1), e.g. 0.2")
+    if args.train_per_class < 0:
+        raise UsageError(f"--train-per-class {args.train_per_class}: must be 0 (every example) or more, e.g. 16")
     for name in ("epochs", "lr", "batch_size", "max_length"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be greater than 0")
@@ -238,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) < 2:
         raise UsageError(f"{where}: every example has the label {labels[0]!r}; classification needs at least 2 classes")
     train, dev = split_by_document(examples, args.dev_fraction, args.split_seed)
+    if args.train_per_class:
+        train = few_per_class(train, args.train_per_class, args.split_seed)
     if len({e.label for e in train}) < 2:
         raise UsageError(f"{where}: the training part holds one class only; give more examples of each class")
 
@@ -248,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         scores, model, tokenizer = finetune(model_dir, train, dev, labels, args, work)
         result = {"task": where, "model": str(args.model), "from_scratch": args.from_scratch, "seed": args.seed,
                   "split_seed": args.split_seed, **scores, "classes": len(labels), "labels": labels,
-                  "train_examples": len(train), "dev_examples": len(dev), "epochs": args.epochs, "lr": args.lr}
+                  "train_examples": len(train), "train_per_class": args.train_per_class,
+                  "dev_examples": len(dev), "epochs": args.epochs, "lr": args.lr}
         final = work / "result"
         model.save_pretrained(str(final))
         tokenizer.save_pretrained(str(final))

@@ -157,7 +157,8 @@ def test_time_to_quality_end_to_end(hvdbert_env, quality_data, tmp_path):
     result = run_module("bench.time_to_quality", [
         "--data", str(quality_data), "--output", str(output), "--workdir", str(tmp_path / "runs"),
         "--hvdbert", "adamw:2e-3", "--trainer", "1e-5", "--steps", "4", "--save-every", "2",
-        "--global-batch-size", "8", "--probe-seeds", "1", "--probe-epochs", "1", *TINY_SHAPE,
+        "--global-batch-size", "8", "--probe-seeds", "1", "--probe-epochs", "1", "--probe-lr", "1e-3",
+        "--probe-train-per-class", "4", *TINY_SHAPE,
     ], hvdbert_env, timeout=400)
     rows = [json.loads(line) for line in (output / "quality.jsonl").read_text().splitlines()]
     curves = {system: [r for r in rows if r["system"] == system] for system in ("hvdbert", "trainer")}
@@ -178,10 +179,11 @@ def test_time_to_quality_end_to_end(hvdbert_env, quality_data, tmp_path):
     assert summary["cpu_ratio"] == pytest.approx(reach["interpolated"] / trainer_final["cpu_seconds"])
     assert summary["cpu_ratio_first_save"] == pytest.approx(reach["first_save"] / trainer_final["cpu_seconds"])
     assert [(p["model"], p["seed"]) for p in summary["probe"]] == [("hvdbert", 1), ("trainer", 1), ("from scratch", 1)]
-    assert all(0 <= p["dev_accuracy"] <= 1 and p["epochs"] == 1 for p in summary["probe"])
+    assert all(0 <= p["dev_accuracy"] <= 1 and p["epochs"] == 1 and p["lr"] == 1e-3 for p in summary["probe"])
+    assert all(p["train_examples"] == 4 * 8 and p["train_per_class"] == 4 for p in summary["probe"])  # 8 classes
 
     table = (output / "quality.md").read_text()
-    assert table in result.stdout
+    assert table in result.stdout and "32 training (at most 4 per class)" in table
     assert "| hvdbert | adamw | 2e-3 (best) |" in table and "| HF Trainer (run_mlm.py) | adamw | 1e-5 (best) |" in table
     assert f"**{summary['cpu_ratio']:.2f}x**" in table and "| from scratch | 1 |" in table
     assert (output / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

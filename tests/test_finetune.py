@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import TINY, run_module
 
-from hvdbert.finetune import Example, builtin_examples, split_by_document
+from hvdbert.finetune import Example, builtin_examples, few_per_class, split_by_document
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task):
                                     "--set", "train.progress_bar=false", "--set", "train.max_steps=2"],
                hvdbert_env, timeout=300)
     results = {}
-    for name, extra in (("pretrained", []), ("scratch", ["--from-scratch"])):
+    for name, extra in (("pretrained", []), ("scratch", ["--from-scratch", "--train-per-class", "5"])):
         out = tmp_path / name
         result = run_module("hvdbert.finetune", ["--model", str(run_dir), "--task", str(task), "--output", str(out),
                                                  "--json", str(tmp_path / f"{name}.json"), "--epochs", "1",
@@ -43,6 +43,7 @@ def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task):
     pretrained = results["pretrained"]
     assert pretrained["classes"] == 3 and pretrained["train_examples"] + pretrained["dev_examples"] == 90
     assert results["scratch"]["from_scratch"] and not pretrained["from_scratch"]
+    assert results["scratch"]["train_examples"] == 15 and results["scratch"]["dev_examples"] == pretrained["dev_examples"]
     # the saved model is the one scored: predicting dev again gives the reported accuracy
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -60,17 +61,29 @@ def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task):
     assert float((predicted == truth).mean()) == pytest.approx(pretrained["dev_accuracy"])
 
 
+def test_few_per_class_draws_a_seeded_subset_of_each_class():
+    train, _ = split_by_document(builtin_examples(), 0.2, 0)
+    few = few_per_class(train, 16, seed=0)
+    counts = {label: sum(e.label == label for e in few) for label in {e.label for e in train}}
+    assert set(counts.values()) == {16} and len(few) == 16 * len(counts)
+    positions = [train.index(e) for e in few]
+    assert positions == sorted(positions)  # a subset, in the task's order
+    assert few_per_class(train, 16, seed=0) == few and few_per_class(train, 16, seed=1) != few
+    assert len(few_per_class(train, 10_000, seed=0)) == len(train)  # a class with fewer keeps all of them
+
+
 def test_bad_task_files_are_one_line_and_write_nothing(tmp_path, hvdbert_env):
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"text": "a b c", "label": "x"}\n{"text": "d e f", "label": "y"}\n{"text": "g h"}\n')
     single = tmp_path / "single.csv"
     single.write_text("text,label\nsome words,x\nmore words,x\n")
-    cases = [(missing, "missing.jsonl:3: no field 'label'"), (single, "at least 2 classes")]
-    for path, message in cases:
+    cases = [(missing, "missing.jsonl:3: no field 'label'", []), (single, "at least 2 classes", []),
+             (missing, "--train-per-class -1: must be 0", ["--train-per-class", "-1"])]
+    for path, message, extra in cases:
         out = tmp_path / "out"
         result = run_module("hvdbert.finetune", ["--model", str(tmp_path), "--task", str(path), "--output", str(out),
-                                                 "--json", str(tmp_path / "r.json")], hvdbert_env, timeout=200,
-                            check=False)
+                                                 "--json", str(tmp_path / "r.json"), *extra], hvdbert_env,
+                            timeout=200, check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
         assert not out.exists() and not (tmp_path / "r.json").exists()
