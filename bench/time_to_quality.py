@@ -436,6 +436,10 @@ def headline(curves: dict[RunSpec, list[dict]]) -> dict:
     reach = cpu_to_reach(ours, target)
     samples = cpu_to_reach(ours, target, "samples")
     ratio = lambda v: None if v is None else v / trainer_final["cpu_seconds"]  # noqa: E731
+    # The higher of the two best final losses: both best runs reach it, so the ratio is defined even
+    # when hvdbert's best stays above the Trainer's (the same quality, each system's CPU-seconds).
+    common = max(target, ours[-1]["eval_loss"])
+    to_common = {system: cpu_to_reach(curves[run], common)["interpolated"] for system, run in best.items()}
     return {
         "best": {system: {"optimizer": run.optimizer, "lr": run.lr, "final": curves[run][-1]}
                  for system, run in best.items()},
@@ -446,7 +450,10 @@ def headline(curves: dict[RunSpec, list[dict]]) -> dict:
         "hvdbert_samples_to_target": samples["interpolated"],
         "cpu_ratio": ratio(reach["interpolated"]),
         "cpu_ratio_first_save": ratio(reach["first_save"]),
-        "target_ratio": 0.40,  # issue 10: at most 40% of the Trainer's CPU time
+        "common_eval_loss": common,
+        "cpu_seconds_to_common": to_common,
+        "cpu_ratio_common": to_common["hvdbert"] / to_common["trainer"],
+        "target_ratio": 0.40,  # the BERT-mini target: at most 40% of the Trainer's CPU time
         "reach_per_run": {run.name: cpu_to_reach(curve, target) for run, curve in curves.items() if run.system == "hvdbert"},
     }
 
@@ -549,6 +556,10 @@ def report(args, recipe, curves: dict[RunSpec, list[dict]], top: dict, probes: l
                      f"{top['hvdbert_samples_to_target']:,.0f} sequences): **{ratio:.2f}x** the Trainer's CPU-seconds "
                      f"(at the first save at or below it: {top['hvdbert_cpu_seconds_to_target_first_save']:.1f}, "
                      f"{first:.2f}x). Target: at most {top['target_ratio']:.2f}x.")
+    lines.append(f"- To the higher of the two best final losses, {top['common_eval_loss']:.4f}, which both best runs "
+                 f"reach: hvdbert {top['cpu_seconds_to_common']['hvdbert']:.1f} CPU-seconds, the Trainer "
+                 f"{top['cpu_seconds_to_common']['trainer']:.1f} (each interpolated between saves): "
+                 f"**{top['cpu_ratio_common']:.2f}x**.")
     lines += ["", "## The best runs, save by save", "",
               "| step | sequences | hvdbert CPU-s | hvdbert loss | Trainer CPU-s | Trainer loss |",
               "|---:|---:|---:|---:|---:|---:|"]

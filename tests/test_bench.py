@@ -178,6 +178,10 @@ def test_time_to_quality_end_to_end(hvdbert_env, quality_data, tmp_path):
     assert reach["interpolated"] is not None, rows
     assert summary["cpu_ratio"] == pytest.approx(reach["interpolated"] / trainer_final["cpu_seconds"])
     assert summary["cpu_ratio_first_save"] == pytest.approx(reach["first_save"] / trainer_final["cpu_seconds"])
+    common = max(trainer_final["eval_loss"], curves["hvdbert"][-1]["eval_loss"])
+    assert summary["common_eval_loss"] == common
+    assert summary["cpu_ratio_common"] == pytest.approx(cpu_to_reach(curves["hvdbert"], common)["interpolated"]
+                                                        / cpu_to_reach(curves["trainer"], common)["interpolated"])
     assert [(p["model"], p["seed"]) for p in summary["probe"]] == [("hvdbert", 1), ("trainer", 1), ("from scratch", 1)]
     assert all(0 <= p["dev_accuracy"] <= 1 and p["epochs"] == 1 and p["lr"] == 1e-3 for p in summary["probe"])
     assert all(p["train_examples"] == 4 * 8 and p["train_per_class"] == 4 for p in summary["probe"])  # 8 classes
@@ -185,7 +189,8 @@ def test_time_to_quality_end_to_end(hvdbert_env, quality_data, tmp_path):
     table = (output / "quality.md").read_text()
     assert table in result.stdout and "32 training (at most 4 per class)" in table
     assert "| hvdbert | adamw | 2e-3 (best) |" in table and "| HF Trainer (run_mlm.py) | adamw | 1e-5 (best) |" in table
-    assert f"**{summary['cpu_ratio']:.2f}x**" in table and "| from scratch | 1 |" in table
+    assert f"**{summary['cpu_ratio']:.2f}x**" in table and f"**{summary['cpu_ratio_common']:.2f}x**" in table
+    assert "| from scratch | 1 |" in table
     assert (output / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The Trainer's checkpoints are transformers directories that hvdbert.evaluate takes as they are
     trainer_dir = tmp_path / "runs" / "trainer-adamw-1e-5" / "checkpoint-4"
