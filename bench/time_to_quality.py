@@ -429,7 +429,8 @@ def best_runs(curves: dict[RunSpec, list[dict]]) -> dict[str, RunSpec]:
 
 
 def headline(curves: dict[RunSpec, list[dict]]) -> dict:
-    """Each system's best run and final figures, and hvdbert's CPU-seconds to the Trainer's best final loss."""
+    """Each system's best run and final figures, hvdbert's CPU-seconds to the Trainer's best final loss, and
+    both systems' CPU-seconds to the higher of their best final losses."""
     best = best_runs(curves)
     trainer_final, ours = curves[best["trainer"]][-1], curves[best["hvdbert"]]
     target = trainer_final["eval_loss"]
