@@ -1,10 +1,14 @@
 """Shared test helpers: run hvdbert commands as real processes, plain or under horovodrun."""
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,54 @@ def run_module(module: str, args: list[str], env: dict[str, str], np: int = 1, t
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
     return result
+
+
+# What a launcher sets: cleared for in-process commands, which must act as one plain process started by hand.
+LAUNCHER_VARIABLES = ("HOROVOD_", "OMPI_", "PMI_", "PMIX_")
+
+
+@dataclass
+class Outcome:
+    """What a command left: its exit status and what it printed (the fields subprocess results have)."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch, hvdbert_env):
+    """Run a command's main(argv) in this process: for refusals and short single-process work, where
+    no process boundary is under test, without paying a fresh interpreter's torch + transformers
+    import (seconds per call). `cli("hvdbert.pretrain", [...])` returns an Outcome; whatever the
+    command changes of the process (signal handlers, logging, torch's thread count) is put back."""
+    for name in list(os.environ):
+        if name.startswith(LAUNCHER_VARIABLES):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HVDBERT_CACHE", hvdbert_env["HVDBERT_CACHE"])
+    import torch
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    root = logging.getLogger()
+    root_handlers, root_level = list(root.handlers), root.level
+    threads = torch.get_num_threads()
+
+    def call(module: str, args: list[str]) -> Outcome:
+        main = importlib.import_module(module).main
+        capsys.readouterr()
+        try:
+            returncode = main([str(a) for a in args])
+        except SystemExit as exit:  # a rank that is not rank 0 leaves a refusal to rank 0 this way
+            returncode = exit.code if isinstance(exit.code, int) else 1
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            root.handlers[:] = root_handlers
+            root.setLevel(root_level)
+            torch.set_num_threads(threads)
+        captured = capsys.readouterr()
+        return Outcome(returncode, captured.out, captured.err)
+
+    return call
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
