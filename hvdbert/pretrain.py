@@ -22,8 +22,9 @@ from hvdbert import checkpoint
 from hvdbert.agreement import check_agreement
 from hvdbert.config import load_recipe
 from hvdbert.dist import Distributed, init_distributed
-from hvdbert.errors import ArgumentParser, UsageError, cli_entry, elastic_launch, launcher_rank, rank_zero_decides
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
 from hvdbert.evaluate import build_evaluator, summary_text
+from hvdbert.launcher import elastic_launch, launcher_rank
 from hvdbert.metrics import NullMetrics, RunMetrics
 from hvdbert.model import count_parameters
 from hvdbert.run import Run, build_run, preflight, refuse_used_run_dir
