@@ -351,7 +351,7 @@ class Evaluator:
         from hvdbert.data.shards import PreparedData
         from hvdbert.dist import SingleProcess
         from hvdbert.evaluate import HeldOut
-        from hvdbert.train import Precision
+        from hvdbert.state import Precision
 
         manifest_dir = PreparedData(data_dir).manifest.validation_dir
         self.held_out = HeldOut(PreparedData(data_dir / manifest_dir), recipe.eval, recipe.batch.micro_batch_size)

@@ -80,7 +80,7 @@ class HeldOut:
 
 def evaluate(model: torch.nn.Module, held_out: HeldOut, dist, device: torch.device, autocast) -> dict:
     """The held-out figures of `model` (a BertForPreTraining); every rank calls it and gets them all.
-    `autocast` is a context factory (train.Precision.autocast). The model's train/eval mode is restored."""
+    `autocast` is a context factory (state.Precision.autocast). The model's train/eval mode is restored."""
     was_training = model.training
     model.eval()  # dropout off
     sums = torch.zeros(len(EVAL_STATS), dtype=torch.float64, device=device)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     from hvdbert.dist import init_distributed
     from hvdbert.model import build_model
     from hvdbert.run import choose_device
-    from hvdbert.train import Precision
+    from hvdbert.state import Precision
 
     parser = ArgumentParser(prog="python -m hvdbert.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, help="run directory (hvdbert.pretrain --output)")

@@ -27,7 +27,7 @@ from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import Plan, make_plan
 from hvdbert.prepare import builtin_cache_dir, prepare_builtin
 from hvdbert.runlock import check_free
-from hvdbert.train import Precision, TrainState
+from hvdbert.state import Precision, TrainState
 
 
 def cache_root() -> Path:

@@ -20,7 +20,8 @@ from hvdbert.model import PretrainingForward, build_model
 from hvdbert.optim import build_optimizer, init_state, lr_at, set_lr
 from hvdbert.plan import make_plan
 from hvdbert.run import open_data
-from hvdbert.train import Precision, train_step
+from hvdbert.state import Precision
+from hvdbert.train import train_step
 
 
 def fingerprint(model: torch.nn.Module) -> list[float]:
