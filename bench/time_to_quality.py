@@ -649,7 +649,7 @@ def _main(argv: list[str] | None) -> int:
     from hvdbert.data.shards import PreparedData
     from hvdbert.errors import UsageError
     from hvdbert.plan import make_plan
-    from hvdbert.run import check_data
+    from hvdbert.preflight import check_data
 
     # Everything that can be refused is refused before the first run starts.
     for run in args.runs:

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if plan.lr_warning:
         print(plan.lr_warning, file=sys.stderr)
     if args.output is not None:
-        from hvdbert.run import preflight  # torch and transformers: only when asked
+        from hvdbert.preflight import preflight  # torch and the checkpoint reader: only when asked
 
         preflight(recipe, args.output, args.data, args.resume)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))

@@ -27,7 +27,8 @@ from hvdbert.evaluate import build_evaluator, summary_text
 from hvdbert.launcher import elastic_launch, launcher_rank
 from hvdbert.metrics import NullMetrics, RunMetrics
 from hvdbert.model import count_parameters
-from hvdbert.run import Run, build_run, preflight, refuse_used_run_dir
+from hvdbert.preflight import preflight, refuse_used_run_dir
+from hvdbert.run import Run, build_run
 from hvdbert.runlock import LOCK_FILE, RankZeroLock
 from hvdbert.train import TrainingDiverged, train
 
