@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from hvdbert.data.loader import permute
 from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.hooks import StepHook
 from hvdbert.model import pretraining_loss
 
 log = logging.getLogger("hvdbert")
@@ -116,11 +117,14 @@ def evaluate(model: torch.nn.Module, held_out: HeldOut, dist, device: torch.devi
 
 
 @dataclass
-class Evaluator:
-    """When a run evaluates (eval.every_steps, eval.at_end) and on what."""
+class Evaluator(StepHook):
+    """When a run evaluates (eval.every_steps, eval.at_end) and on what. As a step hook: a step that
+    evaluates is always logged, and the held-out figures join that step's metrics record."""
 
     cfg: EvalConfig
     held_out: HeldOut
+    now: bool = False  # this step evaluates
+    last: dict = field(default_factory=dict)  # the last held-out figures of this train() call
 
     def due(self, step: int, max_steps: int) -> bool:
         return ((self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0)
@@ -128,6 +132,20 @@ class Evaluator:
 
     def evaluate(self, run) -> dict:
         return evaluate(run.model, self.held_out, run.dist, run.device, run.precision.autocast)
+
+    def log_due(self, run) -> bool:
+        self.now = self.due(run.state.step, run.plan.max_steps)
+        return self.now
+
+    def on_log(self, run, record: dict) -> None:
+        if self.now:
+            self.last = self.evaluate(run)
+            record.update(self.last)
+
+    def summary(self) -> dict:
+        # The figures of this train() call only: an elastic job's next call starts without any.
+        figures, self.last = self.last, {}
+        return {"eval": figures}
 
 
 def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Recipe, where: str) -> PreparedData:

@@ -1,9 +1,10 @@
-"""The training loop: `train()` runs steps, logs and checkpoints; `train_step()` is one optimizer step."""
+"""The training loop: `train()` runs steps and logs them, its side concerns on a list of step hooks;
+`train_step()` is one optimizer step."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -11,9 +12,10 @@ import torch
 from hvdbert.data.loader import StreamLayout
 from hvdbert.data.masking import splitmix64
 from hvdbert.dist import Distributed
+from hvdbert.hooks import StepHook
 from hvdbert.metrics import NullMetrics
 from hvdbert.optim import lr_at, set_lr
-from hvdbert.state import Precision, TrainState
+from hvdbert.state import Precision
 
 if TYPE_CHECKING:
     from hvdbert.run import Run
@@ -151,56 +153,52 @@ def run_step(run: "Run", guard: StepGuard | None, dist: Distributed | None = Non
     return StepResult(stats, lr, data_wait_seconds, micro_batches)
 
 
-def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample_log=None,
-          after_step: Callable[[TrainState], None] | None = None, evaluator=None) -> dict:
+def train(run: "Run", metrics: NullMetrics, hooks: Sequence[StepHook] = (), stop=None) -> dict:
     """Run optimizer steps on `run.stream` until the plan's max_steps (or an agreed stop); log every
-    train.log_every steps, checkpoint through `checkpointer`. Returns a summary.
+    train.log_every steps. Returns a summary.
 
-    `evaluator` (evaluate.Evaluator): at the steps it is due, the held-out figures join that step's
-    metrics record (a step that evaluates is always logged)."""
+    `hooks` (hooks.StepHook: checkpoints, evaluation, sample logs, ...) are called in list order at
+    the points StepHook names; `stop` (checkpoint.StopRequest) is part of the step's agreement."""
     cfg, plan, state, precision = run.recipe.train, run.plan, run.state, run.precision
     run.model.train()
     guard = StepGuard(stop)
     window = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
     window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
     run_start, first_step, last_record, bad_steps, stopped = time.perf_counter(), state.step, None, 0, ""
-    last_eval: dict = {}
     while state.step < plan.max_steps:
         result = run_step(run, guard)
         data_wait_seconds += result.data_wait_seconds
-        if sample_log is not None:
-            sample_log.write(" ".join(str(int(i)) for b in result.micro_batches for i in b["sample_ids"]) + "\n")
+        for hook in hooks:
+            hook.after_step(run, result)
         window += result.stats
         bad_steps = bad_steps + 1 if guard.bad_step else 0
         window_steps += 1
         metrics.advance(1)
 
-        evaluate_now = evaluator is not None and evaluator.due(state.step, plan.max_steps)
-        if state.step % cfg.log_every == 0 or state.step == plan.max_steps or guard.stop_agreed or evaluate_now:
+        hook_wants_log = [hook.log_due(run) for hook in hooks]  # every hook is asked: each notes its own due
+        if (state.step % cfg.log_every == 0 or state.step == plan.max_steps or guard.stop_agreed
+                or any(hook_wants_log)):
             last_record = log_window(run, window, window_steps, time.perf_counter() - window_start,
                                      data_wait_seconds, result.lr)
-            if evaluate_now:
-                last_eval = evaluator.evaluate(run)
-                last_record.update(last_eval)
+            for hook in hooks:
+                hook.on_log(run, last_record)
             metrics.log(last_record)
             window.zero_()
             window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
         if bad_steps > cfg.max_bad_steps:
-            path = checkpointer.save_diagnostic(state) if checkpointer else None
+            named = [found for found in (hook.diverged(run) for hook in hooks) if found is not None]
             raise TrainingDiverged(f"{bad_steps} consecutive steps (up to step {state.step}) had a non-finite "
                                    f"loss, more than train.max_bad_steps = {cfg.max_bad_steps}; diagnostic "
-                                   f"checkpoint: {path}; lower optim.lr or check the data")
+                                   f"checkpoint: {named[0] if named else None}; lower optim.lr or check the data")
         if guard.stop_agreed:
             stopped = stop.signal_name if stop is not None and stop.requested else "signal on another rank"
             break
-        if checkpointer and state.step % checkpointer.every_steps == 0:
-            checkpointer.save(state)
-        if after_step is not None:  # last: an elastic commit may leave the loop (a host joined or left)
-            after_step(state)
-    if checkpointer and (stopped or state.step % checkpointer.every_steps):
-        checkpointer.save(state)  # the end of the run, or a preemption: never lose a step
+        for hook in hooks:
+            hook.step_end(run)
+    for hook in hooks:
+        hook.run_end(run, bool(stopped))  # the end of the run, or a preemption: never lose a step
     seconds = time.perf_counter() - run_start
-    return {
+    summary = {
         "steps": state.step,
         "samples_seen": state.samples_seen,
         "final_loss": last_record["loss"] if last_record else float("nan"),
@@ -208,8 +206,11 @@ def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample
         "mean_seq_per_s": (state.step - first_step) * plan.global_batch_size / seconds if seconds > 0 else 0.0,
         "stopped_by": stopped,
         "scaler_skipped_steps": precision.skipped_steps,
-        "eval": last_eval,  # the last held-out figures, if any
+        "eval": {},  # the last held-out figures, when an evaluation hook ran
     }
+    for hook in hooks:
+        summary.update(hook.summary())
+    return summary
 
 
 def log_window(run: "Run", window: torch.Tensor, window_steps: int, seconds: float, data_wait_seconds: float,
