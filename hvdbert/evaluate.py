@@ -32,13 +32,9 @@ from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.hooks import StepHook
-from hvdbert.model import pretraining_loss
+from hvdbert.model import STAT_NAMES, micro_batch_stats, named_stats, pretraining_loss
 
 log = logging.getLogger("hvdbert")
-
-# Summed on each rank, reduced in one allreduce.
-EVAL_STATS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "sequences")
-
 
 class HeldOut:
     """The held-out sequences of every evaluation and their masks, fixed once."""
@@ -84,23 +80,17 @@ def evaluate(model: torch.nn.Module, held_out: HeldOut, dist, device: torch.devi
     `autocast` is a context factory (state.Precision.autocast). The model's train/eval mode is restored."""
     was_training = model.training
     model.eval()  # dropout off
-    sums = torch.zeros(len(EVAL_STATS), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
     try:
         with torch.no_grad():
             for samples in held_out.owned(dist.rank, dist.size):
                 batch = {k: v.to(device) for k, v in held_out.batch(samples).items()}
                 with autocast():
                     out = pretraining_loss(model, batch)
-                count = out.mlm_count.double()
-                sums += torch.stack([
-                    out.mlm_loss.double() * count, out.mlm_correct.double(), count,
-                    out.nsp_loss.double() * len(samples) if out.nsp_loss is not None else sums.new_zeros(()),
-                    out.nsp_correct.double() if out.nsp_correct is not None else sums.new_zeros(()),
-                    sums.new_tensor(float(len(samples))),
-                ])
+                sums += micro_batch_stats(out, batch, sums.new_zeros(()))
     finally:
         model.train(was_training)
-    total = dict(zip(EVAL_STATS, dist.allreduce_sum(sums, name="eval").tolist()))
+    total = named_stats(dist.allreduce_sum(sums, name="eval"))
     loss = total["mlm_loss_sum"] / max(total["mlm_count"], 1.0)
     record = {
         "eval_loss": loss,

@@ -9,6 +9,7 @@ transformers class's, so export is `save_pretrained`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,49 @@ class StepOutput:
     mlm_count: torch.Tensor  # masked tokens
     nsp_loss: torch.Tensor | None
     nsp_correct: torch.Tensor | None = None  # correctly predicted next-sentence labels (a count)
+
+
+def _tokens(out: StepOutput, batch: dict[str, torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
+    # real tokens: packed MLM sequences have no padding; padded formats carry a mask
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return zero.new_tensor(float(batch["input_ids"].numel()))
+
+
+def _or_zero(value: torch.Tensor | None, zero: torch.Tensor) -> torch.Tensor:
+    return value if value is not None else zero
+
+
+# What one forward pass over a micro-batch adds to the sums that training logs (train.log_window) and
+# evaluation reports (evaluate.evaluate): the one place a statistic is named. Each rank sums them in
+# float64 and the ranks reduce them in one allreduce, only when the figures are read; the records
+# then read them by name. Per entry: name -> f(output, batch, a float64 zero on the device).
+MICRO_BATCH_STATS: dict[str, Callable[[StepOutput, dict, torch.Tensor], torch.Tensor]] = {
+    "loss": lambda out, batch, zero: out.loss.detach(),  # what backward saw: MLM (+ NSP), a micro-batch mean
+    "mlm_loss": lambda out, batch, zero: out.mlm_loss.detach(),  # a micro-batch mean
+    "nsp_loss": lambda out, batch, zero: _or_zero(out.nsp_loss, zero).detach(),  # a micro-batch mean
+    # per masked token and per sequence: a held-out mean that does not depend on how batches split
+    "mlm_loss_sum": lambda out, batch, zero: out.mlm_loss.detach().double() * out.mlm_count.double(),
+    "nsp_loss_sum": lambda out, batch, zero: (_or_zero(out.nsp_loss, zero).detach().double()
+                                               * batch["input_ids"].shape[0]),
+    "mlm_correct": lambda out, batch, zero: out.mlm_correct,
+    "mlm_count": lambda out, batch, zero: out.mlm_count,
+    "nsp_correct": lambda out, batch, zero: _or_zero(out.nsp_correct, zero),
+    "micro_batches": lambda out, batch, zero: zero.new_ones(()),
+    "sequences": lambda out, batch, zero: zero.new_tensor(float(batch["input_ids"].shape[0])),
+    "tokens": _tokens,
+}
+STAT_NAMES = tuple(MICRO_BATCH_STATS)
+
+
+def micro_batch_stats(out: StepOutput, batch: dict[str, torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
+    """MICRO_BATCH_STATS of one forward pass, as one float64 tensor in STAT_NAMES order."""
+    return torch.stack([stat(out, batch, zero).double() for stat in MICRO_BATCH_STATS.values()])
+
+
+def named_stats(sums: torch.Tensor) -> dict[str, float]:
+    """Summed statistics (STAT_NAMES order, e.g. after the allreduce) by name."""
+    return dict(zip(STAT_NAMES, sums.tolist()))
 
 
 def _encode(model: torch.nn.Module, batch: dict[str, torch.Tensor]):

@@ -14,14 +14,14 @@ from hvdbert.data.masking import splitmix64
 from hvdbert.dist import Distributed
 from hvdbert.hooks import StepHook
 from hvdbert.metrics import NullMetrics
+from hvdbert.model import STAT_NAMES, micro_batch_stats, named_stats
 from hvdbert.optim import lr_at, set_lr
 from hvdbert.state import Precision
 
 if TYPE_CHECKING:
     from hvdbert.run import Run
 
-# Per-step statistics, summed locally and reduced across ranks only when a step is logged.
-STAT_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "micro_batches", "tokens")
+LOSS = STAT_NAMES.index("loss")  # the step flags' allreduce checks the step's summed loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,8 +77,9 @@ def train_step(forward, optimizer, micro_batches: list[dict[str, torch.Tensor]],
     """Forward/backward over this worker's micro-batches, allreduce, clip, step. `forward` is the
     run's training forward (model.PretrainingForward, possibly wrapped by the distributed layer).
 
-    Returns the step's statistics (STAT_NAMES) as one tensor. Without a guard there is no host sync;
-    with one, a step whose loss is not finite on any rank leaves the model and optimizer untouched.
+    Returns the step's statistics (model.MICRO_BATCH_STATS, summed) as one tensor. Without a guard
+    there is no host sync; with one, a step whose loss is not finite on any rank leaves the model and
+    optimizer untouched.
     """
     accumulation_steps = len(micro_batches)
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
@@ -90,17 +91,10 @@ def train_step(forward, optimizer, micro_batches: list[dict[str, torch.Tensor]],
             torch.manual_seed(dropout_seeds[index])
         with precision.autocast():
             out = forward(batch)
-        stats += torch.stack([
-            out.loss.detach().double(), out.mlm_loss.detach().double(),
-            out.nsp_loss.detach().double() if out.nsp_loss is not None else stats.new_zeros(()),
-            out.mlm_correct.double(), out.mlm_count.double(), stats.new_ones(()),
-            # real tokens: packed MLM sequences have no padding; padded formats carry a mask
-            batch["attention_mask"].sum().double() if "attention_mask" in batch
-            else stats.new_tensor(float(batch["input_ids"].numel())),
-        ])
+        stats += micro_batch_stats(out, batch, stats.new_zeros(()))
         if guard is not None and index == accumulation_steps - 1:
             # Every loss of the step is known: the flags' allreduce runs while the last backward does.
-            guard.submit(dist, stats[0])
+            guard.submit(dist, stats[LOSS])
         # Horovod sums the local passes of a step (backward_passes_per_step) before averaging across
         # workers, so each pass contributes loss / accumulation_steps.
         loss = out.loss / accumulation_steps
@@ -218,7 +212,7 @@ def log_window(run: "Run", window: torch.Tensor, window_steps: int, seconds: flo
     """The metrics record of the steps since the last one: one allreduce (the only cross-rank sync
     besides gradients and the step flags)."""
     plan, state, precision = run.plan, run.state, run.precision
-    stat = dict(zip(STAT_NAMES, run.dist.allreduce_sum(window, name="metrics").tolist()))
+    stat = named_stats(run.dist.allreduce_sum(window, name="metrics"))
     micro = max(stat["micro_batches"], 1.0)
     record = {
         "step": state.step,
