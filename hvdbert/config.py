@@ -19,11 +19,12 @@ from typing import Any, Callable
 
 from hvdbert import families
 from hvdbert.errors import UsageError
+from hvdbert.optimizers import OPTIMIZERS
 
 
 def choice(default: str, *allowed: str):
-    """A string field whose value must be one of `allowed` (the default first)."""
-    return field(default=default, metadata={"choices": (default, *allowed)})
+    """A string field whose value must be one of `allowed` (the default first, listed once)."""
+    return field(default=default, metadata={"choices": tuple(dict.fromkeys((default, *allowed)))})
 
 
 def bounded(default, valid: Callable[[Any], bool], rule: str):
@@ -61,17 +62,15 @@ class BatchConfig:
 
 @dataclass
 class OptimConfig:
-    # stableadamw: torch-optimi's StableAdamW with lr-decoupled weight decay, as ModernBERT trains
-    # (AnswerDotAI/ModernBERT main.py, optimizer name decoupled_stableadamw)
-    name: str = choice("lamb", "adamw", "stableadamw")
+    name: str = choice("lamb", *OPTIMIZERS)  # the optimizer table: hvdbert/optimizers.py
     lr: float = positive(1e-3)  # peak learning rate at reference_global_batch_size
     # The global batch optim.lr belongs to. 0: the batch.global_batch_size the recipe files state, so a
     # `--set batch.global_batch_size=...` (or per-worker growth) derives a rate (load_recipe pins it).
     reference_global_batch_size: int = bounded(
         0, lambda v: v >= 0, "must be 0 (the recipe's batch.global_batch_size) or more")
     # How the rate follows the global batch when it differs from the reference: sqrt (You et al. 2019,
-    # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: sqrt for lamb,
-    # linear for adamw and stableadamw.
+    # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: the optimizer's
+    # own rule (optimizers.OPTIMIZERS: sqrt for lamb, linear for adamw and stableadamw).
     lr_scaling: str = choice("auto", "sqrt", "linear", "none")
     weight_decay: float = 0.01
     beta1: float = 0.9

@@ -137,7 +137,7 @@ def build_run(recipe: Recipe, data_dir: Path | None, dist: Distributed) -> Run:
         compile_model(model)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
                                     plan.accumulation_steps, recipe.dist.fp16_allreduce)
-    init_state(optimizer)  # Horovod's wrapper is a new optimizer object: create its state here
+    init_state(optimizer, recipe.optim.name)  # Horovod's wrapper is a new optimizer object: create its state here
     return Run(recipe=recipe, dist=dist, device=device, data=data, plan=plan, model=model,
                forward=dist.wrap_forward(PretrainingForward(model)), optimizer=optimizer,
                precision=Precision.create(recipe.train.precision, device), state=TrainState())

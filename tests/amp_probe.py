@@ -42,7 +42,7 @@ def main(recipe_path: str, out_dir: str, steps: int, overflow_step: int, overflo
     model = build_model(recipe.model, with_nsp=False)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
                                     plan.accumulation_steps, recipe.dist.fp16_allreduce)
-    init_state(optimizer)
+    init_state(optimizer, recipe.optim.name)
     dist.broadcast_model_and_optimizer(model, optimizer)
 
     special = data.manifest.special_token_ids

@@ -39,7 +39,7 @@ def main(recipe_path: str, out_dir: str, steps: int) -> None:
     before = fingerprint(model)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
                                     plan.accumulation_steps, recipe.dist.fp16_allreduce)
-    init_state(optimizer)
+    init_state(optimizer, recipe.optim.name)
     dist.broadcast_model_and_optimizer(model, optimizer)
     after_broadcast = fingerprint(model)
 

@@ -39,7 +39,7 @@ def small_training(seed: int):
     torch.manual_seed(seed)
     model = build_model(recipe.model, with_nsp=False)
     optimizer = build_optimizer(model, recipe.optim, plan)
-    init_state(optimizer)
+    init_state(optimizer, recipe.optim.name)
     return recipe, plan, model, optimizer
 
 
