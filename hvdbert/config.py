@@ -2,7 +2,7 @@
 
 Every default lives here, once, in the dataclasses below. A recipe names sections (`[train]`,
 `[batch]`, ...) whose keys must be fields of the matching dataclass; `[model]` takes
-`architecture` (`bert`, the default, or `modernbert`: hvdbert/families.py) and the keyword arguments
+`architecture` (`bert`, the default, or `modernbert`: hvdbert/families/) and the keyword arguments
 of that family's transformers config class (`BertConfig`, `ModernBertConfig`). Unknown keys and wrong types are rejected with a message
 naming the file, the key and what would be valid.
 """
@@ -155,7 +155,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # model.architecture (families.py) and that family's config keyword arguments (BertConfig's for bert)
+    # model.architecture (hvdbert/families/) and that family's config keyword arguments (BertConfig's for bert)
     model: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the recipe file this came from
 

@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import BertForPreTraining, ModernBertForMaskedLM
 
 from hvdbert import families
 from hvdbert.data.masking import IGNORE_INDEX
@@ -23,12 +22,7 @@ def build_model(model_fields: dict, with_nsp: bool, device_type: str = "cpu") ->
     config = families.build_config(model_fields)
     model_class = families.model_class(model_fields)
     model = model_class._from_config(config, attn_implementation=families.attention_implementation(device_type))
-    if isinstance(model, BertForPreTraining) and not with_nsp:
-        # MLM-only data: the pooler and the next-sentence head get no gradient; freeze them so the
-        # optimizer and Horovod's allreduce skip them. They are still saved, as BertForPreTraining's.
-        for module in (model.bert.pooler, model.cls.seq_relationship):
-            if module is not None:
-                module.requires_grad_(False)
+    families.family_of(model_fields).hooks.prepare_for_training(model, with_nsp)
     return model
 
 
@@ -37,11 +31,7 @@ def compile_model(model: torch.nn.Module) -> None:
     forward and backward. In place (nn.Module.compile), so the parameter names, and with them
     checkpoints, export and Horovod's allreduce names, stay those of the eager model. The first
     step pays the compilation; batches have one shape per run, so nothing recompiles."""
-    if isinstance(model, ModernBertForMaskedLM):
-        modules = (model.model, model.head, model.decoder)
-    else:
-        modules = (model.bert, model.cls.predictions)
-    for module in modules:
+    for module in families.family_of_model(model).hooks.compiled_modules(model):
         module.compile()
 
 
@@ -102,12 +92,7 @@ def _encode(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """The encoder's output for `batch`, and the MLM head (transform + vocabulary projection)."""
     # Packed MLM sequences have no padding: no mask lets SDPA take its fastest kernel.
     attention_mask = batch["attention_mask"] if "attention_mask" in batch else None
-    if isinstance(model, ModernBertForMaskedLM):  # no token types, no pooler
-        encoder = model.model(input_ids=batch["input_ids"], attention_mask=attention_mask)
-        return encoder, lambda hidden: model.decoder(model.head(hidden))
-    encoder = model.bert(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                         token_type_ids=batch.get("token_type_ids"))
-    return encoder, model.cls.predictions
+    return families.family_of_model(model).hooks.encode(model, batch, attention_mask)
 
 
 def pretraining_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
