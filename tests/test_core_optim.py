@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hvdbert.config import OptimConfig
-from hvdbert.lamb import Lamb
+from hvdbert.optimizers.lamb import Lamb
 from hvdbert.optim import build_optimizer, init_state, lr_at, parameter_groups
 from hvdbert.plan import Plan
 

@@ -108,7 +108,7 @@ def test_grad_scaler_skipped_steps_are_counted_and_leave_the_model_alone():
     scaled loss overflows makes the scaler skip the step."""
     from hvdbert.dist import SingleProcess
     from hvdbert.model import PretrainingForward, build_model
-    from hvdbert.lamb import Lamb
+    from hvdbert.optimizers.lamb import Lamb
     from hvdbert.state import Precision
     from hvdbert.train import train_step
 

@@ -1,11 +1,11 @@
 """The optimizer table: each `optim.name` and how to build it, how to create its state before the
 first step, and which LR-scaling rule `optim.lr_scaling = auto` means for it.
 
-Adding an optimizer is one entry in OPTIMIZERS (plus a module of its own when neither torch nor an
-installed package has it, as lamb.py for LAMB): config.py takes optim.name's choices from this
-table, optim.py builds and initialises through it, plan.py resolves `auto` through it. The table
-sits low in the layers so that config.py can read it; nothing here imports torch until an
-optimizer is built.
+Adding an optimizer is one entry in OPTIMIZERS (plus a module of its own in this package when
+neither torch nor an installed package has it, as optimizers/lamb.py for LAMB): config.py takes
+optim.name's choices from this table, optim.py builds and initialises through it, plan.py resolves
+`auto` through it. The table sits low in the layers so that config.py can read it; nothing here
+imports torch until an optimizer is built.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _without_trust_ratio(groups: list[dict]) -> list[dict]:
 
 
 def _build_lamb(groups: list[dict], cfg: OptimConfig, lr: float, on_cuda: bool):
-    from hvdbert.lamb import Lamb
+    from hvdbert.optimizers.lamb import Lamb
 
     return Lamb(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
