@@ -365,18 +365,18 @@ def _check_model(recipe: Recipe, at) -> None:
         raise UsageError(f"{origin}: model.hidden_size = {hidden} is not a multiple of "
                          f"model.num_attention_heads = {heads}; each head takes hidden_size / "
                          f"num_attention_heads dimensions (e.g. hidden_size = {heads * max(1, hidden // heads)})")
-    for name in ("hidden_act", "hidden_activation"):  # BertConfig's and ModernBertConfig's names
-        activation = recipe.model_field(name) if name in fields else None
+    hooks = families.family_of(recipe.model).hooks  # its own names for these kinds of field
+    for name in hooks.ACTIVATION_FIELDS:
+        activation = recipe.model_field(name)
         if isinstance(activation, str) and activation not in ACT2FN:
             raise UsageError(f"{at('model.' + name)}: model.{name} = {activation!r} is not valid; "
                              f"choose one of {_valid_list(ACT2FN)}")
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "mlp_dropout",
-                 "embedding_dropout"):
-        value = recipe.model_field(name) if name in fields else 0.0
+    for name in hooks.DROPOUT_FIELDS:
+        value = recipe.model_field(name)
         if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
             raise UsageError(f"{at('model.' + name)}: model.{name} = {value} must be in [0, 1)")
-    for name in ("layer_norm_eps", "norm_eps"):
-        if name in fields and recipe.model_field(name) <= 0:
+    for name in hooks.NORM_EPS_FIELDS:
+        if recipe.model_field(name) <= 0:
             raise UsageError(f"{at('model.' + name)}: model.{name} = {recipe.model_field(name)} must be greater than 0")
 
 

@@ -24,6 +24,12 @@ class FamilyHooks(Protocol):
     """What a family's module (families/<name>.py) defines. `model` is the family's model class
     (or, for evaluation of an exported model, its masked-LM class)."""
 
+    # The config's own names for fields config.py range-checks: an activation (one of transformers'
+    # ACT2FN), dropout probabilities (in [0, 1)), a norm's epsilon (> 0).
+    ACTIVATION_FIELDS: tuple[str, ...]
+    DROPOUT_FIELDS: tuple[str, ...]
+    NORM_EPS_FIELDS: tuple[str, ...]
+
     def token_ids(self, special_ids: dict[str, int]) -> dict[str, int]:
         """Config token ids that must name the run's tokenizer's [PAD], [CLS], [SEP] (none if the
         config's defaults already do)."""

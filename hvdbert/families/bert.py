@@ -23,6 +23,11 @@ SHAPES = {
                   intermediate_size=4096),
 }
 
+# The [model] fields config.py checks beyond what BertConfig refuses itself, by kind.
+ACTIVATION_FIELDS = ("hidden_act",)
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+NORM_EPS_FIELDS = ("layer_norm_eps",)
+
 
 def token_ids(special_ids: dict[str, int]) -> dict[str, int]:
     return {}  # BertConfig's pad_token_id (0) is [PAD] in every tokenizer hvdbert prepares

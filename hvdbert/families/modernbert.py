@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The [model] fields config.py checks beyond what ModernBertConfig refuses itself, by kind.
+ACTIVATION_FIELDS = ("hidden_activation",)
+DROPOUT_FIELDS = ("attention_dropout", "mlp_dropout", "embedding_dropout")
+NORM_EPS_FIELDS = ("norm_eps",)
+
 
 def token_ids(special_ids: dict[str, int]) -> dict[str, int]:
     # ModernBertConfig's token ids default to its published 50k tokenizer's: the run's own fill them.
