@@ -88,16 +88,12 @@ def named_stats(sums: torch.Tensor) -> dict[str, float]:
     return dict(zip(STAT_NAMES, sums.tolist()))
 
 
-def _encode(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    """The encoder's output for `batch`, and the MLM head (transform + vocabulary projection)."""
-    # Packed MLM sequences have no padding: no mask lets SDPA take its fastest kernel.
-    attention_mask = batch["attention_mask"] if "attention_mask" in batch else None
-    return families.family_of_model(model).hooks.encode(model, batch, attention_mask)
-
-
 def pretraining_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
     with_nsp = "next_sentence_label" in batch
-    encoder, mlm_head = _encode(model, batch)
+    hooks = families.family_of_model(model).hooks
+    # Packed MLM sequences have no padding: no mask lets SDPA take its fastest kernel.
+    attention_mask = batch["attention_mask"] if "attention_mask" in batch else None
+    encoder, mlm_head = hooks.encode(model, batch, attention_mask)
     hidden = encoder.last_hidden_state
     positions = batch["masked_positions"]
     gathered = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
@@ -108,7 +104,7 @@ def pretraining_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     mlm_correct = ((logits.argmax(-1) == labels) & valid).sum()
     loss, nsp_loss, nsp_correct = mlm_loss, None, None
     if with_nsp:
-        nsp_logits = model.cls.seq_relationship(encoder.pooler_output).float()
+        nsp_logits = hooks.nsp_logits(model, encoder).float()
         nsp_loss = F.cross_entropy(nsp_logits, batch["next_sentence_label"])
         nsp_correct = (nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
         loss = mlm_loss + nsp_loss

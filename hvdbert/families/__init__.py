@@ -38,6 +38,9 @@ class FamilyHooks(Protocol):
         """The encoder's output (with last_hidden_state; pooler_output where NSP is trained) and the
         MLM head (hidden states -> vocabulary logits)."""
 
+    def nsp_logits(self, model, encoder):
+        """Next-sentence logits from the encoder's output (families with NSP only)."""
+
     def compiled_modules(self, model) -> tuple:
         """The modules of every step's forward and backward, which train.compile compiles."""
 

@@ -39,6 +39,10 @@ def encode(model, batch: dict, attention_mask):
     return encoder, model.cls.predictions
 
 
+def nsp_logits(model, encoder):
+    return model.cls.seq_relationship(encoder.pooler_output)
+
+
 def compiled_modules(model) -> tuple:
     return (model.bert, model.cls.predictions)
 

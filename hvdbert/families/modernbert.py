@@ -25,6 +25,11 @@ def encode(model, batch: dict, attention_mask):
     return encoder, lambda hidden: model.decoder(model.head(hidden))
 
 
+def nsp_logits(model, encoder):
+    # config.py refuses data.format = nsp for a family without a next-sentence head
+    raise ValueError("ModernBERT has no next-sentence head")
+
+
 def compiled_modules(model) -> tuple:
     return (model.model, model.head, model.decoder)
 
