@@ -12,8 +12,8 @@ the recipe's model shape (BERT-mini by default) from scratch, one process each w
 dist.threads_per_worker threads, for the same number of samples (--steps x --global-batch-size), and
 save the model every --save-every steps:
 
-- hvdbert: the training loop `pretrain` runs (`train_once` on the `Run` that `build_run` assembles,
-  Horovod initialised as a one-process `pretrain` does), with optim.name and optim.lr from the sweep
+- hvdbert: the training loop `pretrain` runs (`rundir.train_once` on the `Run` that `build_run`
+  assembles, Horovod initialised as a one-process `pretrain` does), with optim.name and optim.lr from the sweep
   and the recipe's own schedule (warmup, polynomial decay, weight decay);
 - the Trainer: run_mlm.py's recipe on the same training documents (read again from the data's input
   and checked against it), tokenizer and sequence length: tokenize, `group_texts`,
@@ -214,40 +214,59 @@ class CpuClock:
 
 def train_hvdbert(spec: dict) -> None:
     """pretrain's one-process run, with the clock read after every saving step and stopped while saving."""
+    import logging
+
     import torch.utils.tensorboard  # noqa: F401 - RunMetrics' import, paid before the clock starts
     import tqdm  # noqa: F401
 
     from hvdbert import checkpoint
     from hvdbert.config import load_recipe
     from hvdbert.dist import init_distributed
-    from hvdbert.pretrain import log, prepare_run_dir, resolved_recipe, setup_logging, train_once
+    from hvdbert.hooks import StepHook
+    from hvdbert.metrics import setup_logging
     from hvdbert.run import build_run
+    from hvdbert.rundir import prepare_run_dir, resolved_recipe, train_once
+
+    class ClockReading(StepHook):
+        """Reads the clock at every saving step (after the save, which the clock does not count)."""
+
+        def step_end(self, run) -> None:
+            if run.state.step % checkpointer.every_steps == 0 or run.state.step == run.plan.max_steps:
+                clock.record(run.state.step, run.state.samples_seen)
+
+    class Untimed(StepHook):
+        """`inner`'s work at each point, with the clock stopped: writing a checkpoint is not training."""
+
+        def __init__(self, inner: StepHook):
+            self.inner = inner
+
+        def step_end(self, run) -> None:
+            with clock.excluded():
+                self.inner.step_end(run)
+
+        def run_end(self, run, stopped: bool) -> None:
+            with clock.excluded():
+                self.inner.run_end(run, stopped)
+
+        def diverged(self, run):
+            with clock.excluded():
+                return self.inner.diverged(run)
 
     recipe = load_recipe(spec["recipe"], spec["sets"])
     dist = init_distributed(recipe.dist)
     setup_logging(dist)
     run = build_run(recipe, Path(spec["data"]), dist)
-    log.info("hvdbert: global batch %d = %d micro x %d accumulation, %d steps, lr %s", run.plan.global_batch_size,
-             run.plan.micro_batch_size, run.plan.accumulation_steps, run.plan.max_steps, run.plan.lr_derivation)
+    logging.getLogger("hvdbert").info(
+        "hvdbert: global batch %d = %d micro x %d accumulation, %d steps, lr %s", run.plan.global_batch_size,
+        run.plan.micro_batch_size, run.plan.accumulation_steps, run.plan.max_steps, run.plan.lr_derivation)
     run.broadcast_from_rank0()
     run_dir = Path(spec["run_dir"])
     resolved = resolved_recipe(run)
     prepare_run_dir(run_dir, resolved, None, 0)
     clock = CpuClock(run_dir / CLOCK)
     checkpointer = checkpoint.Checkpointer(run, run_dir, resolved)
-    save = checkpointer.save
-
-    def timed_save(state):  # writing a checkpoint is not training
-        with clock.excluded():
-            return save(state)
-
-    def after_step(state) -> None:  # before train() saves at this step
-        if state.step % checkpointer.every_steps == 0 or state.step == run.plan.max_steps:
-            clock.record(state.step, state.samples_seen)
-
-    checkpointer.save = timed_save
     clock.start()
-    train_once(run, run_dir, checkpointer, stop=None, sample_log=None, after_step=after_step)
+    train_once(run, run_dir, [Untimed(checkpointer), ClockReading()])
     dist.shutdown()
 
 
@@ -351,7 +370,7 @@ class Evaluator:
         from hvdbert.data.shards import PreparedData
         from hvdbert.dist import SingleProcess
         from hvdbert.evaluate import HeldOut
-        from hvdbert.train import Precision
+        from hvdbert.state import Precision
 
         manifest_dir = PreparedData(data_dir).manifest.validation_dir
         self.held_out = HeldOut(PreparedData(data_dir / manifest_dir), recipe.eval, recipe.batch.micro_batch_size)
@@ -649,7 +668,7 @@ def _main(argv: list[str] | None) -> int:
     from hvdbert.data.shards import PreparedData
     from hvdbert.errors import UsageError
     from hvdbert.plan import make_plan
-    from hvdbert.run import check_data
+    from hvdbert.preflight import check_data
 
     # Everything that can be refused is refused before the first run starts.
     for run in args.runs:

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from hvdbert import families
 from hvdbert.errors import UsageError
 from hvdbert.files import file_sha256, fsync_path, write_failure
+from hvdbert.hooks import StepHook
 
 log = logging.getLogger("hvdbert")
 
@@ -362,16 +363,17 @@ class StopRequest:
 # The training loop's view
 
 
-class Checkpointer:
-    """Saves the whole training state every `every_steps` steps and on demand; rank 0 writes, every
-    rank waits for it (so no rank exits, or is preempted, before the checkpoint is complete)."""
+class Checkpointer(StepHook):
+    """Saves the whole training state every `every_steps` steps and at the end of the loop (its last
+    step, or a stop request), and a diagnostic one when training diverges; rank 0 writes, every rank
+    waits for it (so no rank exits, or is preempted, before the checkpoint is complete)."""
 
     def __init__(self, run, run_dir: Path, resolved_recipe: dict):
         self.run = run  # hvdbert.run.Run: model, optimizer, precision, plan, the distributed layer
         self.run_dir = Path(run_dir)
         self.every_steps = run.recipe.checkpoint.every_steps
         self.keep = run.recipe.checkpoint.keep
-        # pretrain.resolved_recipe(run); its plan is replaced by the run's current one at each save
+        # rundir.resolved_recipe(run); its plan is replaced by the run's current one at each save
         self.resolved_recipe = resolved_recipe
 
     def _progress(self, state, kind: str) -> dict:
@@ -412,3 +414,15 @@ class Checkpointer:
     def save_diagnostic(self, state) -> Path:
         """The state when training diverged, under a name `--resume auto` never picks."""
         return self._write(self.run_dir / CHECKPOINTS / f"diagnostic-step-{state.step}", state, "diagnostic")
+
+    # The loop's points (hooks.StepHook)
+    def step_end(self, run) -> None:
+        if run.state.step % self.every_steps == 0:
+            self.save(run.state)
+
+    def run_end(self, run, stopped: bool) -> None:
+        if stopped or run.state.step % self.every_steps:
+            self.save(run.state)
+
+    def diverged(self, run) -> str | None:
+        return str(self.save_diagnostic(run.state))

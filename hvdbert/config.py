@@ -2,7 +2,7 @@
 
 Every default lives here, once, in the dataclasses below. A recipe names sections (`[train]`,
 `[batch]`, ...) whose keys must be fields of the matching dataclass; `[model]` takes
-`architecture` (`bert`, the default, or `modernbert`: hvdbert/families.py) and the keyword arguments
+`architecture` (`bert`, the default, or `modernbert`: hvdbert/families/) and the keyword arguments
 of that family's transformers config class (`BertConfig`, `ModernBertConfig`). Unknown keys and wrong types are rejected with a message
 naming the file, the key and what would be valid.
 """
@@ -19,11 +19,12 @@ from typing import Any, Callable
 
 from hvdbert import families
 from hvdbert.errors import UsageError
+from hvdbert.optimizers import OPTIMIZERS
 
 
 def choice(default: str, *allowed: str):
-    """A string field whose value must be one of `allowed` (the default first)."""
-    return field(default=default, metadata={"choices": (default, *allowed)})
+    """A string field whose value must be one of `allowed` (the default first, listed once)."""
+    return field(default=default, metadata={"choices": tuple(dict.fromkeys((default, *allowed)))})
 
 
 def bounded(default, valid: Callable[[Any], bool], rule: str):
@@ -61,17 +62,15 @@ class BatchConfig:
 
 @dataclass
 class OptimConfig:
-    # stableadamw: torch-optimi's StableAdamW with lr-decoupled weight decay, as ModernBERT trains
-    # (AnswerDotAI/ModernBERT main.py, optimizer name decoupled_stableadamw)
-    name: str = choice("lamb", "adamw", "stableadamw")
+    name: str = choice("lamb", *OPTIMIZERS)  # the optimizer table: hvdbert/optimizers.py
     lr: float = positive(1e-3)  # peak learning rate at reference_global_batch_size
     # The global batch optim.lr belongs to. 0: the batch.global_batch_size the recipe files state, so a
     # `--set batch.global_batch_size=...` (or per-worker growth) derives a rate (load_recipe pins it).
     reference_global_batch_size: int = bounded(
         0, lambda v: v >= 0, "must be 0 (the recipe's batch.global_batch_size) or more")
     # How the rate follows the global batch when it differs from the reference: sqrt (You et al. 2019,
-    # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: sqrt for lamb,
-    # linear for adamw and stableadamw.
+    # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: the optimizer's
+    # own rule (optimizers.OPTIMIZERS: sqrt for lamb, linear for adamw and stableadamw).
     lr_scaling: str = choice("auto", "sqrt", "linear", "none")
     weight_decay: float = 0.01
     beta1: float = 0.9
@@ -156,7 +155,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # model.architecture (families.py) and that family's config keyword arguments (BertConfig's for bert)
+    # model.architecture (hvdbert/families/) and that family's config keyword arguments (BertConfig's for bert)
     model: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the recipe file this came from
 
@@ -366,18 +365,18 @@ def _check_model(recipe: Recipe, at) -> None:
         raise UsageError(f"{origin}: model.hidden_size = {hidden} is not a multiple of "
                          f"model.num_attention_heads = {heads}; each head takes hidden_size / "
                          f"num_attention_heads dimensions (e.g. hidden_size = {heads * max(1, hidden // heads)})")
-    for name in ("hidden_act", "hidden_activation"):  # BertConfig's and ModernBertConfig's names
-        activation = recipe.model_field(name) if name in fields else None
+    hooks = families.family_of(recipe.model).hooks  # its own names for these kinds of field
+    for name in hooks.ACTIVATION_FIELDS:
+        activation = recipe.model_field(name)
         if isinstance(activation, str) and activation not in ACT2FN:
             raise UsageError(f"{at('model.' + name)}: model.{name} = {activation!r} is not valid; "
                              f"choose one of {_valid_list(ACT2FN)}")
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "mlp_dropout",
-                 "embedding_dropout"):
-        value = recipe.model_field(name) if name in fields else 0.0
+    for name in hooks.DROPOUT_FIELDS:
+        value = recipe.model_field(name)
         if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
             raise UsageError(f"{at('model.' + name)}: model.{name} = {value} must be in [0, 1)")
-    for name in ("layer_norm_eps", "norm_eps"):
-        if name in fields and recipe.model_field(name) <= 0:
+    for name in hooks.NORM_EPS_FIELDS:
+        if recipe.model_field(name) <= 0:
             raise UsageError(f"{at('model.' + name)}: model.{name} = {recipe.model_field(name)} must be greater than 0")
 
 

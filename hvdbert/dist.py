@@ -18,9 +18,8 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from hvdbert.config import DistConfig
-from hvdbert.errors import UsageError, elastic_launch
-
-_LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+from hvdbert.errors import UsageError
+from hvdbert.launcher import elastic_launch, launcher_marker
 
 # Failure bounds (set only where the environment does not already): a rank that DIES is noticed at
 # once by horovodrun or mpirun, which stop the job with a non-zero status; a rank that HANGS (a stuck
@@ -320,10 +319,10 @@ def horovod_available() -> bool:
 
 def init_distributed(cfg: DistConfig) -> Distributed:
     if not horovod_available():
-        launched = [v for v in _LAUNCHER_VARIABLES if v in os.environ]
-        if launched:
+        marker = launcher_marker()
+        if marker is not None:
             raise UsageError(
-                f"started by a multi-process launcher ({launched[0]} is set) but Horovod is not "
+                f"started by a multi-process launcher ({marker} is set) but Horovod is not "
                 "installed; run `make setup` or launch one plain process"
             )
         return SingleProcess()

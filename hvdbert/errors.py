@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import os
 import sys
 from typing import Any, Callable
 
@@ -80,16 +79,3 @@ def rank_zero_decides(rank: int, broadcast: Callable[[Any], Any], action: Callab
     if status == "refused":
         raise SystemExit(2)
     return result
-def launcher_rank() -> int:
-    """This process's rank as its launcher set it (horovodrun, mpirun, srun with PMI), 0 when run
-    alone: lets every rank refuse bad input before Horovod starts while only rank 0 prints it."""
-    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
-
-def elastic_launch() -> bool:
-    """Whether horovodrun's elastic driver (--host-discovery-script) started this process: it sets
-    HOROVOD_ELASTIC=1 for its workers. Readable before Horovod starts, like launcher_rank."""
-    return os.environ.get("HOROVOD_ELASTIC") == "1"

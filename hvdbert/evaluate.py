@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,10 @@ from hvdbert.data.loader import permute
 from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
-from hvdbert.model import pretraining_loss
+from hvdbert.hooks import StepHook
+from hvdbert.model import STAT_NAMES, micro_batch_stats, named_stats, pretraining_loss
 
 log = logging.getLogger("hvdbert")
-
-# Summed on each rank, reduced in one allreduce.
-EVAL_STATS = ("mlm_loss_sum", "mlm_correct", "mlm_count", "nsp_loss_sum", "nsp_correct", "sequences")
-
 
 class HeldOut:
     """The held-out sequences of every evaluation and their masks, fixed once."""
@@ -80,26 +77,20 @@ class HeldOut:
 
 def evaluate(model: torch.nn.Module, held_out: HeldOut, dist, device: torch.device, autocast) -> dict:
     """The held-out figures of `model` (a BertForPreTraining); every rank calls it and gets them all.
-    `autocast` is a context factory (train.Precision.autocast). The model's train/eval mode is restored."""
+    `autocast` is a context factory (state.Precision.autocast). The model's train/eval mode is restored."""
     was_training = model.training
     model.eval()  # dropout off
-    sums = torch.zeros(len(EVAL_STATS), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
     try:
         with torch.no_grad():
             for samples in held_out.owned(dist.rank, dist.size):
                 batch = {k: v.to(device) for k, v in held_out.batch(samples).items()}
                 with autocast():
                     out = pretraining_loss(model, batch)
-                count = out.mlm_count.double()
-                sums += torch.stack([
-                    out.mlm_loss.double() * count, out.mlm_correct.double(), count,
-                    out.nsp_loss.double() * len(samples) if out.nsp_loss is not None else sums.new_zeros(()),
-                    out.nsp_correct.double() if out.nsp_correct is not None else sums.new_zeros(()),
-                    sums.new_tensor(float(len(samples))),
-                ])
+                sums += micro_batch_stats(out, batch, sums.new_zeros(()))
     finally:
         model.train(was_training)
-    total = dict(zip(EVAL_STATS, dist.allreduce_sum(sums, name="eval").tolist()))
+    total = named_stats(dist.allreduce_sum(sums, name="eval"))
     loss = total["mlm_loss_sum"] / max(total["mlm_count"], 1.0)
     record = {
         "eval_loss": loss,
@@ -116,11 +107,14 @@ def evaluate(model: torch.nn.Module, held_out: HeldOut, dist, device: torch.devi
 
 
 @dataclass
-class Evaluator:
-    """When a run evaluates (eval.every_steps, eval.at_end) and on what."""
+class Evaluator(StepHook):
+    """When a run evaluates (eval.every_steps, eval.at_end) and on what. As a step hook: a step that
+    evaluates is always logged, and the held-out figures join that step's metrics record."""
 
     cfg: EvalConfig
     held_out: HeldOut
+    now: bool = False  # this step evaluates
+    last: dict = field(default_factory=dict)  # the last held-out figures of this train() call
 
     def due(self, step: int, max_steps: int) -> bool:
         return ((self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0)
@@ -128,6 +122,20 @@ class Evaluator:
 
     def evaluate(self, run) -> dict:
         return evaluate(run.model, self.held_out, run.dist, run.device, run.precision.autocast)
+
+    def log_due(self, run) -> bool:
+        self.now = self.due(run.state.step, run.plan.max_steps)
+        return self.now
+
+    def on_log(self, run, record: dict) -> None:
+        if self.now:
+            self.last = self.evaluate(run)
+            record.update(self.last)
+
+    def summary(self) -> dict:
+        # The figures of this train() call only: an elastic job's next call starts without any.
+        figures, self.last = self.last, {}
+        return {"eval": figures}
 
 
 def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Recipe, where: str) -> PreparedData:
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from hvdbert.dist import init_distributed
     from hvdbert.model import build_model
     from hvdbert.run import choose_device
-    from hvdbert.train import Precision
+    from hvdbert.state import Precision
 
     parser = ArgumentParser(prog="python -m hvdbert.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, help="run directory (hvdbert.pretrain --output)")

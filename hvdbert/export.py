@@ -23,27 +23,12 @@ from hvdbert.files import check_output_location
 
 
 def build_exported(found: checkpoint.Checkpoint):
-    """The transformers model holding `found`'s weights (BertForPreTraining, BertForMaskedLM or
-    ModernBertForMaskedLM)."""
-    from transformers import BertForMaskedLM, BertForPreTraining
-
+    """The transformers model holding `found`'s weights: what its family exports (BertForPreTraining,
+    BertForMaskedLM or ModernBertForMaskedLM)."""
     fields = found.recipe["model"]
-    config = families.build_config(fields)
-    if families.family_of(fields).name == "modernbert":  # trained as ModernBertForMaskedLM itself
-        model = families.model_class(fields)(config)
-        checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
-        model.config.architectures = [type(model).__name__]
-        return model.eval()
-    pretraining = BertForPreTraining(config)
-    checkpoint.load_weights(pretraining, found.weights(), found.path / checkpoint.WEIGHTS)
-    if found.recipe.get("with_nsp", False):
-        model = pretraining
-    else:
-        model = BertForMaskedLM(config)
-        missing, unexpected = model.bert.load_state_dict(pretraining.bert.state_dict(), strict=False)
-        if missing or any(not key.startswith("pooler.") for key in unexpected):
-            raise UsageError(f"{found.path}: cannot map the encoder onto BertForMaskedLM ({missing or unexpected})")
-        model.cls.predictions.load_state_dict(pretraining.cls.predictions.state_dict())
+    model = families.model_class(fields)(families.build_config(fields))
+    checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
+    model = families.family_of(fields).hooks.exported(model, found.recipe.get("with_nsp", False), found.path)
     model.config.architectures = [type(model).__name__]
     return model.eval()
 

@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl, TensorBoard events and progress, on rank 0 only.
+"""What a run reports: metrics.jsonl, TensorBoard events and progress, on rank 0 only; and the
+log lines of every rank (`setup_logging`).
 
 Progress is a tqdm bar when stderr is a terminal. Anywhere else (horovodrun and mpirun pipe the
 workers' output, a SLURM log, `2> file`) a bar's carriage returns pile up into one ever-growing
@@ -9,6 +10,7 @@ Other ranks get a `NullMetrics` with the same methods, so the training loop neve
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -59,3 +61,11 @@ class RunMetrics(NullMetrics):
         self.bar.close()
         self.tensorboard.close()
         self.jsonl.close()
+
+
+def setup_logging(dist) -> None:
+    """The `hvdbert` log lines of this worker (`dist`: the distributed layer, for rank and size).
+    Rank 0 speaks; the others report only warnings and errors, prefixed with their rank."""
+    level = logging.INFO if dist.rank == 0 else logging.WARNING
+    prefix = "" if dist.size == 1 else f"[rank {dist.rank}] "
+    logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)

@@ -19,7 +19,8 @@ derives the rate:
 - linear: lr x B / R (Goyal et al. 2017). They warm up over the same number of samples (5 epochs) at
   every batch, so per-worker growth shrinks warmup_steps by k together with max_steps.
 - none: lr as written, with one warning line; the warmup shrinks as for linear.
-- auto (the default): sqrt for LAMB, linear for AdamW.
+- auto (the default): the optimizer's own rule (hvdbert/optimizers.py): sqrt for LAMB, linear for
+  AdamW and StableAdamW.
 With fixed-global, a `--set` of the global batch changes the rate only: train.max_steps and the warmup
 (warmup_proportion of it) describe the run asked for, and stay as written.
 """
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from hvdbert.config import OptimConfig, Recipe, load_recipe
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.optimizers import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,11 @@ LR_RULES = {
 
 
 def lr_rule(optim: OptimConfig) -> str:
-    """optim.lr_scaling with auto resolved: sqrt for LAMB (You et al. 2019), linear for AdamW."""
+    """optim.lr_scaling with auto resolved by the optimizer's entry: sqrt for LAMB (You et al. 2019),
+    linear for AdamW (Goyal et al. 2017)."""
     if optim.lr_scaling != "auto":
         return optim.lr_scaling
-    return "sqrt" if optim.name == "lamb" else "linear"
+    return OPTIMIZERS[optim.name].lr_scaling
 
 
 def make_plan(recipe: Recipe, workers: int) -> Plan:
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if plan.lr_warning:
         print(plan.lr_warning, file=sys.stderr)
     if args.output is not None:
-        from hvdbert.run import preflight  # torch and transformers: only when asked
+        from hvdbert.preflight import preflight  # torch and the checkpoint reader: only when asked
 
         preflight(recipe, args.output, args.data, args.resume)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))

@@ -41,6 +41,7 @@ from hvdbert.data.split import VALIDATION_DIR, SplitDocuments
 from hvdbert.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_wordpiece
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
 from hvdbert.files import check_output_location
+from hvdbert.launcher import mpi_world_size
 
 log = logging.getLogger("hvdbert.prepare")
 ENCODE_BATCH_DOCUMENTS = 1000
@@ -232,8 +233,7 @@ class _OneProcess:
 
 def communicator():
     """mpi4py's COMM_WORLD under mpirun (K > 1 processes), else a one-process stand-in."""
-    launched = any(int(os.environ.get(name, "1")) > 1 for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
-    if not launched:
+    if mpi_world_size() <= 1:
         return _OneProcess()
     from mpi4py import MPI
 

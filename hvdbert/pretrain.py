@@ -11,7 +11,6 @@ worker count; --elastic runs under Horovod elastic (docs/resume.md).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -21,14 +20,18 @@ from pathlib import Path
 from hvdbert import checkpoint
 from hvdbert.agreement import check_agreement
 from hvdbert.config import load_recipe
-from hvdbert.dist import Distributed, init_distributed
-from hvdbert.errors import ArgumentParser, UsageError, cli_entry, elastic_launch, launcher_rank, rank_zero_decides
+from hvdbert.dist import init_distributed
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
 from hvdbert.evaluate import build_evaluator, summary_text
-from hvdbert.metrics import NullMetrics, RunMetrics
+from hvdbert.hooks import StepHook
+from hvdbert.launcher import elastic_launch, launcher_rank
+from hvdbert.metrics import setup_logging
 from hvdbert.model import count_parameters
-from hvdbert.run import Run, build_run, preflight, refuse_used_run_dir
+from hvdbert.preflight import preflight
+from hvdbert.run import Run, build_run
+from hvdbert.rundir import cut_sample_logs, open_sample_log, prepare_run_dir, resolved_recipe, train_once
 from hvdbert.runlock import LOCK_FILE, RankZeroLock
-from hvdbert.train import TrainingDiverged, train
+from hvdbert.train import TrainingDiverged
 
 log = logging.getLogger("hvdbert")
 
@@ -48,55 +51,6 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--eval-data", type=Path, metavar="DIR",
                         help="held-out data for [eval] (default: the --data directory's validation split)")
     return parser.parse_args(argv)
-
-
-def setup_logging(dist: Distributed) -> None:
-    # Rank 0 speaks; the others report only warnings and errors, prefixed with their rank.
-    level = logging.INFO if dist.rank == 0 else logging.WARNING
-    prefix = "" if dist.size == 1 else f"[rank {dist.rank}] "
-    logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
-
-
-def resolved_recipe(run: Run) -> dict:
-    return {**run.recipe.to_dict(), "plan": run.plan.to_dict(), "data_dir": str(run.data.directory),
-            "with_nsp": run.data.has_nsp, "tokenizer_sha256": run.data.manifest.tokenizer_sha256}
-
-
-def _rewrite_lines(path: Path, edit) -> None:
-    """Replace the lines of `path` (none if missing) by edit(lines), atomically. A resumed run drops
-    what was logged after its checkpoint, so the files read as if the run had never stopped."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(edit(lines)), encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def cut_sample_logs(run_dir: Path, step: int, ranks: int) -> None:
-    """Cut the sample-id logs back to `step`: line k of RUN_DIR/sample_ids/rank-<r>.txt is what rank r
-    read at step k + 1, in the history that continues from `step` (a resume's checkpoint, an elastic
-    job's last commit). A rank that did not exist at some steps (another worker count then) has empty
-    lines for them; ranks 0..ranks-1 get their file now."""
-    directory = run_dir / "sample_ids"
-    logs = set(directory.glob("rank-*.txt")) | {directory / f"rank-{r}.txt" for r in range(ranks)}
-    if ranks:
-        directory.mkdir(exist_ok=True)
-    for sample_log in logs:
-        _rewrite_lines(sample_log, lambda lines: lines[:step] + ["\n"] * (step - len(lines)))
-
-
-def prepare_run_dir(run_dir: Path, resolved: dict, resume_step: int | None, sample_log_ranks: int) -> None:
-    """A fresh run refuses a used directory; a resumed one (resume_step: its checkpoint's step, 0 when
-    `--resume auto` found none) keeps metrics.jsonl and the sample-id logs up to that step."""
-    refuse_used_run_dir(run_dir, resume_step is not None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_step is not None:
-        checkpoint.discard_later(run_dir, resume_step)
-        _rewrite_lines(run_dir / "metrics.jsonl",
-                       lambda lines: [line for line in lines if json.loads(line)["step"] <= resume_step])
-        cut_sample_logs(run_dir, resume_step, sample_log_ranks)
-    temporary = run_dir / "recipe.json.tmp"
-    temporary.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, run_dir / "recipe.json")
 
 
 def restore_on_rank0(args, run: Run) -> str:
@@ -138,13 +92,6 @@ def restore_on_rank0(args, run: Run) -> str:
         checkpoint.load_weights(model, source.weights(), source.path, extend_positions=True)
         return f"weights from {source.path} (checkpoint.init_from); fresh optimizer and schedule"
     return "random initialisation"
-
-
-def open_sample_log(run_dir: Path, enabled: bool, dist: Distributed):
-    if not enabled:
-        return None
-    (run_dir / "sample_ids").mkdir(exist_ok=True)
-    return open(run_dir / "sample_ids" / f"rank-{dist.rank}.txt", "a", encoding="utf-8", buffering=1)
 
 
 @cli_entry("hvdbert.pretrain")
@@ -220,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             stop.install()
             sample_log = open_sample_log(args.output, recipe.data.record_sample_ids, dist)
             try:
-                summary = train_once(run, args.output, checkpointer, stop, sample_log, evaluator=evaluator)
+                hooks = [hook for hook in (sample_log, evaluator, checkpointer) if hook is not None]
+                summary = train_once(run, args.output, hooks, stop)
             finally:
                 if sample_log is not None:
                     sample_log.close()
@@ -238,16 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_once(run: Run, run_dir: Path, checkpointer, stop, sample_log, after_step=None, evaluator=None) -> dict:
-    """Train from the run's position to the end of its plan, with a stream and metrics of its own."""
-    run.open_stream()
-    metrics = (RunMetrics(run_dir, run.state.step, run.plan.max_steps, run.recipe.train.progress_bar)
-               if run.dist.rank == 0 else NullMetrics())
-    try:
-        return train(run, metrics, checkpointer, stop, sample_log, after_step, evaluator)
-    finally:
-        run.close_stream()
-        metrics.close()
+class ElasticCommit(StepHook):
+    """Commits the elastic state every `every_steps` steps: what a lost worker rolls the job back to."""
+
+    def __init__(self, elastic_state, every_steps: int):
+        self.elastic_state = elastic_state
+        self.every_steps = every_steps
+
+    def step_end(self, run: Run) -> None:
+        if run.state.step % self.every_steps == 0:
+            self.elastic_state.step, self.elastic_state.samples_seen = run.state.step, run.state.samples_seen
+            self.elastic_state.commit()  # Horovod: also where a host change is noticed
 
 
 def run_elastic(run: Run, run_dir: Path, checkpointer, stop, evaluator, agree, start, lock: RankZeroLock) -> dict:
@@ -297,14 +246,10 @@ def run_elastic(run: Run, run_dir: Path, checkpointer, stop, evaluator, agree, s
                 cut_sample_logs(run_dir, state.step, dist.size)
             dist.barrier()
         sample_log = open_sample_log(run_dir, recipe.data.record_sample_ids, dist)
-
-        def commit(progress) -> None:
-            if progress.step % recipe.elastic.commit_every == 0:
-                elastic_state.step, elastic_state.samples_seen = progress.step, progress.samples_seen
-                elastic_state.commit()  # Horovod: also where a host change is noticed
-
+        commit = ElasticCommit(elastic_state, recipe.elastic.commit_every)  # last: it may leave the loop
         try:
-            return train_once(run, run_dir, checkpointer, stop, sample_log, after_step=commit, evaluator=evaluator)
+            hooks = [hook for hook in (sample_log, evaluator, checkpointer, commit) if hook is not None]
+            return train_once(run, run_dir, hooks, stop)
         finally:
             if sample_log is not None:
                 sample_log.close()

@@ -1,11 +1,10 @@
-"""The training loop: `train()` runs steps, logs and checkpoints; `train_step()` is one optimizer step."""
+"""The training loop: `train()` runs steps and logs them, its side concerns on a list of step hooks;
+`train_step()` is one optimizer step."""
 from __future__ import annotations
 
-import contextlib
 import time
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -13,86 +12,20 @@ import torch
 from hvdbert.data.loader import StreamLayout
 from hvdbert.data.masking import splitmix64
 from hvdbert.dist import Distributed
+from hvdbert.hooks import StepHook
 from hvdbert.metrics import NullMetrics
+from hvdbert.model import STAT_NAMES, micro_batch_stats, named_stats
 from hvdbert.optim import lr_at, set_lr
+from hvdbert.state import Precision
 
 if TYPE_CHECKING:
     from hvdbert.run import Run
 
-# Per-step statistics, summed locally and reduced across ranks only when a step is logged.
-STAT_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "micro_batches", "tokens")
+LOSS = STAT_NAMES.index("loss")  # the step flags' allreduce checks the step's summed loss
 
 
 class TrainingDiverged(RuntimeError):
     """More than train.max_bad_steps consecutive optimizer steps had a non-finite loss."""
-
-
-@dataclass
-class TrainState:
-    """Progress counters; they travel with the model state in checkpoints."""
-
-    step: int = 0  # optimizer steps done
-    samples_seen: int = 0  # global sample position: the data stream resumes from here
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.samples_seen = int(state["samples_seen"])
-
-    def advance(self, layout: StreamLayout) -> None:
-        """One optimizer step done: the data stream moved on by the same global batch."""
-        self.step += 1
-        self.samples_seen += layout.global_batch_size
-
-
-@dataclass
-class Precision:
-    """Autocast and loss scaling for train.precision."""
-
-    name: str
-    device: torch.device
-    scaler: torch.amp.GradScaler | None = None
-    skipped_steps: int = 0  # fp16: steps the GradScaler skipped for inf/NaN gradients
-
-    @classmethod
-    def create(cls, name: str, device: torch.device) -> "Precision":
-        # fp16's narrow exponent range needs loss scaling; torch has a GradScaler for CUDA and for CPU.
-        scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-        return cls(name, device, scaler)
-
-    @staticmethod
-    def supported(name: str, device_type: str) -> bool:
-        """Whether this torch runs `name` on `device_type`: autocast in that dtype (older torch
-        disables CPU autocast for float16 with a warning instead of failing) and, for fp16, a
-        GradScaler for the device."""
-        if name == "fp32":
-            return True
-        dtype = torch.bfloat16 if name == "bf16" else torch.float16
-        try:
-            if not torch.amp.is_autocast_available(device_type):
-                return False
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with torch.autocast(device_type=device_type, dtype=dtype):
-                    enabled = (torch.is_autocast_enabled(device_type)
-                               and torch.get_autocast_dtype(device_type) == dtype)
-        except AttributeError:  # a torch older than these queries (2.4): CPU autocast had bf16 only
-            return name == "bf16" and device_type == "cpu"
-        if not enabled or name != "fp16":
-            return enabled
-        try:
-            torch.amp.GradScaler(device_type)
-        except (RuntimeError, ValueError, TypeError):
-            return False
-        return True
-
-    def autocast(self):
-        if self.name == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
 class StepGuard:
@@ -144,8 +77,9 @@ def train_step(forward, optimizer, micro_batches: list[dict[str, torch.Tensor]],
     """Forward/backward over this worker's micro-batches, allreduce, clip, step. `forward` is the
     run's training forward (model.PretrainingForward, possibly wrapped by the distributed layer).
 
-    Returns the step's statistics (STAT_NAMES) as one tensor. Without a guard there is no host sync;
-    with one, a step whose loss is not finite on any rank leaves the model and optimizer untouched.
+    Returns the step's statistics (model.MICRO_BATCH_STATS, summed) as one tensor. Without a guard
+    there is no host sync; with one, a step whose loss is not finite on any rank leaves the model and
+    optimizer untouched.
     """
     accumulation_steps = len(micro_batches)
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
@@ -157,17 +91,10 @@ def train_step(forward, optimizer, micro_batches: list[dict[str, torch.Tensor]],
             torch.manual_seed(dropout_seeds[index])
         with precision.autocast():
             out = forward(batch)
-        stats += torch.stack([
-            out.loss.detach().double(), out.mlm_loss.detach().double(),
-            out.nsp_loss.detach().double() if out.nsp_loss is not None else stats.new_zeros(()),
-            out.mlm_correct.double(), out.mlm_count.double(), stats.new_ones(()),
-            # real tokens: packed MLM sequences have no padding; padded formats carry a mask
-            batch["attention_mask"].sum().double() if "attention_mask" in batch
-            else stats.new_tensor(float(batch["input_ids"].numel())),
-        ])
+        stats += micro_batch_stats(out, batch, stats.new_zeros(()))
         if guard is not None and index == accumulation_steps - 1:
             # Every loss of the step is known: the flags' allreduce runs while the last backward does.
-            guard.submit(dist, stats[0])
+            guard.submit(dist, stats[LOSS])
         # Horovod sums the local passes of a step (backward_passes_per_step) before averaging across
         # workers, so each pass contributes loss / accumulation_steps.
         loss = out.loss / accumulation_steps
@@ -220,56 +147,52 @@ def run_step(run: "Run", guard: StepGuard | None, dist: Distributed | None = Non
     return StepResult(stats, lr, data_wait_seconds, micro_batches)
 
 
-def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample_log=None,
-          after_step: Callable[[TrainState], None] | None = None, evaluator=None) -> dict:
+def train(run: "Run", metrics: NullMetrics, hooks: Sequence[StepHook] = (), stop=None) -> dict:
     """Run optimizer steps on `run.stream` until the plan's max_steps (or an agreed stop); log every
-    train.log_every steps, checkpoint through `checkpointer`. Returns a summary.
+    train.log_every steps. Returns a summary.
 
-    `evaluator` (evaluate.Evaluator): at the steps it is due, the held-out figures join that step's
-    metrics record (a step that evaluates is always logged)."""
+    `hooks` (hooks.StepHook: checkpoints, evaluation, sample logs, ...) are called in list order at
+    the points StepHook names; `stop` (checkpoint.StopRequest) is part of the step's agreement."""
     cfg, plan, state, precision = run.recipe.train, run.plan, run.state, run.precision
     run.model.train()
     guard = StepGuard(stop)
     window = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=precision.device)
     window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
     run_start, first_step, last_record, bad_steps, stopped = time.perf_counter(), state.step, None, 0, ""
-    last_eval: dict = {}
     while state.step < plan.max_steps:
         result = run_step(run, guard)
         data_wait_seconds += result.data_wait_seconds
-        if sample_log is not None:
-            sample_log.write(" ".join(str(int(i)) for b in result.micro_batches for i in b["sample_ids"]) + "\n")
+        for hook in hooks:
+            hook.after_step(run, result)
         window += result.stats
         bad_steps = bad_steps + 1 if guard.bad_step else 0
         window_steps += 1
         metrics.advance(1)
 
-        evaluate_now = evaluator is not None and evaluator.due(state.step, plan.max_steps)
-        if state.step % cfg.log_every == 0 or state.step == plan.max_steps or guard.stop_agreed or evaluate_now:
+        hook_wants_log = [hook.log_due(run) for hook in hooks]  # every hook is asked: each notes its own due
+        if (state.step % cfg.log_every == 0 or state.step == plan.max_steps or guard.stop_agreed
+                or any(hook_wants_log)):
             last_record = log_window(run, window, window_steps, time.perf_counter() - window_start,
                                      data_wait_seconds, result.lr)
-            if evaluate_now:
-                last_eval = evaluator.evaluate(run)
-                last_record.update(last_eval)
+            for hook in hooks:
+                hook.on_log(run, last_record)
             metrics.log(last_record)
             window.zero_()
             window_steps, window_start, data_wait_seconds = 0, time.perf_counter(), 0.0
         if bad_steps > cfg.max_bad_steps:
-            path = checkpointer.save_diagnostic(state) if checkpointer else None
+            named = [found for found in (hook.diverged(run) for hook in hooks) if found is not None]
             raise TrainingDiverged(f"{bad_steps} consecutive steps (up to step {state.step}) had a non-finite "
                                    f"loss, more than train.max_bad_steps = {cfg.max_bad_steps}; diagnostic "
-                                   f"checkpoint: {path}; lower optim.lr or check the data")
+                                   f"checkpoint: {named[0] if named else None}; lower optim.lr or check the data")
         if guard.stop_agreed:
             stopped = stop.signal_name if stop is not None and stop.requested else "signal on another rank"
             break
-        if checkpointer and state.step % checkpointer.every_steps == 0:
-            checkpointer.save(state)
-        if after_step is not None:  # last: an elastic commit may leave the loop (a host joined or left)
-            after_step(state)
-    if checkpointer and (stopped or state.step % checkpointer.every_steps):
-        checkpointer.save(state)  # the end of the run, or a preemption: never lose a step
+        for hook in hooks:
+            hook.step_end(run)
+    for hook in hooks:
+        hook.run_end(run, bool(stopped))  # the end of the run, or a preemption: never lose a step
     seconds = time.perf_counter() - run_start
-    return {
+    summary = {
         "steps": state.step,
         "samples_seen": state.samples_seen,
         "final_loss": last_record["loss"] if last_record else float("nan"),
@@ -277,8 +200,11 @@ def train(run: "Run", metrics: NullMetrics, checkpointer=None, stop=None, sample
         "mean_seq_per_s": (state.step - first_step) * plan.global_batch_size / seconds if seconds > 0 else 0.0,
         "stopped_by": stopped,
         "scaler_skipped_steps": precision.skipped_steps,
-        "eval": last_eval,  # the last held-out figures, if any
+        "eval": {},  # the last held-out figures, when an evaluation hook ran
     }
+    for hook in hooks:
+        summary.update(hook.summary())
+    return summary
 
 
 def log_window(run: "Run", window: torch.Tensor, window_steps: int, seconds: float, data_wait_seconds: float,
@@ -286,7 +212,7 @@ def log_window(run: "Run", window: torch.Tensor, window_steps: int, seconds: flo
     """The metrics record of the steps since the last one: one allreduce (the only cross-rank sync
     besides gradients and the step flags)."""
     plan, state, precision = run.plan, run.state, run.precision
-    stat = dict(zip(STAT_NAMES, run.dist.allreduce_sum(window, name="metrics").tolist()))
+    stat = named_stats(run.dist.allreduce_sum(window, name="metrics"))
     micro = max(stat["micro_batches"], 1.0)
     record = {
         "step": state.step,

@@ -32,7 +32,8 @@ from hvdbert.model import PretrainingForward, build_model
 from hvdbert.optim import build_optimizer, init_state, lr_at, set_lr
 from hvdbert.plan import make_plan
 from hvdbert.run import build_run, open_data
-from hvdbert.train import Precision, StepGuard, train, train_step
+from hvdbert.state import Precision
+from hvdbert.train import StepGuard, train, train_step
 
 SMALL = ["data.builtin_max_documents=1500", "train.progress_bar=false"]
 EXACT = SMALL + ["model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0", "train.log_every=1",
@@ -67,7 +68,7 @@ def tiny_training(recipe_path: str, overrides: list[str], dist: Distributed, see
     before = fingerprint(model)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
                                     plan.accumulation_steps, recipe.dist.fp16_allreduce)
-    init_state(optimizer)
+    init_state(optimizer, recipe.optim.name)
     dist.broadcast_model_and_optimizer(model, optimizer)
     special = data.manifest.special_token_ids
     rule = MaskingRule(recipe.data.mask_prob, recipe.data.max_predictions_per_seq, special["mask"],

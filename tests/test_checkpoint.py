@@ -26,7 +26,7 @@ from hvdbert.optim import build_optimizer, init_state
 from hvdbert.plan import make_plan
 from hvdbert.run import Run
 from hvdbert.runlock import LOCK_FILE
-from hvdbert.train import Precision, TrainState
+from hvdbert.state import Precision, TrainState
 
 SMALL = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
          "intermediate_size": 32, "max_position_embeddings": 32}
@@ -39,7 +39,7 @@ def small_training(seed: int):
     torch.manual_seed(seed)
     model = build_model(recipe.model, with_nsp=False)
     optimizer = build_optimizer(model, recipe.optim, plan)
-    init_state(optimizer)
+    init_state(optimizer, recipe.optim.name)
     return recipe, plan, model, optimizer
 
 

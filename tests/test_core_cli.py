@@ -130,7 +130,7 @@ def test_precision_support_is_asked_of_the_installed_torch():
     and runs the others: torch 2.13's CPU autocast has float16 and bfloat16, and a CPU GradScaler."""
     import torch
 
-    from hvdbert.train import Precision
+    from hvdbert.state import Precision
 
     assert Precision.supported("fp32", "cpu")
     assert Precision.supported("bf16", "cpu") and Precision.supported("fp16", "cpu")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hvdbert.config import OptimConfig
-from hvdbert.optim import Lamb, build_optimizer, init_state, lr_at, parameter_groups
+from hvdbert.optimizers.lamb import Lamb
+from hvdbert.optim import build_optimizer, init_state, lr_at, parameter_groups
 from hvdbert.plan import Plan
 
 
@@ -73,7 +74,7 @@ def test_no_decay_group_holds_biases_and_layernorm():
 def test_state_exists_before_the_first_step(name):
     model = torch.nn.Linear(3, 2)
     optimizer = build_optimizer(model, OptimConfig(name=name), _plan())
-    init_state(optimizer)
+    init_state(optimizer, name)
     assert len(optimizer.state_dict()["state"]) == 2
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():  # a real step afterwards behaves as a first step

@@ -108,8 +108,9 @@ def test_grad_scaler_skipped_steps_are_counted_and_leave_the_model_alone():
     scaled loss overflows makes the scaler skip the step."""
     from hvdbert.dist import SingleProcess
     from hvdbert.model import PretrainingForward, build_model
-    from hvdbert.optim import Lamb
-    from hvdbert.train import Precision, train_step
+    from hvdbert.optimizers.lamb import Lamb
+    from hvdbert.state import Precision
+    from hvdbert.train import train_step
 
     torch.manual_seed(0)
     model = build_model({"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,

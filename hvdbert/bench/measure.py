@@ -15,9 +15,9 @@ from hvdbert.bench.flops import (device_name, matmul_peak_flops, peak_memory_byt
                                  training_flops_per_sequence)
 from hvdbert.config import Recipe
 from hvdbert.dist import Distributed
-from hvdbert.model import count_parameters
+from hvdbert.model import STAT_NAMES, count_parameters
 from hvdbert.run import Run, build_run
-from hvdbert.train import STAT_NAMES, StepGuard, run_step
+from hvdbert.train import StepGuard, run_step
 
 BREAKDOWN = ("data_wait", "forward_backward", "gradient_sync", "optimizer")
 
@@ -89,7 +89,7 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
     recipe, dist, device, plan = run.recipe, run.dist, run.device, run.plan
     timer = StepTimer(dist, device)
     run.model.train()
-    tokens_index = STAT_NAMES.index("tokens")
+    tokens_index, loss_index = STAT_NAMES.index("tokens"), STAT_NAMES.index("loss")
 
     dist.barrier()  # every rank probes at once, as every rank trains at once
     peak_flops = matmul_peak_flops(device, probe_dtype(recipe.train.precision))
@@ -112,7 +112,7 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
         timer.seconds["data_wait"] += result.data_wait_seconds
         timer.end()
         tokens += result.stats[tokens_index]
-        loss_sums.append(result.stats[0])
+        loss_sums.append(result.stats[loss_index])
     synchronize(device)
     elapsed = time.perf_counter() - start
     run.close_stream()

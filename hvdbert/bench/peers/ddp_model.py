@@ -91,7 +91,7 @@ class TorchDDP:
     def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None:
         pass
 
-    def elastic_run(self, fn, state_objects: dict, on_reset):
+    def elastic_run(self, fn, state_objects: dict, on_reset, before_sync=None):
         raise UsageError("the ddp-hvdbert-model peer has no elastic mode")
 
     def shutdown(self) -> None:
