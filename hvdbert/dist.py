@@ -318,12 +318,16 @@ def horovod_available() -> bool:
 
 
 def init_distributed(cfg: DistConfig) -> Distributed:
-    if not horovod_available():
-        marker = launcher_marker()
-        if marker is not None:
-            raise UsageError(
-                f"started by a multi-process launcher ({marker} is set) but Horovod is not "
-                "installed; run `make setup` or launch one plain process"
-            )
+    """Horovod for the workers a launcher started; one plain process has no one to talk to, so it runs
+    without Horovod, whether or not Horovod is installed: no MPI singleton start-up (which some
+    clusters' MPI refuses outside mpirun/srun), and a caller may run commands' main() again in the
+    same process (Horovod cannot start again once shut down)."""
+    marker = launcher_marker()
+    if marker is None:
         return SingleProcess()
+    if not horovod_available():
+        raise UsageError(
+            f"started by a multi-process launcher ({marker} is set) but Horovod is not "
+            "installed; run `make setup` or launch one plain process"
+        )
     return HorovodDistributed(cfg)

@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.rank == 0:
             print(f"hvdbert.pretrain: error: {error}", file=sys.stderr, flush=True)
         return 3
+    finally:
+        lock.release()  # the run is over: a caller that goes on (main() called in-process) may reopen it
     if dist.rank == 0:
         how = f" (stopped by {summary['stopped_by']}; continue with --resume auto)" if summary["stopped_by"] else ""
         print(f"hvdbert: done: {summary['steps']} steps, {summary['samples_seen']} samples seen, "

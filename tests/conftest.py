@@ -19,6 +19,8 @@ TINY = REPO / "recipes" / "tiny.toml"
 
 # Small and deterministic: a short run of the tiny recipe on part of the embedded corpus.
 FAST = ["--set", "train.progress_bar=false", "--set", "data.builtin_max_documents=1500"]
+# FAST for 4 steps, each logged, a checkpoint every 2: what `finished_run` trained.
+SHORT = FAST + ["--set", "train.max_steps=4", "--set", "checkpoint.every_steps=2", "--set", "train.log_every=1"]
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +31,15 @@ def hvdbert_env(tmp_path_factory) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("HOROVOD_RANK", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, hvdbert_env) -> Path:
+    """A complete run of the tiny recipe (SHORT: checkpoints at steps 2 and 4), shared by the modules
+    that resume, refuse, export or evaluate one. Tests copy it before they change anything."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT], hvdbert_env)
+    return run_dir
 
 
 def run_module(module: str, args: list[str], env: dict[str, str], np: int = 1, timeout: float = 600,

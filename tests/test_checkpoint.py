@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO, TINY, read_metrics, run_module
+from conftest import FAST, REPO, SHORT, TINY, read_metrics, run_module
 from hvdbert import checkpoint
 from hvdbert.checkpoint import Checkpointer, CorruptCheckpoint, open_checkpoint
 from hvdbert.config import load_recipe
@@ -162,26 +162,15 @@ def test_position_embeddings_extend_for_phase_two():
 # ------------------------------------------------------------------------------------------------
 # Bad input through the command line: one line, exit status 2, nothing overwritten
 
-SHORT = FAST + ["--set", "train.max_steps=4", "--set", "checkpoint.every_steps=2", "--set", "train.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, hvdbert_env):
-    run_dir = tmp_path_factory.mktemp("bad-input") / "run"
-    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT], hvdbert_env)
-    return run_dir
-
-
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     """Every file of the run, but the lock file (which names whoever opened the run last)."""
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
             if p.is_file() and p.name != LOCK_FILE}
 
 
-def refused(run_dir: Path, env, extra: list[str], expect: str) -> None:
+def refused(run_dir: Path, cli, extra: list[str], expect: str) -> None:
     before = snapshot(run_dir)
-    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT, *extra],
-                        env, check=False)
+    result = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", run_dir, *SHORT, *extra])
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("hvdbert.pretrain: error: ") and expect in lines[-1], lines[-3:]
@@ -190,33 +179,33 @@ def refused(run_dir: Path, env, extra: list[str], expect: str) -> None:
 
 
 @pytest.mark.multiprocess
-def test_bad_resume_input_exits_2_and_overwrites_nothing(finished_run, hvdbert_env, tmp_path):
+def test_bad_resume_input_exits_2_and_overwrites_nothing(finished_run, cli, tmp_path):
     assert [r["step"] for r in read_metrics(finished_run)] == [1, 2, 3, 4]
-    refused(finished_run, hvdbert_env, [], "already holds a run")
-    refused(finished_run, hvdbert_env, ["--resume", str(tmp_path / "no-such-checkpoint")], "does not exist")
-    refused(finished_run, hvdbert_env, ["--resume", "auto", "--set", "model.hidden_size=64",
+    refused(finished_run, cli, [], "already holds a run")
+    refused(finished_run, cli, ["--resume", str(tmp_path / "no-such-checkpoint")], "does not exist")
+    refused(finished_run, cli, ["--resume", "auto", "--set", "model.hidden_size=64",
                                         "--set", "model.intermediate_size=256"],
             "model.hidden_size = 128 there, 64 here")
     data_dir = json.loads((finished_run / "recipe.json").read_text())["data_dir"]  # no new corpus to prepare
-    refused(finished_run, hvdbert_env, ["--resume", "auto", "--data", data_dir, "--set", "model.vocab_size=4100"],
+    refused(finished_run, cli, ["--resume", "auto", "--data", data_dir, "--set", "model.vocab_size=4100"],
             "model.vocab_size = 4096 there, 4100 here")
     fresh = tmp_path / "phase2"
     fresh.mkdir()
-    refused(fresh, hvdbert_env, ["--set", f"checkpoint.init_from={tmp_path / 'missing-phase1'}"], "does not exist")
+    refused(fresh, cli, ["--set", f"checkpoint.init_from={tmp_path / 'missing-phase1'}"], "does not exist")
     assert not (fresh / "metrics.jsonl").exists()
 
 
 @pytest.mark.multiprocess
-def test_malicious_checkpoint_is_refused_by_resume(finished_run, hvdbert_env, tmp_path):
+def test_malicious_checkpoint_is_refused_by_resume(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     marker = tmp_path / "pwned"
     plant_malicious_pickle(run_dir / "checkpoints" / "step-4", marker)
-    refused(run_dir, hvdbert_env, ["--resume", str(run_dir / "checkpoints" / "step-4")], "refused")
+    refused(run_dir, cli, ["--resume", str(run_dir / "checkpoints" / "step-4")], "refused")
     assert not marker.exists()
     # --resume auto skips it with a warning and takes the previous complete checkpoint
-    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT,
-                                             "--resume", "auto"], hvdbert_env)
+    result = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", run_dir, *SHORT, "--resume", "auto"])
+    assert result.returncode == 0, result.stderr
     assert "skipping checkpoint" in result.stderr and "resumed from" in result.stderr and "step-2" in result.stderr
     assert not marker.exists()
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
@@ -225,14 +214,15 @@ def test_malicious_checkpoint_is_refused_by_resume(finished_run, hvdbert_env, tm
 
 
 @pytest.mark.multiprocess
-def test_phase_two_starts_from_phase_one_weights_only(finished_run, hvdbert_env, tmp_path):
+def test_phase_two_starts_from_phase_one_weights_only(finished_run, cli, tmp_path):
     """checkpoint.init_from: weights (position embeddings grown 128 -> 256), fresh optimizer and schedule."""
     phase1 = finished_run / "checkpoints" / "step-4"
     run_dir = tmp_path / "phase2"
-    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *FAST,
-                                             "--set", f"checkpoint.init_from={phase1}",
-                                             "--set", "model.max_position_embeddings=256",
-                                             "--set", "train.max_steps=2", "--set", "train.log_every=1"], hvdbert_env)
+    result = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", run_dir, *FAST,
+                                      "--set", f"checkpoint.init_from={phase1}",
+                                      "--set", "model.max_position_embeddings=256",
+                                      "--set", "train.max_steps=2", "--set", "train.log_every=1"])
+    assert result.returncode == 0, result.stderr
     assert f"weights from {phase1}" in result.stderr
     phase1_records, records = read_metrics(finished_run), read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2]
@@ -250,17 +240,19 @@ def test_phase_two_starts_from_phase_one_weights_only(finished_run, hvdbert_env,
 # Never lose a step, never mix two histories, one writer per run directory
 
 
-def resume(run_dir: Path, env, *extra: str) -> subprocess.CompletedProcess:
-    return run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT, *extra], env)
+def resume(run_dir: Path, cli, *extra: str):
+    result = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", run_dir, *SHORT, *extra])
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 @pytest.mark.multiprocess
-def test_a_damaged_last_checkpoint_is_replaced_by_the_resumed_run(finished_run, hvdbert_env, tmp_path):
+def test_a_damaged_last_checkpoint_is_replaced_by_the_resumed_run(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     last = run_dir / "checkpoints" / "step-4"
     os.truncate(last / "model.safetensors", 1000)
-    result = resume(run_dir, hvdbert_env, "--resume", "auto")
+    result = resume(run_dir, cli, "--resume", "auto")
     assert "skipping checkpoint" in result.stderr and "resumed from" in result.stderr
     assert f"checkpoint {last} (" in result.stderr  # written again, not kept as it was
     saved = open_checkpoint(last)  # verifies every sha256
@@ -271,11 +263,11 @@ def test_a_damaged_last_checkpoint_is_replaced_by_the_resumed_run(finished_run, 
 
 
 @pytest.mark.multiprocess
-def test_resuming_an_earlier_checkpoint_drops_the_later_history(finished_run, hvdbert_env, tmp_path):
+def test_resuming_an_earlier_checkpoint_drops_the_later_history(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     old_step_4 = open_checkpoint(run_dir / "checkpoints" / "step-4").state
-    result = resume(run_dir, hvdbert_env, "--resume", str(run_dir / "checkpoints" / "step-2"),
+    result = resume(run_dir, cli, "--resume", str(run_dir / "checkpoints" / "step-2"),
                     "--set", "optim.lr=0.001", "--set", "train.max_steps=3")
     assert "removing" in result.stderr and "step-4" in result.stderr
     # step-4 belonged to the old history (lr 0.01): it must not outlive the resume beside step-3
@@ -284,18 +276,18 @@ def test_resuming_an_earlier_checkpoint_drops_the_later_history(finished_run, hv
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
     assert old_step_4["step"] == 4
     # a later --resume auto continues the new history, not the old one
-    result = resume(run_dir, hvdbert_env, "--resume", "auto", "--set", "optim.lr=0.001")
+    result = resume(run_dir, cli, "--resume", "auto", "--set", "optim.lr=0.001")
     assert "step-3" in result.stderr.split("resumed from", 1)[1].splitlines()[0]
     assert open_checkpoint(run_dir / "checkpoints" / "step-4").recipe["optim"]["lr"] == 0.001
 
 
 @pytest.mark.multiprocess
-def test_resume_auto_refuses_when_no_checkpoint_can_be_loaded(finished_run, hvdbert_env, tmp_path):
+def test_resume_auto_refuses_when_no_checkpoint_can_be_loaded(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     for _, path in checkpoint.step_dirs(run_dir):
         os.truncate(path / "model.safetensors", 1000)
-    refused(run_dir, hvdbert_env, ["--resume", "auto"], "none of the 2 checkpoint(s)")
+    refused(run_dir, cli, ["--resume", "auto"], "none of the 2 checkpoint(s)")
     assert len(read_metrics(run_dir)) == 4  # the history is kept, not restarted from scratch
 
 
@@ -324,7 +316,7 @@ def test_prune_leaves_a_live_writers_partial_directory_alone(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_a_second_run_on_the_same_directory_is_refused(tmp_path, hvdbert_env):
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, hvdbert_env, cli):
     run_dir = tmp_path / "run"
     args = ["--recipe", str(TINY), "--output", str(run_dir), *FAST, "--set", "train.max_steps=100000",
             "--set", "train.log_every=1", "--set", "checkpoint.every_steps=5"]
@@ -335,7 +327,7 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, hvdbert_env):
         while not (run_dir / "metrics.jsonl").is_file() and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.1)
         assert (run_dir / "metrics.jsonl").is_file()
-        second = run_module("hvdbert.pretrain", [*args, "--resume", "auto"], hvdbert_env, check=False)
+        second = cli("hvdbert.pretrain", [*args, "--resume", "auto"])
         assert second.returncode == 2, second.stderr[-2000:]
         line = second.stderr.strip().splitlines()[-1]
         assert line.startswith("hvdbert.pretrain: error: ") and "is in use by another run" in line
@@ -348,6 +340,6 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, hvdbert_env):
             first.wait()
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == list(range(1, len(steps) + 1))  # one writer: every step once
-    resume_result = run_module("hvdbert.pretrain", [*args, "--resume", "auto", "--set",
-                                                    f"train.max_steps={steps[-1] + 1}"], hvdbert_env)
+    resume_result = cli("hvdbert.pretrain", [*args, "--resume", "auto", "--set", f"train.max_steps={steps[-1] + 1}"])
+    assert resume_result.returncode == 0, resume_result.stderr
     assert "resumed from" in resume_result.stderr  # the lock went with the process that held it
