@@ -42,6 +42,22 @@ def finished_run(tmp_path_factory, hvdbert_env) -> Path:
     return run_dir
 
 
+# Small prepared data with a held-out split: 300 documents of the embedded corpus, 64 tokens, 1500 ids.
+HELD_OUT_PREPARE = ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64", "--vocab-size", "1500",
+                    "--validation-fraction", "0.1"]
+
+
+@pytest.fixture(scope="session")
+def held_out_data(tmp_path_factory) -> Path:
+    """HELD_OUT_PREPARE's data (DATA/validation is its held-out split), shared by the evaluation and
+    benchmark modules; prepared in this process (a prepare as a real process is test_data_*'s)."""
+    from hvdbert.prepare import main as prepare_main
+
+    out = tmp_path_factory.mktemp("held-out") / "data"
+    assert prepare_main([*HELD_OUT_PREPARE, "--output", str(out)]) == 0
+    return out
+
+
 def run_module(module: str, args: list[str], env: dict[str, str], np: int = 1, timeout: float = 600,
                launcher: str = "plain", check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m module args` as one plain process, or under horovodrun/mpirun with np workers."""
@@ -75,8 +91,9 @@ class Outcome:
 def cli(capsys, monkeypatch, hvdbert_env):
     """Run a command's main(argv) in this process: for refusals and short single-process work, where
     no process boundary is under test, without paying a fresh interpreter's torch + transformers
-    import (seconds per call). `cli("hvdbert.pretrain", [...])` returns an Outcome; whatever the
-    command changes of the process (signal handlers, logging, torch's thread count) is put back."""
+    import (seconds per call). `cli("hvdbert.pretrain", [...])` (the module holding the command's
+    main: hvdbert.bench.cli for `python -m hvdbert.bench`) returns an Outcome; whatever the command
+    changes of the process (signal handlers, logging, torch's thread count) is put back."""
     for name in list(os.environ):
         if name.startswith(LAUNCHER_VARIABLES):
             monkeypatch.delenv(name)

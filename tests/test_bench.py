@@ -17,18 +17,25 @@ BREAKDOWN = ("data_wait", "forward_backward", "gradient_sync", "optimizer")
 
 @pytest.fixture(scope="module")
 def bench_run(hvdbert_env, tmp_path_factory):
+    """One benchmark at 1 and 2 workers: hvdbert, hvdbert with fp16 allreduce, and the DDP peer on
+    hvdbert's model, started from outside the repository (the peers are modules of the installed
+    package, so --peers works from any directory)."""
     output = tmp_path_factory.mktemp("bench")
-    result = run_module("hvdbert.bench", [
-        "--recipe", str(TINY), "--workers", "1,2", "--steps", "3", "--warmup-steps", "1",
-        "--vary", "dist.fp16_allreduce=true", "--output", str(output), "--json", str(output / "top.json"),
-        *FAST,
-    ], hvdbert_env, timeout=300)
-    return output, result
+    result = subprocess.run([sys.executable, "-m", "hvdbert.bench", "--recipe", str(TINY), "--workers", "1,2",
+                             "--steps", "3", "--warmup-steps", "1", "--vary", "dist.fp16_allreduce=true",
+                             "--peers", "ddp-hvdbert-model", "--output", "out", "--json", "top.json", *FAST],
+                            cwd=output, env=hvdbert_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output / "out", result
+
+
+def bench_rows(output) -> list[dict]:
+    return json.loads((output / "bench.json").read_text())["rows"]
 
 
 def test_json_has_the_contract_fields(bench_run):
     output, _ = bench_run
-    top = json.loads((output / "top.json").read_text())
+    top = json.loads((output.parent / "top.json").read_text())
     assert top["workers"] == 2
     for key in ("seq_per_s", "tokens_per_s", "mfu", "step_seconds"):
         assert math.isfinite(top[key]) and top[key] > 0, key
@@ -40,9 +47,10 @@ def test_json_has_the_contract_fields(bench_run):
 
 def test_every_row_is_positive_and_its_breakdown_sums_to_the_step(bench_run):
     output, _ = bench_run
-    rows = json.loads((output / "bench.json").read_text())["rows"]
+    rows = bench_rows(output)
     assert sorted((r["label"], r["workers"]) for r in rows) == [
-        ("hvdbert", 1), ("hvdbert", 2), ("hvdbert dist.fp16_allreduce=true", 2)]
+        ("ddp-hvdbert-model", 1), ("ddp-hvdbert-model", 2), ("hvdbert", 1), ("hvdbert", 2),
+        ("hvdbert dist.fp16_allreduce=true", 2)]
     for row in rows:
         for key in ("seq_per_s", "tokens_per_s", "mfu", "step_seconds", "peak_memory_bytes", "peak_flops"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["label"], key)
@@ -53,7 +61,7 @@ def test_every_row_is_positive_and_its_breakdown_sums_to_the_step(bench_run):
         assert all(v >= 0 for v in breakdown.values())
         # the four phases cover the step; only loop bookkeeping falls outside them
         assert sum(breakdown.values()) == pytest.approx(row["step_seconds"], rel=0.10)
-    single = next(r for r in rows if r["workers"] == 1)
+    single = next(r for r in rows if r["workers"] == 1 and r["system"] == "hvdbert")
     # one process: nothing to reduce, only the two clock reads around the no-op synchronize
     assert single["breakdown_seconds"]["gradient_sync"] < 0.2 * single["step_seconds"]
     assert single["scaling_efficiency"] == 1.0
@@ -61,7 +69,7 @@ def test_every_row_is_positive_and_its_breakdown_sums_to_the_step(bench_run):
 
 def test_fp16_allreduce_halves_the_counted_bytes(bench_run):
     output, _ = bench_run
-    rows = {(r["label"], r["workers"]): r for r in json.loads((output / "bench.json").read_text())["rows"]}
+    rows = {(r["label"], r["workers"]): r for r in bench_rows(output)}
     fp32, fp16 = rows[("hvdbert", 2)], rows[("hvdbert dist.fp16_allreduce=true", 2)]
     assert fp32["allreduce_payload_bytes_per_step"] == 4 * fp32["trainable_parameters"]
     assert fp16["allreduce_payload_bytes_per_step"] * 2 == fp32["allreduce_payload_bytes_per_step"]
@@ -72,7 +80,7 @@ def test_fp16_allreduce_halves_the_counted_bytes(bench_run):
 def test_table_and_plot_are_written(bench_run):
     output, result = bench_run
     table = (output / "bench.md").read_text()
-    assert table.count("\n") == 2 + 3  # header, rule, one line per row
+    assert table.count("\n") == 2 + 5  # header, rule, one line per row
     assert "| hvdbert (Horovod) | 2 |" in table and table in result.stdout
     assert (output / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -88,30 +96,25 @@ def test_flops_formula_counts_the_gathered_head_only():
         == 6 * head * 108
 
 
-def test_bad_flags_are_one_line_errors(hvdbert_env):
-    result = run_module("hvdbert.bench", ["--recipe", str(TINY), "--workers", "two"], hvdbert_env, check=False)
+def test_bad_flags_are_one_line_errors(cli):
+    result = cli("hvdbert.bench.cli", ["--recipe", TINY, "--workers", "two"])
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--workers" in result.stderr
-    result = run_module("hvdbert.bench", ["--recipe", str(TINY), "--peers", "deepspeed"], hvdbert_env, check=False)
+    result = cli("hvdbert.bench.cli", ["--recipe", TINY, "--peers", "deepspeed"])
     assert result.returncode == 2 and "deepspeed" in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the search runs")
-def test_find_max_batch_says_it_needs_a_gpu(hvdbert_env):
-    result = run_module("hvdbert.bench", ["--recipe", str(TINY), "--find-max-batch", *FAST], hvdbert_env,
-                        check=False)
+def test_find_max_batch_says_it_needs_a_gpu(cli):
+    result = cli("hvdbert.bench.cli", ["--recipe", TINY, "--find-max-batch", *FAST])
     assert result.returncode == 2 and "CUDA" in result.stderr
 
 
-def test_ddp_peer_runs_hvdbert_step_from_outside_the_repository(hvdbert_env, tmp_path):
-    """--peers from any directory (the peers are modules of the installed package), and the DDP peer
-    on hvdbert's model computes hvdbert's losses step by step: only the communication layer differs."""
-    result = subprocess.run([sys.executable, "-m", "hvdbert.bench", "--recipe", str(TINY), "--workers", "1,2",
-                             "--steps", "3", "--warmup-steps", "1", "--peers", "ddp-hvdbert-model",
-                             "--output", "out", *FAST], cwd=tmp_path, env=hvdbert_env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = {(r["system"], r["workers"]): r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]}
+def test_ddp_peer_computes_hvdbert_losses_step_by_step(bench_run):
+    """The DDP peer on hvdbert's model computes hvdbert's losses step by step: only the communication
+    layer differs."""
+    output, _ = bench_run
+    rows = {(r["system"], r["workers"]): r for r in bench_rows(output) if "dist." not in r["label"]}
     assert set(rows) == {("hvdbert", 1), ("hvdbert", 2), ("ddp-hvdbert-model", 1), ("ddp-hvdbert-model", 2)}
     for workers in (1, 2):
         ours, theirs = rows[("hvdbert", workers)], rows[("ddp-hvdbert-model", workers)]
@@ -119,12 +122,11 @@ def test_ddp_peer_runs_hvdbert_step_from_outside_the_repository(hvdbert_env, tmp
         assert len(ours["step_losses"]) == len(theirs["step_losses"]) == 4
         assert max(abs(a - b) for a, b in zip(ours["step_losses"], theirs["step_losses"])) <= 1e-5
         assert ours["vs_ddp-hvdbert-model"] == pytest.approx(ours["seq_per_s"] / theirs["seq_per_s"])
-    assert "vs DDP, same model" in (tmp_path / "out" / "bench.md").read_text()
+    assert "vs DDP, same model" in (output / "bench.md").read_text()
 
 
-def test_run_mlm_peers_refuse_another_corpus(hvdbert_env, tmp_path):
-    result = run_module("hvdbert.bench", ["--recipe", str(TINY), "--data", str(tmp_path), "--peers", "hf"],
-                        hvdbert_env, check=False)
+def test_run_mlm_peers_refuse_another_corpus(cli, tmp_path):
+    result = cli("hvdbert.bench.cli", ["--recipe", TINY, "--data", tmp_path, "--peers", "hf"])
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "ddp-hvdbert-model" in result.stderr
 
@@ -138,16 +140,7 @@ TINY_SHAPE = ["--set", "model.vocab_size=1500", "--set", "model.hidden_size=64",
               "--set", "batch.micro_batch_size=4", "--set", "eval.max_sequences=32"]
 
 
-@pytest.fixture(scope="module")
-def quality_data(hvdbert_env, tmp_path_factory):
-    data = tmp_path_factory.mktemp("quality") / "data"
-    run_module("hvdbert.prepare", ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64",
-                                   "--vocab-size", "1500", "--validation-fraction", "0.1", "--output", str(data)],
-               hvdbert_env, timeout=300)
-    return data
-
-
-def test_time_to_quality_end_to_end(hvdbert_env, quality_data, tmp_path):
+def test_time_to_quality_end_to_end(hvdbert_env, held_out_data, tmp_path):
     """Both systems train, save, are evaluated alike and probed; the headline follows from the rows.
     hvdbert's AdamW at 2e-3 against the Trainer at 1e-5 (which barely moves in 4 steps): hvdbert passes
     the Trainer's final loss, so the ratio is computed, and checked against the rows."""
@@ -155,7 +148,7 @@ def test_time_to_quality_end_to_end(hvdbert_env, quality_data, tmp_path):
 
     output = tmp_path / "out"
     result = run_module("bench.time_to_quality", [
-        "--data", str(quality_data), "--output", str(output), "--workdir", str(tmp_path / "runs"),
+        "--data", str(held_out_data), "--output", str(output), "--workdir", str(tmp_path / "runs"),
         "--hvdbert", "adamw:2e-3", "--trainer", "1e-5", "--steps", "4", "--save-every", "2",
         "--global-batch-size", "8", "--probe-seeds", "1", "--probe-epochs", "1", "--probe-lr", "1e-3",
         "--probe-train-per-class", "4", *TINY_SHAPE,
@@ -194,7 +187,7 @@ def test_time_to_quality_end_to_end(hvdbert_env, quality_data, tmp_path):
     assert (output / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The Trainer's checkpoints are transformers directories that hvdbert.evaluate takes as they are
     trainer_dir = tmp_path / "runs" / "trainer-adamw-1e-5" / "checkpoint-4"
-    run_module("hvdbert.evaluate", ["--model", str(trainer_dir), "--data", str(quality_data / "validation"),
+    run_module("hvdbert.evaluate", ["--model", str(trainer_dir), "--data", str(held_out_data / "validation"),
                                     "--set", "eval.max_sequences=32", "--set", "batch.micro_batch_size=4",
                                     "--json", str(tmp_path / "again.json")], hvdbert_env, timeout=200)
     again = json.loads((tmp_path / "again.json").read_text())
@@ -212,15 +205,15 @@ def test_cpu_to_reach_interpolates_between_saves():
     assert cpu_to_reach(curve, 4.9)["interpolated"] is None
 
 
-def test_time_to_quality_refuses_bad_input_in_one_line(hvdbert_env, quality_data, tmp_path):
+def test_time_to_quality_refuses_bad_input_in_one_line(cli, held_out_data, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("Some other text.\n\nAnd another document.\n")
-    base = ["--data", str(quality_data), "--output", str(tmp_path / "out"), "--workdir", str(tmp_path / "runs"),
+    base = ["--data", str(held_out_data), "--output", str(tmp_path / "out"), "--workdir", str(tmp_path / "runs"),
             *TINY_SHAPE]
     for extra, message in ((["--hvdbert", "adamw"], "OPTIMIZER:LR"), (["--trainer", "0,1e-3"], "positive"),
                            (["--hvdbert", "sgd:1e-3"], "optim.name"), (["--input", str(other)], "not the ones"),
                            (["--steps", "0"], "--steps")):
-        result = run_module("bench.time_to_quality", [*base, *extra], hvdbert_env, check=False, timeout=200)
+        result = cli("bench.time_to_quality", [*base, *extra])
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()

@@ -8,20 +8,19 @@ import pytest
 from conftest import TINY, read_metrics, run_module
 from safetensors.torch import load_file
 
+from hvdbert.prepare import main as prepare_main
+
 PREPARE = ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64", "--vocab-size", "1500"]
 SHORT = ["--recipe", str(TINY), "--set", "train.progress_bar=false", "--set", "train.max_steps=4",
          "--set", "checkpoint.every_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, hvdbert_env) -> Path:
-    out = tmp_path_factory.mktemp("eval") / "data"
-    run_module("hvdbert.prepare", [*PREPARE, "--validation-fraction", "0.1", "--output", str(out)], hvdbert_env,
-               timeout=300)
-    return out
+@pytest.fixture
+def data(held_out_data) -> Path:
+    return held_out_data
 
 
-def test_same_figure_for_one_and_two_workers_and_in_the_run(tmp_path, hvdbert_env, data):
+def test_same_figure_for_one_and_two_workers_and_in_the_run(tmp_path, hvdbert_env, cli, data):
     run_dir = tmp_path / "run"
     result = run_module("hvdbert.pretrain", [*SHORT, "--data", str(data), "--output", str(run_dir),
                                              "--set", "eval.every_steps=2", "--set", "eval.max_sequences=64"],
@@ -33,7 +32,7 @@ def test_same_figure_for_one_and_two_workers_and_in_the_run(tmp_path, hvdbert_en
     assert "held-out loss" in result.stdout and "perplexity" in result.stdout
     checkpoint = run_dir / "checkpoints" / "step-2"
     args = ["--run", str(run_dir), "--checkpoint", str(checkpoint)]
-    run_module("hvdbert.evaluate", [*args, "--json", str(tmp_path / "one.json")], hvdbert_env, timeout=200)
+    assert cli("hvdbert.evaluate", [*args, "--json", tmp_path / "one.json"]).returncode == 0
     run_module("hvdbert.evaluate", [*args, "--json", str(tmp_path / "two.json")], hvdbert_env, np=2,
                launcher="gloo", timeout=200)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
@@ -43,13 +42,12 @@ def test_same_figure_for_one_and_two_workers_and_in_the_run(tmp_path, hvdbert_en
     assert one["eval_mlm_accuracy"] == pytest.approx(in_run[2]["eval_mlm_accuracy"], abs=1e-9)
 
 
-def test_evaluation_leaves_training_untouched(tmp_path, hvdbert_env, data):
+def test_evaluation_leaves_training_untouched(tmp_path, cli, data):
     runs = {}
     for name, extra in (("plain", []), ("evaluated", ["--set", "eval.every_steps=1", "--set", "eval.at_end=true"])):
         run_dir = tmp_path / name
-        run_module("hvdbert.pretrain", [*SHORT, "--data", str(data), "--output", str(run_dir),
-                                        "--set", "train.log_every=1", "--set", "eval.max_sequences=32", *extra],
-                   hvdbert_env, timeout=400)
+        assert cli("hvdbert.pretrain", [*SHORT, "--data", data, "--output", run_dir, "--set", "train.log_every=1",
+                                        "--set", "eval.max_sequences=32", *extra]).returncode == 0
         runs[name] = run_dir
     plain, evaluated = read_metrics(runs["plain"]), read_metrics(runs["evaluated"])
     assert all("eval_loss" in row for row in evaluated) and not any("eval_loss" in row for row in plain)
@@ -58,46 +56,50 @@ def test_evaluation_leaves_training_untouched(tmp_path, hvdbert_env, data):
     assert all(bool((weights[0][k] == weights[1][k]).all()) for k in weights[0])
 
 
-def test_refusals_are_one_line_and_write_nothing(tmp_path, hvdbert_env, data):
+@pytest.fixture(scope="module")
+def other_tokenizer_data(tmp_path_factory) -> Path:
+    """60 documents prepared with a tokenizer of their own: not the held-out data's vocabulary."""
+    other = tmp_path_factory.mktemp("other") / "data"
+    assert prepare_main([*PREPARE, "--builtin-max-documents", "60", "--vocab-size", "600", "--output", str(other)]) == 0
+    return other
+
+
+def test_refusals_are_one_line_and_write_nothing(tmp_path, cli, data, other_tokenizer_data):
     bare = tmp_path / "bare"  # the same tokenizer, no held-out split
-    run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--tokenizer", str(data / "tokenizer"),
-                                   "--output", str(bare)], hvdbert_env, timeout=300)
-    other = tmp_path / "other"  # another tokenizer
-    run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--vocab-size", "600",
-                                   "--output", str(other)], hvdbert_env, timeout=300)
+    assert cli("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--tokenizer", data / "tokenizer",
+                                   "--output", bare]).returncode == 0
+    other = other_tokenizer_data
     cases = [
         (["--data", str(bare), "--set", "eval.at_end=true"], "has no held-out split"),
         (["--data", str(data), "--eval-data", str(other), "--set", "eval.every_steps=2"], "another tokenizer"),
     ]
     for extra, message in cases:
         run_dir = tmp_path / "run"
-        result = run_module("hvdbert.pretrain", [*SHORT, "--output", str(run_dir), *extra], hvdbert_env,
-                            timeout=200, check=False)
+        result = cli("hvdbert.pretrain", [*SHORT, "--output", run_dir, *extra])
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
         assert not run_dir.exists()
     # --eval-data with the same tokenizer is taken
     ok = tmp_path / "ok"
-    run_module("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", str(data), "--eval-data", str(bare),
-                                    "--set", "eval.at_end=true", "--output", str(ok)], hvdbert_env, timeout=300)
+    assert cli("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", data, "--eval-data", bare,
+                                    "--set", "eval.at_end=true", "--output", ok]).returncode == 0
     last = read_metrics(ok)[-1]
     assert last["step"] == 2 and last["eval_sequences"] > 0
     assert json.loads((ok / "recipe.json").read_text())["eval_data_dir"] == str(bare)
 
 
-def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, hvdbert_env, data):
+def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, cli, data, other_tokenizer_data):
     """--model HF_DIR (a Trainer checkpoint, an export) is evaluated on the same sequences and masks as
     the checkpoint it came from: the figure is the same, whatever micro-batch each path cuts."""
     run_dir, exported = tmp_path / "run", tmp_path / "hf"
-    run_module("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", str(data), "--output",
-                                    str(run_dir)], hvdbert_env, timeout=300)
-    run_module("hvdbert.export", ["--run", str(run_dir), "--output", str(exported)], hvdbert_env, timeout=200)
+    assert cli("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", data, "--output",
+                                    run_dir]).returncode == 0
+    assert cli("hvdbert.export", ["--run", run_dir, "--output", exported]).returncode == 0
     sets = ["--set", "eval.max_sequences=48"]
-    run_module("hvdbert.evaluate", ["--run", str(run_dir), *sets, "--json", str(tmp_path / "run.json")],
-               hvdbert_env, timeout=200)
-    result = run_module("hvdbert.evaluate", ["--model", str(exported), "--data", str(data / "validation"), *sets,
-                                             "--set", "batch.micro_batch_size=7", "--json", str(tmp_path / "hf.json")],
-                        hvdbert_env, timeout=200)
+    assert cli("hvdbert.evaluate", ["--run", run_dir, *sets, "--json", tmp_path / "run.json"]).returncode == 0
+    result = cli("hvdbert.evaluate", ["--model", exported, "--data", data / "validation", *sets,
+                                      "--set", "batch.micro_batch_size=7", "--json", tmp_path / "hf.json"])
+    assert result.returncode == 0, result.stderr
     ours, theirs = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("run", "hf"))
     assert ours["step"] == 2 and theirs["model"] == str(exported) and theirs["step"] is None
     assert ours["eval_sequences"] == theirs["eval_sequences"] == 48
@@ -107,34 +109,31 @@ def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, hv
     assert theirs["eval_mlm_accuracy"] == pytest.approx(ours["eval_mlm_accuracy"], abs=1e-9)
     assert "held-out loss" in result.stdout and result.stderr.strip() == ""
 
-    other = tmp_path / "other"  # another tokenizer
-    run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--vocab-size", "600",
-                                   "--output", str(other)], hvdbert_env, timeout=300)
+    other = other_tokenizer_data
     for args, message in ((["--model", str(exported), "--data", str(other)], "another vocabulary"),
                           (["--model", str(exported)], "--data"),
                           (["--model", str(run_dir), "--data", str(data / "validation")], "config.json"),
                           (["--run", str(run_dir), "--model", str(exported)], "one of")):
-        result = run_module("hvdbert.evaluate", args, hvdbert_env, timeout=200, check=False)
+        result = cli("hvdbert.evaluate", args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
 
 
-def in_run_and_standalone(tmp_path, hvdbert_env, args: list[str]) -> tuple[dict, dict]:
+def in_run_and_standalone(tmp_path, cli, args: list[str]) -> tuple[dict, dict]:
     """The held-out figures a 4-step run logged at its end, and hvdbert.evaluate's for its last checkpoint."""
     run_dir = tmp_path / "run"
-    run_module("hvdbert.pretrain", [*args, "--output", str(run_dir), "--set", "eval.at_end=true",
-                                    "--set", "eval.max_sequences=32"], hvdbert_env, timeout=400)
+    assert cli("hvdbert.pretrain", [*args, "--output", run_dir, "--set", "eval.at_end=true",
+                                    "--set", "eval.max_sequences=32"]).returncode == 0
     in_run = read_metrics(run_dir)[-1]
-    run_module("hvdbert.evaluate", ["--run", str(run_dir), "--json", str(tmp_path / "eval.json")], hvdbert_env,
-               timeout=200)
+    assert cli("hvdbert.evaluate", ["--run", run_dir, "--json", tmp_path / "eval.json"]).returncode == 0
     return in_run, json.loads((tmp_path / "eval.json").read_text())
 
 
-def test_sentence_pair_data_gets_nsp_figures_in_the_run_and_from_a_checkpoint(tmp_path, hvdbert_env):
+def test_sentence_pair_data_gets_nsp_figures_in_the_run_and_from_a_checkpoint(tmp_path, cli):
     data = tmp_path / "nsp"
-    run_module("hvdbert.prepare", [*PREPARE, "--format", "nsp", "--validation-fraction", "0.1", "--output", str(data)],
-               hvdbert_env, timeout=300)
-    in_run, standalone = in_run_and_standalone(tmp_path, hvdbert_env, [*SHORT, "--data", str(data),
+    assert cli("hvdbert.prepare", [*PREPARE, "--format", "nsp", "--validation-fraction", "0.1", "--output",
+                                   data]).returncode == 0
+    in_run, standalone = in_run_and_standalone(tmp_path, cli, [*SHORT, "--data", str(data),
                                                                        "--set", "data.format=nsp"])
     assert in_run["step"] == 4 and 0.0 <= in_run["eval_nsp_accuracy"] <= 1.0 and in_run["eval_nsp_loss"] > 0
     assert standalone["step"] == 4
@@ -143,9 +142,9 @@ def test_sentence_pair_data_gets_nsp_figures_in_the_run_and_from_a_checkpoint(tm
     assert standalone["eval_nsp_accuracy"] == pytest.approx(in_run["eval_nsp_accuracy"], abs=1e-9)
 
 
-def test_a_modernbert_checkpoint_gets_the_runs_figure(tmp_path, hvdbert_env, data):
+def test_a_modernbert_checkpoint_gets_the_runs_figure(tmp_path, cli, data):
     modernbert = ["--recipe", str(TINY.parent / "tiny-modernbert.toml"), *SHORT[2:]]
-    in_run, standalone = in_run_and_standalone(tmp_path, hvdbert_env, [*modernbert, "--data", str(data)])
+    in_run, standalone = in_run_and_standalone(tmp_path, cli, [*modernbert, "--data", str(data)])
     assert in_run["step"] == standalone["step"] == 4 and "eval_nsp_loss" not in in_run
     assert standalone["eval_loss"] == pytest.approx(in_run["eval_loss"], rel=1e-6, abs=1e-6)
     assert standalone["eval_mlm_accuracy"] == pytest.approx(in_run["eval_mlm_accuracy"], abs=1e-9)
