@@ -21,16 +21,22 @@ TINY = REPO / "recipes" / "tiny.toml"
 FAST = ["--set", "train.progress_bar=false", "--set", "data.builtin_max_documents=1500"]
 # FAST for 4 steps, each logged, a checkpoint every 2: what `finished_run` trained.
 SHORT = FAST + ["--set", "train.max_steps=4", "--set", "checkpoint.every_steps=2", "--set", "train.log_every=1"]
+# Small prepared data with a held-out split: 300 documents of the embedded corpus, 64 tokens, 1500 ids.
+HELD_OUT_PREPARE = ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64", "--vocab-size", "1500",
+                    "--validation-fraction", "0.1"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def hvdbert_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for child processes: a test-session cache so the suite never reads ~/.cache."""
-    env = dict(os.environ)
-    env["HVDBERT_CACHE"] = str(tmp_path_factory.mktemp("hvdbert-cache"))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("HOROVOD_RANK", None)
-    return env
+    """Environment for child processes, and for commands run in this process (run_main): a
+    test-session cache, so the suite never reads ~/.cache and prepares the embedded corpus once."""
+    cache = str(tmp_path_factory.mktemp("hvdbert-cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HVDBERT_CACHE", cache)
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("HOROVOD_RANK", None)
+        yield env
 
 
 @pytest.fixture(scope="session")
@@ -38,23 +44,28 @@ def finished_run(tmp_path_factory, hvdbert_env) -> Path:
     """A complete run of the tiny recipe (SHORT: checkpoints at steps 2 and 4), shared by the modules
     that resume, refuse, export or evaluate one. Tests copy it before they change anything."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT], hvdbert_env)
+    assert run_main("hvdbert.pretrain", ["--recipe", TINY, "--output", run_dir, *SHORT]) == 0
     return run_dir
 
 
-# Small prepared data with a held-out split: 300 documents of the embedded corpus, 64 tokens, 1500 ids.
-HELD_OUT_PREPARE = ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64", "--vocab-size", "1500",
-                    "--validation-fraction", "0.1"]
+@pytest.fixture(scope="session")
+def nsp_run(tmp_path_factory, hvdbert_env) -> Path:
+    """A complete run of the tiny recipe with next-sentence prediction (SHORT, on HELD_OUT_PREPARE's
+    documents prepared as sentence pairs), evaluated at its end on their held-out split."""
+    root = tmp_path_factory.mktemp("nsp")
+    assert run_main("hvdbert.prepare", [*HELD_OUT_PREPARE, "--format", "nsp", "--output", root / "data"]) == 0
+    assert run_main("hvdbert.pretrain", ["--recipe", TINY, "--data", root / "data", "--output", root / "run", *SHORT,
+                                         "--set", "data.format=nsp", "--set", "eval.at_end=true",
+                                         "--set", "eval.max_sequences=32"]) == 0
+    return root / "run"
 
 
 @pytest.fixture(scope="session")
 def held_out_data(tmp_path_factory) -> Path:
     """HELD_OUT_PREPARE's data (DATA/validation is its held-out split), shared by the evaluation and
     benchmark modules; prepared in this process (a prepare as a real process is test_data_*'s)."""
-    from hvdbert.prepare import main as prepare_main
-
     out = tmp_path_factory.mktemp("held-out") / "data"
-    assert prepare_main([*HELD_OUT_PREPARE, "--output", str(out)]) == 0
+    assert run_main("hvdbert.prepare", [*HELD_OUT_PREPARE, "--output", out]) == 0
     return out
 
 
@@ -87,37 +98,39 @@ class Outcome:
     stderr: str
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch, hvdbert_env):
-    """Run a command's main(argv) in this process: for refusals and short single-process work, where
-    no process boundary is under test, without paying a fresh interpreter's torch + transformers
-    import (seconds per call). `cli("hvdbert.pretrain", [...])` (the module holding the command's
-    main: hvdbert.bench.cli for `python -m hvdbert.bench`) returns an Outcome; whatever the command
-    changes of the process (signal handlers, logging, torch's thread count) is put back."""
-    for name in list(os.environ):
-        if name.startswith(LAUNCHER_VARIABLES):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HVDBERT_CACHE", hvdbert_env["HVDBERT_CACHE"])
+def run_main(module: str, args: list) -> int:
+    """A command's main(argv) in this process (the module holding it: hvdbert.bench.cli for `python -m
+    hvdbert.bench`), as one plain process started by hand; what it changes of the process (signal
+    handlers, logging, torch's thread count) is put back. Returns its exit status."""
     import torch
 
+    saved = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith(LAUNCHER_VARIABLES)}
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     root = logging.getLogger()
     root_handlers, root_level = list(root.handlers), root.level
     threads = torch.get_num_threads()
+    try:
+        return importlib.import_module(module).main([str(a) for a in args])
+    except SystemExit as exit:  # a rank that is not rank 0 leaves a refusal to rank 0 this way
+        return exit.code if isinstance(exit.code, int) else 1
+    finally:
+        os.environ.update(saved)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
+        torch.set_num_threads(threads)
 
-    def call(module: str, args: list[str]) -> Outcome:
-        main = importlib.import_module(module).main
+
+@pytest.fixture
+def cli(capsys, hvdbert_env):
+    """run_main with what the command printed: for refusals and short single-process work, where no
+    process boundary is under test, without paying a fresh interpreter's torch + transformers import
+    (seconds per call). `cli("hvdbert.pretrain", [...])` returns an Outcome."""
+
+    def call(module: str, args: list) -> Outcome:
         capsys.readouterr()
-        try:
-            returncode = main([str(a) for a in args])
-        except SystemExit as exit:  # a rank that is not rank 0 leaves a refusal to rank 0 this way
-            returncode = exit.code if isinstance(exit.code, int) else 1
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-            root.handlers[:] = root_handlers
-            root.setLevel(root_level)
-            torch.set_num_threads(threads)
+        returncode = run_main(module, args)
         captured = capsys.readouterr()
         return Outcome(returncode, captured.out, captured.err)
 

@@ -129,12 +129,10 @@ def in_run_and_standalone(tmp_path, cli, args: list[str]) -> tuple[dict, dict]:
     return in_run, json.loads((tmp_path / "eval.json").read_text())
 
 
-def test_sentence_pair_data_gets_nsp_figures_in_the_run_and_from_a_checkpoint(tmp_path, cli):
-    data = tmp_path / "nsp"
-    assert cli("hvdbert.prepare", [*PREPARE, "--format", "nsp", "--validation-fraction", "0.1", "--output",
-                                   data]).returncode == 0
-    in_run, standalone = in_run_and_standalone(tmp_path, cli, [*SHORT, "--data", str(data),
-                                                                       "--set", "data.format=nsp"])
+def test_sentence_pair_data_gets_nsp_figures_in_the_run_and_from_a_checkpoint(tmp_path, cli, nsp_run):
+    in_run = read_metrics(nsp_run)[-1]
+    assert cli("hvdbert.evaluate", ["--run", nsp_run, "--json", tmp_path / "eval.json"]).returncode == 0
+    standalone = json.loads((tmp_path / "eval.json").read_text())
     assert in_run["step"] == 4 and 0.0 <= in_run["eval_nsp_accuracy"] <= 1.0 and in_run["eval_nsp_loss"] > 0
     assert standalone["step"] == 4
     for key in ("eval_loss", "eval_nsp_loss"):

@@ -9,24 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO, TINY, run_module
+from conftest import REPO, SHORT, TINY
 from hvdbert import checkpoint
 from hvdbert.model import build_model
-
-pytestmark = pytest.mark.multiprocess
-
-SHORT = FAST + ["--set", "train.max_steps=4", "--set", "checkpoint.every_steps=2", "--set", "train.log_every=1"]
-
 
 def offline(env: dict) -> dict:
     return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def mlm_run(tmp_path_factory, hvdbert_env) -> Path:
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *SHORT], hvdbert_env)
-    return run_dir
+@pytest.fixture
+def mlm_run(finished_run) -> Path:
+    return finished_run
 
 
 def checkpoint_mlm_logits(found: checkpoint.Checkpoint, input_ids: torch.Tensor) -> torch.Tensor:
@@ -37,9 +30,9 @@ def checkpoint_mlm_logits(found: checkpoint.Checkpoint, input_ids: torch.Tensor)
         return model.cls.predictions(model.bert(input_ids=input_ids).last_hidden_state)
 
 
-def test_export_loads_offline_and_reproduces_the_checkpoint(mlm_run, hvdbert_env, tmp_path):
+def test_export_loads_offline_and_reproduces_the_checkpoint(mlm_run, hvdbert_env, cli, tmp_path):
     hf_dir = tmp_path / "hf"
-    result = run_module("hvdbert.export", ["--run", str(mlm_run), "--output", str(hf_dir)], offline(hvdbert_env))
+    result = cli("hvdbert.export", ["--run", mlm_run, "--output", hf_dir])
     assert "step 4" in result.stdout and "BertForMaskedLM" in result.stdout
     assert (hf_dir / "model.safetensors").is_file() and not list(hf_dir.glob("*.bin"))
     assert (hf_dir / "tokenizer.json").is_file() or (hf_dir / "vocab.txt").is_file()
@@ -73,32 +66,23 @@ def test_export_loads_offline_and_reproduces_the_checkpoint(mlm_run, hvdbert_env
     assert difference <= 1e-5
 
 
-def test_export_refuses_to_overwrite(mlm_run, hvdbert_env, tmp_path):
+def test_export_refuses_to_overwrite(mlm_run, cli, tmp_path):
     hf_dir = tmp_path / "taken"
     hf_dir.mkdir()
     (hf_dir / "keep.txt").write_text("mine")
-    result = run_module("hvdbert.export", ["--run", str(mlm_run), "--output", str(hf_dir)], hvdbert_env, check=False)
+    result = cli("hvdbert.export", ["--run", mlm_run, "--output", hf_dir])
     assert result.returncode == 2 and "not empty" in result.stderr.strip().splitlines()[-1]
     assert [p.name for p in hf_dir.iterdir()] == ["keep.txt"]
-    missing = run_module("hvdbert.export", ["--run", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")],
-                         hvdbert_env, check=False)
+    missing = cli("hvdbert.export", ["--run", tmp_path / "nothing", "--output", tmp_path / "x"])
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-def test_export_with_nsp_loads_as_bert_for_pretraining(mlm_run, hvdbert_env, tmp_path):
-    data_mlm = Path(json.loads((mlm_run / "recipe.json").read_text())["data_dir"])
-    nsp_data = tmp_path / "nsp-data"
-    run_module("hvdbert.prepare", ["--input", "builtin", "--output", str(nsp_data), "--format", "nsp",
-                                   "--seq-len", "64", "--tokenizer", str(data_mlm / "tokenizer"),
-                                   "--builtin-max-documents", "300"], hvdbert_env)
-    run_dir = tmp_path / "nsp-run"
-    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--data", str(nsp_data), "--output", str(run_dir), *FAST,
-                                    "--set", "data.format=nsp", "--set", "train.max_steps=2", "--set", "train.log_every=1"],
-               hvdbert_env)
+def test_export_with_nsp_loads_as_bert_for_pretraining(nsp_run, cli, tmp_path):
+    run_dir = nsp_run
     assert "nsp_loss" in (run_dir / "metrics.jsonl").read_text()
     hf_dir = tmp_path / "hf-nsp"
-    result = run_module("hvdbert.export", ["--run", str(run_dir), "--output", str(hf_dir)], offline(hvdbert_env))
-    assert "BertForPreTraining" in result.stdout
+    result = cli("hvdbert.export", ["--run", run_dir, "--output", hf_dir])
+    assert result.returncode == 0 and "BertForPreTraining" in result.stdout
 
     from transformers import AutoModelForMaskedLM, BertForPreTraining
 
@@ -107,20 +91,20 @@ def test_export_with_nsp_loads_as_bert_for_pretraining(mlm_run, hvdbert_env, tmp
     weights = found.weights()
     for name in ("cls.seq_relationship.weight", "bert.pooler.dense.weight"):
         assert torch.equal(pretraining.state_dict()[name], weights[name]), name
-    input_ids = torch.randint(5, 4000, (2, 20))
+    input_ids = torch.randint(5, 1500, (2, 20))
     masked_lm = AutoModelForMaskedLM.from_pretrained(str(hf_dir)).eval()
     with torch.no_grad():
         difference = float((masked_lm(input_ids=input_ids).logits - checkpoint_mlm_logits(found, input_ids)).abs().max())
     assert difference <= 1e-5
 
 
-def test_export_refuses_bad_outputs_and_another_vocabulary_in_one_line(mlm_run, hvdbert_env, tmp_path):
+def test_export_refuses_bad_outputs_and_another_vocabulary_in_one_line(mlm_run, cli, tmp_path):
     from transformers import AutoTokenizer
 
     from hvdbert.data.tokenizer import train_wordpiece
 
     def refused(args: list[str], expected: str) -> None:
-        result = run_module("hvdbert.export", ["--run", str(mlm_run), *args], hvdbert_env, check=False)
+        result = cli("hvdbert.export", ["--run", mlm_run, *args])
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
 
@@ -137,18 +121,16 @@ def test_export_refuses_bad_outputs_and_another_vocabulary_in_one_line(mlm_run, 
     data_tokenizer = Path(json.loads((mlm_run / "recipe.json").read_text())["data_dir"]) / "tokenizer"
     copy = tmp_path / "copy"
     AutoTokenizer.from_pretrained(str(data_tokenizer)).save_pretrained(str(copy))
-    run_module("hvdbert.export", ["--run", str(mlm_run), "--output", str(tmp_path / "hf"), "--tokenizer", str(copy)],
-               hvdbert_env)
+    assert cli("hvdbert.export", ["--run", mlm_run, "--output", tmp_path / "hf", "--tokenizer", copy]).returncode == 0
 
 
-def test_pretrain_names_a_deleted_tokenizer_directory(mlm_run, hvdbert_env, tmp_path):
+def test_pretrain_names_a_deleted_tokenizer_directory(mlm_run, cli, tmp_path):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(Path(json.loads((mlm_run / "recipe.json").read_text())["data_dir"]), data)
     shutil.rmtree(data / "tokenizer")
-    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--data", str(data), "--output",
-                                             str(tmp_path / "run"), *SHORT], hvdbert_env, check=False)
+    result = cli("hvdbert.pretrain", ["--recipe", TINY, "--data", data, "--output", tmp_path / "run", *SHORT])
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines == [
         f"hvdbert.pretrain: error: {data / 'tokenizer'}/tokenizer.json is missing: the tokenizer the data was "
