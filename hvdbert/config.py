@@ -35,6 +35,18 @@ def positive(default):
     return bounded(default, lambda value: value > 0, "must be greater than 0")  # NaN fails too
 
 
+def counted(default: int, least: int, most: int):
+    """An integer field from `least` to `most`: every count has a ceiling, so no size, and no search
+    over sizes (plan's worker counts), runs away with a mistyped number."""
+    return bounded(default, lambda value: least <= value <= most, f"must be from {least} to {most}")
+
+
+# Ceilings beyond any real run. The largest BERT global batches are 65536 (You et al. 2019) and the
+# largest Horovod jobs some thousands of workers (Summit's 27648 GPUs): 256x and 37x those.
+MAX_GLOBAL_BATCH_SIZE = 2**24  # sequences per optimizer step
+MAX_WORKERS = 2**20
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = positive(1000)  # optimizer steps at the reference worker count
@@ -50,9 +62,10 @@ class TrainConfig:
 
 @dataclass
 class BatchConfig:
-    global_batch_size: int = positive(256)  # sequences per optimizer step at the reference worker count
-    micro_batch_size: int = positive(32)  # sequences per worker per forward/backward pass
-    reference_workers: int = positive(1)  # the worker count the recipe's numbers were tuned for
+    # sequences per optimizer step at the reference worker count
+    global_batch_size: int = counted(256, 1, MAX_GLOBAL_BATCH_SIZE)
+    micro_batch_size: int = counted(32, 1, MAX_GLOBAL_BATCH_SIZE)  # sequences per worker per forward/backward pass
+    reference_workers: int = counted(1, 1, MAX_WORKERS)  # the worker count the recipe's numbers were tuned for
     # fixed-global: the global batch stays; accumulation = global / (workers x micro).
     # per-worker: the global batch grows with the workers; max_steps shrink to keep the samples.
     # Either way the LR follows the global batch by optim.lr_scaling (hvdbert/plan.py).
@@ -68,7 +81,8 @@ class OptimConfig:
     # The global batch optim.lr belongs to. 0: the batch.global_batch_size the recipe files state, so a
     # `--set batch.global_batch_size=...` (or per-worker growth) derives a rate (load_recipe pins it).
     reference_global_batch_size: int = bounded(
-        0, lambda v: v >= 0, "must be 0 (the recipe's batch.global_batch_size) or more")
+        0, lambda v: 0 <= v <= MAX_GLOBAL_BATCH_SIZE,
+        f"must be 0 (the recipe's batch.global_batch_size) or more, at most {MAX_GLOBAL_BATCH_SIZE}")
     # How the rate follows the global batch when it differs from the reference: sqrt (You et al. 2019,
     # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: sqrt for lamb,
     # linear for adamw and stableadamw.

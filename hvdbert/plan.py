@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdbert.config import OptimConfig, Recipe, load_recipe
+from hvdbert.config import MAX_GLOBAL_BATCH_SIZE, MAX_WORKERS, OptimConfig, Recipe, load_recipe
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 
 
@@ -85,9 +85,12 @@ class Plan:
         return dataclasses.asdict(self)
 
 
-def _workable_counts(sequences_per_micro_step: int, workers: int) -> str:
+def _workable_counts(micro_batches: int, workers: int) -> str:
     """The worker counts nearest to `workers` that divide the micro-batches of one global step."""
-    divisors = [d for d in range(1, sequences_per_micro_step + 1) if sequences_per_micro_step % d == 0]
+    # Divisors come in pairs (d, n / d) with d <= sqrt(n): isqrt(n) trials, not n (a 2**24 batch of
+    # micro-batches of 1 takes 4096).
+    pairs = [(d, micro_batches // d) for d in range(1, math.isqrt(micro_batches) + 1) if micro_batches % d == 0]
+    divisors = sorted({d for pair in pairs for d in pair if d <= MAX_WORKERS})
     below = [d for d in divisors if d < workers]
     above = [d for d in divisors if d > workers]
     near = ([below[-1]] if below else []) + ([above[0]] if above else [])
@@ -110,8 +113,8 @@ def lr_rule(optim: OptimConfig) -> str:
 
 def make_plan(recipe: Recipe, workers: int) -> Plan:
     batch = recipe.batch
-    if workers < 1:
-        raise UsageError(f"worker count {workers} must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"worker count {workers} must be from 1 to {MAX_WORKERS}")
     if batch.global_batch_size % batch.micro_batch_size:
         raise UsageError(
             f"{recipe.source}: batch.global_batch_size = {batch.global_batch_size} is not a multiple of "
@@ -137,6 +140,12 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
         )
     accumulation = micro_batches // batch.reference_workers
     global_batch = accumulation * batch.micro_batch_size * workers
+    if global_batch > MAX_GLOBAL_BATCH_SIZE:
+        raise UsageError(
+            f"{workers} workers grow batch.global_batch_size = {batch.global_batch_size} (batch.scaling = "
+            f"per-worker, batch.reference_workers = {batch.reference_workers}) to {global_batch} sequences per "
+            f"step, beyond the largest, {MAX_GLOBAL_BATCH_SIZE}; use fewer workers or batch.scaling = fixed-global"
+        )
     return _plan(recipe, workers, global_batch, accumulation, steps_factor=workers / batch.reference_workers)
 
 

@@ -27,6 +27,24 @@ def hvdbert_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def cli(monkeypatch, capsys, hvdbert_env):
+    """Call a command's `main(argv)` in this process, as a plain process outside any launcher runs it:
+    `cli(main, *args)` returns its exit status and its stderr lines. Refusals are tested this way; a
+    real process is spent only where a process boundary is under test."""
+    for name in list(os.environ):
+        if name.startswith(("HOROVOD_", "OMPI_", "PMI_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HVDBERT_CACHE", hvdbert_env["HVDBERT_CACHE"])
+
+    def call(main, *args) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        status = main([str(arg) for arg in args])
+        return status, capsys.readouterr().err.strip().splitlines()
+
+    return call
+
+
 def run_module(module: str, args: list[str], env: dict[str, str], np: int = 1, timeout: float = 600,
                launcher: str = "plain", check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m module args` as one plain process, or under horovodrun/mpirun with np workers."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import REPO
 from hvdbert.config import load_recipe
 from hvdbert.errors import UsageError
+from hvdbert import plan as plan_command
 from hvdbert.plan import make_plan
 
 RECIPES = REPO / "recipes"
@@ -193,3 +195,35 @@ def test_cycle_time_is_chosen_by_device_unless_set():
     assert load_recipe(RECIPES / "bert-large-phase1.toml").dist.cycle_time_ms == 0.0
     with pytest.raises(UsageError, match="dist.cycle_time_ms = -1.0 must be 0"):
         load_recipe(RECIPES / "tiny.toml", ["dist.cycle_time_ms=-1"])
+
+
+@pytest.mark.parametrize("sets, workers, expected", [
+    # each of these searched every worker count up to the micro-batch count: minutes, or forever
+    (["batch.global_batch_size=1600000000016"], 2,
+     "batch.global_batch_size = 1600000000016 must be from 1 to 16777216"),
+    (["batch.global_batch_size=100000000000000000000000", "batch.micro_batch_size=1"], 3,
+     "batch.global_batch_size = 100000000000000000000000 must be from 1 to 16777216"),
+    (["batch.micro_batch_size=1", "optim.reference_global_batch_size=99999999999"], 1,
+     "optim.reference_global_batch_size = 99999999999 must be 0"),
+    ([], 10**30, "worker count 1000000000000000000000000000000 must be from 1 to 1048576"),
+    (["batch.scaling=per-worker", "batch.global_batch_size=65536", "batch.micro_batch_size=64"], 1048576,
+     "1048576 workers grow batch.global_batch_size = 65536 (batch.scaling = per-worker, "
+     "batch.reference_workers = 2) to 34359738368 sequences per step, beyond the largest, 16777216"),
+])
+def test_absurd_sizes_are_refused_in_one_line_at_once(cli, sets, workers, expected):
+    start = time.monotonic()
+    status, err = cli(plan_command.main, "--recipe", RECIPES / "tiny.toml", "--workers", workers,
+                      *[arg for key in sets for arg in ("--set", key)])
+    assert (status, len(err)) == (2, 1) and expected in err[0], err
+    assert time.monotonic() - start < 5
+
+
+def test_the_nearest_workable_worker_counts_are_found_at_the_largest_batch():
+    start = time.monotonic()
+    largest = load_recipe(RECIPES / "tiny.toml", ["batch.global_batch_size=16777213", "batch.micro_batch_size=1"])
+    with pytest.raises(UsageError, match="worker counts that work nearby: 1$") as refused:
+        make_plan(largest, 2)  # 16777213 is prime, and more workers than any job has
+    with pytest.raises(UsageError, match="nearby: 3 or 5$"):
+        make_plan(load_recipe(RECIPES / "tiny.toml", ["batch.global_batch_size=16777215",  # 3^2 x 5 x 7 x 13 x 17 x 241
+                                                      "batch.micro_batch_size=1"]), 4)
+    assert time.monotonic() - start < 5, refused
