@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,13 +46,16 @@ def counted(default: int, least: int, most: int):
 # largest Horovod jobs some thousands of workers (Summit's 27648 GPUs): 256x and 37x those.
 MAX_GLOBAL_BATCH_SIZE = 2**24  # sequences per optimizer step
 MAX_WORKERS = 2**20
+# BERT trains 1M optimizer steps, ModernBERT under 1M: a thousand times that still keeps the samples a
+# run counts (steps x global batch) within int64, where the data stream's positions live.
+MAX_STEPS = 10**9
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = positive(1000)  # optimizer steps at the reference worker count
+    max_steps: int = counted(1000, 1, MAX_STEPS)  # optimizer steps at the reference worker count
     seed: int = 42
-    log_every: int = positive(10)  # steps between logged (and cross-rank averaged) metrics
+    log_every: int = counted(10, 1, MAX_STEPS)  # steps between logged (and cross-rank averaged) metrics
     # fp16 scales the loss (torch.amp.GradScaler, on CUDA or, where torch has it, on CPU)
     precision: str = choice("fp32", "bf16", "fp16")
     grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
@@ -131,14 +135,14 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = positive(1000)
+    every_steps: int = counted(1000, 1, MAX_STEPS)
     keep: int = positive(3)
     init_from: str = ""  # a checkpoint whose weights (only) start this run, e.g. phase 1 for phase 2
 
 
 @dataclass
 class ElasticConfig:
-    commit_every: int = positive(10)  # steps between hvd.elastic state commits
+    commit_every: int = counted(10, 1, MAX_STEPS)  # steps between hvd.elastic state commits
     # A new rank 0 (its predecessor's host left the job) waits this long for the run directory's
     # lock, which the predecessor holds until its process ends.
     lock_wait_seconds: float = bounded(60.0, lambda v: v >= 0, "must be 0 or more")
@@ -148,7 +152,8 @@ class ElasticConfig:
 class EvalConfig:
     """Held-out masked-LM evaluation (hvdbert/evaluate.py) on DATA_DIR/validation or --eval-data."""
 
-    every_steps: int = bounded(0, lambda v: v >= 0, "must be 0 (not during training) or more")
+    every_steps: int = bounded(0, lambda v: 0 <= v <= MAX_STEPS,
+                               f"must be 0 (not during training) or more, at most {MAX_STEPS}")
     at_end: bool = False  # evaluate after the last step as well
     max_sequences: int = bounded(2048, lambda v: v >= 0, "must be 0 (every held-out sequence) or more")
     # A fixed 15% (Devlin et al. 2018), whatever data.mask_prob trains with: runs compare like with like.
@@ -221,7 +226,9 @@ def _check_type(where: str, key: str, value: Any, default: Any) -> Any:
         wanted = "an integer"
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # TOML reads nan and inf as floats; no setting means them
+            # TOML reads nan and inf as floats, and integers of any size, which float() cannot hold
+            # beyond 1.8e308: no setting means them
+            if isinstance(value, int) and abs(value) > sys.float_info.max or not math.isfinite(value):
                 raise UsageError(f"{where}: {key} = {value!r} is not a finite number")
             return float(value)
         wanted = "a number"

@@ -30,6 +30,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from hvdbert.config import MAX_GLOBAL_BATCH_SIZE, MAX_WORKERS, OptimConfig, Recipe, load_recipe
@@ -129,7 +130,7 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
                 f"micro-batches of {batch.micro_batch_size} ({micro_batches} per step is not divisible by "
                 f"{workers}); worker counts that work nearby: {_workable_counts(micro_batches, workers)}"
             )
-        return _plan(recipe, workers, batch.global_batch_size, micro_batches // workers, steps_factor=1.0)
+        return _plan(recipe, workers, batch.global_batch_size, micro_batches // workers, steps_factor=Fraction(1))
 
     # per-worker: the reference accumulation stays, the global batch grows with the workers
     if micro_batches % batch.reference_workers:
@@ -146,11 +147,13 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
             f"per-worker, batch.reference_workers = {batch.reference_workers}) to {global_batch} sequences per "
             f"step, beyond the largest, {MAX_GLOBAL_BATCH_SIZE}; use fewer workers or batch.scaling = fixed-global"
         )
-    return _plan(recipe, workers, global_batch, accumulation, steps_factor=workers / batch.reference_workers)
+    return _plan(recipe, workers, global_batch, accumulation,
+                 steps_factor=Fraction(workers, batch.reference_workers))
 
 
-def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, steps_factor: float) -> Plan:
-    """The plan for `global_batch`; steps_factor: how many times fewer steps see the recipe's samples."""
+def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, steps_factor: Fraction) -> Plan:
+    """The plan for `global_batch`; steps_factor: how many times fewer steps see the recipe's samples
+    (a fraction: step counts divided by it stay exact integers, where a float quotient rounds)."""
     optim, train = recipe.optim, recipe.train
     rule = lr_rule(optim)
     reference_batch = optim.reference_global_batch_size or recipe.batch.global_batch_size

@@ -227,3 +227,23 @@ def test_the_nearest_workable_worker_counts_are_found_at_the_largest_batch():
         make_plan(load_recipe(RECIPES / "tiny.toml", ["batch.global_batch_size=16777215",  # 3^2 x 5 x 7 x 13 x 17 x 241
                                                       "batch.micro_batch_size=1"]), 4)
     assert time.monotonic() - start < 5, refused
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.max_steps", "99999999999999999999999", "train.max_steps = 99999999999999999999999 must be from 1 to 1000000000"),
+    ("checkpoint.every_steps", "10000000000", "checkpoint.every_steps = 10000000000 must be from 1 to 1000000000"),
+    ("optim.lr", "1" + "0" * 400, "optim.lr = 1" + "0" * 400 + " is not a finite number"),
+])
+def test_out_of_range_integers_are_refused_not_rounded(cli, key, value, expected):
+    status, err = cli(plan_command.main, "--recipe", RECIPES / "tiny.toml", "--workers", 2, "--set", f"{key}={value}")
+    assert (status, len(err)) == (2, 1) and err[0].endswith(expected), err
+
+
+def test_per_worker_step_counts_are_exact_integers():
+    # 68482387 x 496 / 509 = 66733328 exactly; through floats (x / (509 / 496)) it came out 66733329
+    recipe = load_recipe(RECIPES / "tiny.toml", ["batch.scaling=per-worker", "batch.reference_workers=496",
+                                                 "batch.global_batch_size=496", "batch.micro_batch_size=1",
+                                                 "train.max_steps=68482387", "optim.lr_scaling=linear"])
+    plan = make_plan(recipe, 509)
+    assert plan.max_steps == -(-68482387 * 496 // 509) == 66733328
+    assert plan.warmup_steps == -(-round(recipe.optim.warmup_proportion * 68482387) * 496 // 509)
