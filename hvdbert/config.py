@@ -49,17 +49,29 @@ MAX_WORKERS = 2**20
 # BERT trains 1M optimizer steps, ModernBERT under 1M: a thousand times that still keeps the samples a
 # run counts (steps x global batch) within int64, where the data stream's positions live.
 MAX_STEPS = 10**9
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes it, and the data stream hashes seeds as uint64
+
+
+def at_least_zero(default, zero_means: str = ""):
+    """A number that must not be negative; `zero_means` says what 0 does, where it is special."""
+    rule = f"must be 0 ({zero_means}) or more" if zero_means else "must be 0 or more"
+    return bounded(default, lambda value: value >= 0, rule)  # NaN fails too
+
+
+def fraction_below_one(default):
+    return bounded(default, lambda value: 0.0 <= value < 1.0, "must be in [0, 1)")
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = counted(1000, 1, MAX_STEPS)  # optimizer steps at the reference worker count
-    seed: int = 42
+    seed: int = counted(42, 0, MAX_SEED)
     log_every: int = counted(10, 1, MAX_STEPS)  # steps between logged (and cross-rank averaged) metrics
     # fp16 scales the loss (torch.amp.GradScaler, on CUDA or, where torch has it, on CPU)
     precision: str = choice("fp32", "bf16", "fp16")
-    grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
-    max_bad_steps: int = 10  # consecutive non-finite losses before training stops
+    grad_clip_norm: float = at_least_zero(1.0, "no clipping")  # global L2 norm
+    # consecutive non-finite losses before training stops (0: the first one stops it)
+    max_bad_steps: int = counted(10, 0, MAX_STEPS)
     progress_bar: bool = True  # rank 0: a tqdm bar on a terminal, else a line every log_every steps
     compile: bool = False  # torch.compile the encoder and the MLM head (model.compile_model)
 
@@ -91,19 +103,21 @@ class OptimConfig:
     # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: sqrt for lamb,
     # linear for adamw and stableadamw.
     lr_scaling: str = choice("auto", "sqrt", "linear", "none")
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-6
-    warmup_proportion: float = bounded(0.01, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")  # of max_steps
+    weight_decay: float = at_least_zero(0.01)
+    # Adam's moment decay rates: at 1 the moments never forget (and StableAdamW divides by 1 - beta2)
+    beta1: float = fraction_below_one(0.9)
+    beta2: float = fraction_below_one(0.999)
+    eps: float = positive(1e-6)
+    warmup_proportion: float = fraction_below_one(0.01)  # of max_steps
     # polynomial: warmup, then decay to end_lr over the rest of max_steps (BERT).
     # wsd: warmup, stable at lr, then decay to end_lr over the last decay_proportion of max_steps
     # (warmup-stable-decay, the trapezoid ModernBERT trains with; Warner et al. 2024).
     schedule: str = choice("polynomial", "wsd")
-    decay_power: float = 1.0  # polynomial decay after warmup; 0.5 in NVIDIA's BERT recipes
+    # polynomial decay after warmup; 0.5 in NVIDIA's BERT recipes
+    decay_power: float = at_least_zero(1.0, "hold the peak rate")
     decay_proportion: float = bounded(0.0, lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")  # wsd: of max_steps
     decay_shape: str = choice("linear", "1-sqrt")  # wsd's decay: 1 - t or 1 - sqrt(t) over the tail
-    end_lr: float = 0.0
+    end_lr: float = at_least_zero(0.0)  # a negative rate would climb the loss
 
 
 @dataclass
@@ -115,28 +129,28 @@ class DataConfig:
     # Devlin et al. 2018: 15% of tokens, of those 80% [MASK], 10% random, 10% kept
     mask_prob: float = bounded(0.15, lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
     whole_word_masking: bool = False
-    prefetch_batches: int = 4  # micro-batches prepared ahead by the background loader thread
-    builtin_max_documents: int = 0  # embedded corpus only: 0 takes every document
+    prefetch_batches: int = counted(4, 1, 1024)  # micro-batches prepared ahead by the background loader thread
+    builtin_max_documents: int = at_least_zero(0, "every document")  # embedded corpus only
     record_sample_ids: bool = False  # RUN_DIR/sample_ids/rank-<r>.txt: one line of sample ids per step
 
 
 @dataclass
 class DistConfig:
     fp16_allreduce: bool = False  # hvd.Compression.fp16: half the bytes on the wire
-    threads_per_worker: int = positive(1)  # torch intra-op threads per rank on CPU
-    fusion_threshold_mb: int = 64  # HOROVOD_FUSION_THRESHOLD
+    threads_per_worker: int = counted(1, 1, 4096)  # torch intra-op threads per rank on CPU
+    fusion_threshold_mb: int = counted(64, 0, 65536)  # HOROVOD_FUSION_THRESHOLD; 0 fuses nothing
     # HOROVOD_CYCLE_TIME; 0 = by device: 10 on CPU/Gloo, 1 with CUDA
-    cycle_time_ms: float = bounded(0.0, lambda v: v >= 0, "must be 0 (by device) or more")
+    cycle_time_ms: float = at_least_zero(0.0, "by device")
     # A worker that waits this long in one collective ends itself, and so the job (a frozen or cut-off
     # peer; docs/clusters.md). Above the longest legitimate wait: rank 0 writing a BERT-large
     # checkpoint while the others wait at a barrier. 0: wait forever.
-    stall_timeout_seconds: float = bounded(600.0, lambda v: v >= 0, "must be 0 (wait forever) or more")
+    stall_timeout_seconds: float = at_least_zero(600.0, "wait forever")
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = counted(1000, 1, MAX_STEPS)
-    keep: int = positive(3)
+    keep: int = counted(3, 1, MAX_STEPS)
     init_from: str = ""  # a checkpoint whose weights (only) start this run, e.g. phase 1 for phase 2
 
 
@@ -145,7 +159,7 @@ class ElasticConfig:
     commit_every: int = counted(10, 1, MAX_STEPS)  # steps between hvd.elastic state commits
     # A new rank 0 (its predecessor's host left the job) waits this long for the run directory's
     # lock, which the predecessor holds until its process ends.
-    lock_wait_seconds: float = bounded(60.0, lambda v: v >= 0, "must be 0 or more")
+    lock_wait_seconds: float = at_least_zero(60.0)
 
 
 @dataclass
@@ -155,10 +169,10 @@ class EvalConfig:
     every_steps: int = bounded(0, lambda v: 0 <= v <= MAX_STEPS,
                                f"must be 0 (not during training) or more, at most {MAX_STEPS}")
     at_end: bool = False  # evaluate after the last step as well
-    max_sequences: int = bounded(2048, lambda v: v >= 0, "must be 0 (every held-out sequence) or more")
+    max_sequences: int = at_least_zero(2048, "every held-out sequence")
     # A fixed 15% (Devlin et al. 2018), whatever data.mask_prob trains with: runs compare like with like.
     mask_prob: float = bounded(0.15, lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
-    seed: int = 1234  # the held-out masks and the choice of max_sequences: the same at every evaluation
+    seed: int = counted(1234, 0, MAX_SEED)  # the held-out masks and the choice of max_sequences: the same at every evaluation
 
     @property
     def requested(self) -> bool:

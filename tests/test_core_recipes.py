@@ -247,3 +247,34 @@ def test_per_worker_step_counts_are_exact_integers():
     plan = make_plan(recipe, 509)
     assert plan.max_steps == -(-68482387 * 496 // 509) == 66733328
     assert plan.warmup_steps == -(-round(recipe.optim.warmup_proportion * 68482387) * 496 // 509)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.beta2=1.0", "optim.beta2 = 1.0 must be in [0, 1)"),  # StableAdamW divided by 1 - beta2
+    ("optim.beta1=1.5", "optim.beta1 = 1.5 must be in [0, 1)"),
+    ("optim.end_lr=-0.02", "optim.end_lr = -0.02 must be 0 or more"),  # trained with a negative rate
+    ("optim.weight_decay=-1", "optim.weight_decay = -1.0 must be 0 or more"),
+    ("optim.eps=0", "optim.eps = 0.0 must be greater than 0"),
+    ("optim.decay_power=-1", "optim.decay_power = -1.0 must be 0 (hold the peak rate) or more"),
+    ("train.max_bad_steps=-1", "train.max_bad_steps = -1 must be from 0 to 1000000000"),
+    ("train.grad_clip_norm=-1", "train.grad_clip_norm = -1.0 must be 0 (no clipping) or more"),
+    ("train.seed=-1", "train.seed = -1 must be from 0 to 9223372036854775807"),
+    ("data.prefetch_batches=0", "data.prefetch_batches = 0 must be from 1 to 1024"),
+    ("dist.threads_per_worker=100000", "dist.threads_per_worker = 100000 must be from 1 to 4096"),
+    ("dist.fusion_threshold_mb=-1", "dist.fusion_threshold_mb = -1 must be from 0 to 65536"),
+])
+def test_numeric_keys_outside_their_range_are_refused(override, expected):
+    with pytest.raises(UsageError) as refused:
+        load_recipe(RECIPES / "tiny.toml", [override])
+    assert str(refused.value) == f"--set {override}: {expected}"
+
+
+def test_every_numeric_key_declares_its_range_next_to_its_field():
+    import dataclasses
+
+    from hvdbert.config import _SECTION_CLASSES
+
+    unranged = [f"{section}.{spec.name}" for section, cls in _SECTION_CLASSES.items()
+                for spec in dataclasses.fields(cls)
+                if spec.type in ("int", "float") and "valid" not in spec.metadata]
+    assert unranged == []
