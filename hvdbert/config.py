@@ -15,6 +15,7 @@ import math
 import sys
 import tomllib
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -346,6 +347,8 @@ def recipe_from_tree(tree: dict, where: str, origins: dict[str, str] | None = No
             if key not in known:
                 raise _unknown(at(dotted), dotted, [f"{section}.{k}" for k in known])
             setattr(config, key, _check_type(at(dotted), dotted, value, known[key]))
+    if "data.max_seq_len" in origins and "data.max_predictions_per_seq" not in origins:
+        recipe.data.max_predictions_per_seq = predictions_for(recipe.data)
     _check_ranges(recipe, at)
     _check_model(recipe, at)
     return recipe
@@ -435,12 +438,27 @@ def _check_ranges(recipe: Recipe, at) -> None:
     if recipe.data.format == "nsp" and not family.has_nsp:
         raise UsageError(f"{at('data.format')}: data.format = nsp needs a next-sentence head, which model.architecture = "
                          f"{family.name} does not have; use data.format = mlm (packed text)")
+    data = recipe.data
+    if data.max_predictions_per_seq > data.max_seq_len:
+        # the masking cannot choose more tokens than a sequence has
+        origin = next((at(k) for k in ("data.max_predictions_per_seq", "data.max_seq_len") if at(k) != at("")),
+                      at(""))
+        raise UsageError(f"{origin}: data.max_predictions_per_seq = {data.max_predictions_per_seq} exceeds "
+                         f"data.max_seq_len = {data.max_seq_len}; set data.max_predictions_per_seq to at most "
+                         f"{data.max_seq_len}, e.g. {predictions_for(data)} (data.mask_prob x data.max_seq_len, "
+                         "rounded up)")
     positions = recipe.model_field("max_position_embeddings")
     if recipe.data.max_seq_len > positions:
         raise UsageError(
             f"{at('data.max_seq_len')}: data.max_seq_len = {recipe.data.max_seq_len} exceeds "
             f"model.max_position_embeddings = {positions}; raise model.max_position_embeddings"
         )
+
+
+def predictions_for(data: DataConfig) -> int:
+    """The predictions cap a sequence length needs: mask_prob x max_seq_len, rounded up (the recipes'
+    20 at 128 and 308 at 1024), in exact decimal arithmetic so 0.1 x 30 is 3, not 4."""
+    return max(1, min(data.max_seq_len, math.ceil(Fraction(repr(data.mask_prob)) * data.max_seq_len)))
 
 
 def pin_reference_batch(tree: dict) -> dict:

@@ -278,3 +278,17 @@ def test_every_numeric_key_declares_its_range_next_to_its_field():
                 for spec in dataclasses.fields(cls)
                 if spec.type in ("int", "float") and "valid" not in spec.metadata]
     assert unranged == []
+
+
+def test_a_shorter_sequence_alone_derives_its_predictions_cap():
+    # modernbert-base: 308 predictions for 1024 tokens; at 64 that was a broadcast error in masking
+    recipe = load_recipe(RECIPES / "modernbert-base.toml", ["data.max_seq_len=64"])
+    assert recipe.data.max_predictions_per_seq == 20  # 0.3 x 64 = 19.2, rounded up
+    assert load_recipe(RECIPES / "tiny.toml", ["data.max_seq_len=30", "data.mask_prob=0.1"]
+                       ).data.max_predictions_per_seq == 3  # exactly 0.1 x 30
+    assert load_recipe(RECIPES / "modernbert-base.toml").data.max_predictions_per_seq == 308  # as written
+    with pytest.raises(UsageError) as refused:
+        load_recipe(RECIPES / "modernbert-base.toml", ["data.max_seq_len=64", "data.max_predictions_per_seq=100"])
+    assert str(refused.value) == (
+        "--set data.max_predictions_per_seq=100: data.max_predictions_per_seq = 100 exceeds data.max_seq_len = 64; "
+        "set data.max_predictions_per_seq to at most 64, e.g. 20 (data.mask_prob x data.max_seq_len, rounded up)")
