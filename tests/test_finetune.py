@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import TINY, run_module
 
-from hvdbert.finetune import Example, builtin_examples, few_per_class, split_by_document
+from hvdbert import finetune as finetune_command
+from hvdbert.finetune import Example, builtin_examples, few_per_class, file_examples, split_by_document
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +73,46 @@ def test_few_per_class_draws_a_seeded_subset_of_each_class():
     assert len(few_per_class(train, 10_000, seed=0)) == len(train)  # a class with fewer keeps all of them
 
 
-def test_bad_task_files_are_one_line_and_write_nothing(tmp_path, hvdbert_env):
+def test_bad_task_files_are_one_line_and_write_nothing(tmp_path, cli):
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"text": "a b c", "label": "x"}\n{"text": "d e f", "label": "y"}\n{"text": "g h"}\n')
     single = tmp_path / "single.csv"
     single.write_text("text,label\nsome words,x\nmore words,x\n")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("text,label\nsome words,x\ncaf\u00e9 words,y\n".encode("latin-1"))
+    one_each = tmp_path / "one-each.csv"  # every class one document: nothing left to score on
+    one_each.write_text("text,label\nsome words,x\nmore words,y\nother words,z\n")
+    two_each = tmp_path / "two-each.csv"
+    two_each.write_text("text,label\nsome words,x\nmore words,x\nother words,y\nlast words,y\n")
+    no_tokenizer = tmp_path / "no-tokenizer"  # a model directory holding config.json alone
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 50, "hidden_size": 8,
+                                                          "num_hidden_layers": 1, "num_attention_heads": 1,
+                                                          "intermediate_size": 8}))
+    no_weights = tmp_path / "no-weights"  # config.json and a tokenizer, no weights
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((no_tokenizer / "config.json").read_text())
+    (no_weights / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "some", "words"]))
     cases = [(missing, "missing.jsonl:3: no field 'label'", []), (single, "at least 2 classes", []),
-             (missing, "--train-per-class -1: must be 0", ["--train-per-class", "-1"])]
-    for path, message, extra in cases:
+             (missing, "--train-per-class -1: must be 0", ["--train-per-class", "-1"]),
+             (latin1, "latin1.csv:3: not UTF-8 text (byte 0xe9 at offset 27); save the task file as UTF-8", []),
+             (one_each, "one-each.csv: the dev part is empty: each class has a single document (3 examples, "
+                        "3 classes); give at least 2 examples of some class", [])]
+    cases = [(tmp_path, *case) for case in cases] + [
+        (no_tokenizer, two_each, f"{no_tokenizer} is not a tokenizer directory: it has neither tokenizer.json nor "
+                                 "vocab.txt; a transformers model directory needs its tokenizer beside config.json", []),
+        (no_weights, two_each, f"--model {no_weights}: cannot load its weights", [])]
+    for model, path, message, extra in cases:
         out = tmp_path / "out"
-        result = run_module("hvdbert.finetune", ["--model", str(tmp_path), "--task", str(path), "--output", str(out),
-                                                 "--json", str(tmp_path / "r.json"), *extra], hvdbert_env,
-                            timeout=200, check=False)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+        status, err = cli(finetune_command.main, "--model", model, "--task", path, "--output", out,
+                          "--json", tmp_path / "r.json", *extra)
+        assert status == 2 and len(err) == 1 and message in err[0], err
         assert not out.exists() and not (tmp_path / "r.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".finetune-")] == []
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    excel = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    excel.write_bytes(b"\xef\xbb\xbftext,label\r\nsome words,x\r\nmore words,y\r\n")
+    assert file_examples(excel, "text", "label") == [Example("some words", "x", f"{excel}:2"),
+                                                     Example("more words", "y", f"{excel}:3")]
