@@ -31,6 +31,7 @@ from hvdbert.data.loader import permute
 from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.files import check_output_file
 from hvdbert.model import pretraining_loss
 
 log = logging.getLogger("hvdbert")
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.run is None) == (args.model is None):
         raise UsageError("give one of --run RUN_DIR (an hvdbert run) and --model HF_DIR (a transformers model)")
+    if args.json:
+        check_output_file(args.json)
     if args.model is not None:
         if args.checkpoint is not None or args.data is None:
             raise UsageError("--model HF_DIR takes --data DIR (prepared held-out data, e.g. DATA_DIR/validation) "
@@ -279,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             temporary = args.json.with_name(args.json.name + ".tmp")
-            temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            temporary.replace(args.json)
+            try:
+                temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                temporary.replace(args.json)
+            finally:
+                temporary.unlink(missing_ok=True)  # a failed write or rename leaves no partial file
         where = source if step is None else f"{source} (step {step})"
         print(f"hvdbert: {where} on {data.directory}: {summary_text(record)}", flush=True)
     dist.shutdown()

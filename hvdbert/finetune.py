@@ -34,6 +34,7 @@ import numpy as np
 
 from hvdbert.data.corpus import docstrings
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.files import check_output_file
 
 # The embedded task's classes: standard-library packages present on every CPython 3 install (no
 # optional ones such as tkinter, none removed in recent releases such as distutils or lib2to3),
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--output {args.output} already exists and is not empty; choose a new directory")
     if not args.model.is_dir():
         raise UsageError(f"--model {args.model}: no such directory; give an hvdbert run or a transformers model directory")
+    if args.json:
+        check_output_file(args.json)  # now, not after fine-tuning
     if args.task == "builtin":
         examples, where = builtin_examples(), "builtin"
     else:

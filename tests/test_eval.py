@@ -149,3 +149,15 @@ def test_a_modernbert_checkpoint_gets_the_runs_figure(tmp_path, hvdbert_env, dat
     assert in_run["step"] == standalone["step"] == 4 and "eval_nsp_loss" not in in_run
     assert standalone["eval_loss"] == pytest.approx(in_run["eval_loss"], rel=1e-6, abs=1e-6)
     assert standalone["eval_mlm_accuracy"] == pytest.approx(in_run["eval_mlm_accuracy"], abs=1e-9)
+
+
+
+def test_a_json_path_that_is_a_directory_is_refused_before_any_work(tmp_path, cli):
+    from hvdbert import evaluate
+
+    taken = tmp_path / "results"
+    taken.mkdir()
+    status, err = cli(evaluate.main, "--run", tmp_path / "no-run", "--json", taken)
+    assert status == 2 and err == [f"hvdbert.evaluate: error: --json {taken} is a directory; name a file, "
+                                   f"e.g. --json {taken / 'results.json'}"], err
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no results.tmp

@@ -116,3 +116,15 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
     excel.write_bytes(b"\xef\xbb\xbftext,label\r\nsome words,x\r\nmore words,y\r\n")
     assert file_examples(excel, "text", "label") == [Example("some words", "x", f"{excel}:2"),
                                                      Example("more words", "y", f"{excel}:3")]
+
+
+def test_a_json_path_that_is_a_directory_is_refused_before_fine_tuning(tmp_path, cli):
+    taken = tmp_path / "results"
+    taken.mkdir()
+    task = tmp_path / "task.csv"
+    task.write_text("text,label\nsome words,x\nmore words,x\nother words,y\nlast words,y\n")
+    status, err = cli(finetune_command.main, "--model", tmp_path, "--task", task, "--output", tmp_path / "out",
+                      "--json", taken)
+    assert status == 2 and err == [f"hvdbert.finetune: error: --json {taken} is a directory; name a file, "
+                                   f"e.g. --json {taken / 'results.json'}"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "task.csv"]
