@@ -168,7 +168,10 @@ def resolve_model(model: Path, work: Path) -> Path:
         raise UsageError(f"--model {model}: neither a transformers model directory (config.json) nor an hvdbert "
                          "run with a complete checkpoint (checkpoints/step-<N>)")
     exported = work / "pretrained"
-    export(found, Path(found.recipe.get("data_dir", "")) / "tokenizer", exported)
+    # finetune has no --tokenizer: another tokenizer comes with a model directory that export wrote
+    export(found, Path(found.recipe.get("data_dir", "")) / "tokenizer", exported,
+           choose=f"export the run with `python -m hvdbert.export --run {model} --tokenizer DIR --output HF_DIR` "
+                  "and pass --model HF_DIR")
     return exported
 
 

@@ -24,7 +24,7 @@ def task(tmp_path_factory) -> Path:
     return path
 
 
-def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task):
+def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task, cli):
     data = tmp_path / "data"
     run_module("hvdbert.prepare", ["--input", "builtin", "--builtin-max-documents", "80", "--seq-len", "64",
                                    "--vocab-size", "600", "--output", str(data)], hvdbert_env, timeout=300)
@@ -60,6 +60,14 @@ def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task):
         predicted = model(**batch).logits.argmax(-1).numpy()
     truth = np.array([pretrained["labels"].index(e.label) for e in dev])
     assert float((predicted == truth).mean()) == pytest.approx(pretrained["dev_accuracy"])
+
+    # the run's data lost its tokenizer: finetune, which has no --tokenizer, says how to give one
+    (data / "tokenizer").rename(data / "moved")
+    status, err = cli(finetune_command.main, "--model", run_dir, "--task", task, "--output", tmp_path / "again")
+    assert status == 2 and err == [
+        f"hvdbert.finetune: error: tokenizer not found in {data / 'tokenizer'} (the run's DATA_DIR/tokenizer); "
+        f"export the run with `python -m hvdbert.export --run {run_dir} --tokenizer DIR --output HF_DIR` and pass "
+        "--model HF_DIR"], err
 
 
 def test_few_per_class_draws_a_seeded_subset_of_each_class():
