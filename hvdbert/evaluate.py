@@ -131,9 +131,11 @@ class Evaluator:
         return evaluate(run.model, self.held_out, run.dist, run.device, run.precision.autocast)
 
 
-def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Recipe, where: str) -> PreparedData:
+def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Recipe, where: str,
+                   trained_nsp: bool) -> PreparedData:
     """The held-out data: `eval_dir`, else the training data's validation split; checked to share
-    the training data's tokenizer and to fit the model's positions. `where` names the flag."""
+    the training data's tokenizer, to fit the model's positions, and to hold sentence pairs only for a
+    model trained on them (`trained_nsp`). `where` names the flag."""
     if eval_dir is None:
         manifest = train_data.manifest
         if not manifest.validation_dir:
@@ -153,6 +155,12 @@ def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Reci
     if data.manifest.seq_len > positions:
         raise UsageError(f"{where} {eval_dir}: sequences of {data.manifest.seq_len} tokens exceed "
                          f"model.max_position_embeddings = {positions}; prepare it with --seq-len {positions}")
+    if data.has_nsp and not trained_nsp:
+        # Its next-sentence head never learned (and a second segment's token type was never seen): its
+        # NSP accuracy would be chance dressed up as a figure. --model refuses the same.
+        raise UsageError(f"{where} {eval_dir}: holds sentence pairs (--format nsp), but the model was trained "
+                         f"on {train_data.manifest.format} data without next-sentence prediction; evaluate it "
+                         "on data prepared with --format mlm")
     return data
 
 
@@ -161,7 +169,7 @@ def build_evaluator(eval_dir: Path | None, run) -> Evaluator | None:
     recipe = run.recipe
     if not recipe.eval.requested:
         return None
-    data = open_eval_data(eval_dir, run.data, recipe, "--eval-data")
+    data = open_eval_data(eval_dir, run.data, recipe, "--eval-data", trained_nsp=run.data.has_nsp)
     return Evaluator(recipe.eval, HeldOut(data, recipe.eval, recipe.batch.micro_batch_size))
 
 
@@ -264,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (train_dir / "manifest.json").is_file():
             raise UsageError(f"{found.path}: its training data {train_dir} is gone; the held-out data must be "
                              "checked against its tokenizer")
-        data = open_eval_data(eval_dir, PreparedData(train_dir), recipe, "--data")
+        data = open_eval_data(eval_dir, PreparedData(train_dir), recipe, "--data",
+                              trained_nsp=bool(found.recipe.get("with_nsp", False)))
         model = build_model(recipe.model, with_nsp=bool(found.recipe.get("with_nsp", False)))
         checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
         source, step = str(found.path), found.step

@@ -85,7 +85,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, hvdbert_env, data):
     assert json.loads((ok / "recipe.json").read_text())["eval_data_dir"] == str(bare)
 
 
-def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, hvdbert_env, data):
+def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, hvdbert_env, data, cli):
     """--model HF_DIR (a Trainer checkpoint, an export) is evaluated on the same sequences and masks as
     the checkpoint it came from: the figure is the same, whatever micro-batch each path cuts."""
     run_dir, exported = tmp_path / "run", tmp_path / "hf"
@@ -117,6 +117,25 @@ def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, hv
         result = run_module("hvdbert.evaluate", args, hvdbert_env, timeout=200, check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+    # Sentence pairs for a run trained without NSP: its NSP head never learned, so no NSP figure, from
+    # the run's checkpoint as from --model (refused above by the missing head) and in training.
+    from hvdbert import evaluate
+    from hvdbert.config import load_recipe
+    from hvdbert.data.shards import PreparedData
+    from hvdbert.errors import UsageError
+
+    pairs = tmp_path / "pairs"
+    run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--format", "nsp",
+                                   "--tokenizer", str(data / "tokenizer"), "--output", str(pairs)], hvdbert_env,
+               timeout=300)
+    refusal = (f"{pairs}: holds sentence pairs (--format nsp), but the model was trained on mlm data without "
+               "next-sentence prediction; evaluate it on data prepared with --format mlm")
+    status, err = cli(evaluate.main, "--run", run_dir, "--data", pairs, "--json", tmp_path / "pairs.json")
+    assert status == 2 and err == [f"hvdbert.evaluate: error: --data {refusal}"] and not (tmp_path / "pairs.json").exists()
+    with pytest.raises(UsageError) as refused:
+        evaluate.open_eval_data(pairs, PreparedData(data), load_recipe(TINY), "--eval-data", trained_nsp=False)
+    assert str(refused.value) == f"--eval-data {refusal}"
 
 
 def in_run_and_standalone(tmp_path, hvdbert_env, args: list[str]) -> tuple[dict, dict]:
