@@ -16,6 +16,11 @@ evaluates it identically, with the [eval] defaults unless --set says otherwise.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one line, not a traceback
+    from hvdbert.errors import quiet_interrupts
+
+    quiet_interrupts("hvdbert.evaluate")
+
 import json
 import logging
 import math

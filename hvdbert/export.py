@@ -11,6 +11,11 @@ they trained as, with the config naming their tokenizer's special token ids.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one line, not a traceback
+    from hvdbert.errors import quiet_interrupts
+
+    quiet_interrupts("hvdbert.export")
+
 import os
 import shutil
 import sys

@@ -18,6 +18,11 @@ they document (docs/quality.md). The dev part is drawn by --split-seed, by docum
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one line, not a traceback
+    from hvdbert.errors import quiet_interrupts
+
+    quiet_interrupts("hvdbert.finetune")
+
 import csv
 import io
 import json
