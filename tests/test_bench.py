@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, TINY, run_module
+from conftest import FAST, REPO, TINY, run_module
 from hvdbert.bench import cli as bench_command
 from hvdbert.bench import training_flops_per_sequence
 
@@ -232,3 +234,55 @@ def test_time_to_quality_refuses_bad_input_in_one_line(hvdbert_env, quality_data
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below `pid`, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_sigterm_ends_the_benchmarks_processes_and_its_temporary_directory(hvdbert_env, tmp_path):
+    """A real process: a benchmark killed by SIGTERM (a job's time limit) takes the configuration it
+    runs with it, and removes its hvdbert-bench-* directory."""
+    import signal
+    import time
+
+    bench = subprocess.Popen([sys.executable, "-m", "hvdbert.bench", "--recipe", str(TINY), "--steps", "100000",
+                              "--output", str(tmp_path / "out"), *FAST], cwd=REPO,
+                             env={**hvdbert_env, "TMPDIR": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    children: set[int] = set()
+    while not children:  # the first configuration has started
+        assert bench.poll() is None and time.monotonic() < deadline, bench.stderr.read()[-3000:]
+        time.sleep(0.2)
+        children = descendants(bench.pid)
+    try:
+        assert len(list(tmp_path.glob("hvdbert-bench-*"))) == 1
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline + 30:
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+        assert list(tmp_path.glob("hvdbert-bench-*")) == []
+    finally:  # a failure leaves nothing running either: what still runs for this test (its path in the command)
+        if bench.poll() is None:
+            bench.kill()
+        for pid in children:
+            try:
+                if str(tmp_path) in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        bench.wait()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -121,6 +122,11 @@ def worker_main(args, dist: Distributed | None = None, system: str = "hvdbert") 
     return 0
 
 
+def terminated(signum, frame) -> None:
+    log.warning("hvdbert.bench: terminated (SIGTERM): ending the configuration running")
+    raise SystemExit(128 + signum)
+
+
 def check_variants(args, multi: list[int]) -> None:
     """Every --vary value at every worker count it runs at, before anything runs: a bad one would
     otherwise surface only after the configurations before it, and at 1 worker never (variants run
@@ -179,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
 
     output = args.output or Path("runs") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     output.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a job's time limit, `kill`) as an exception: the configuration running ends with the
+    # benchmark (orchestrate.run_in_own_session) and the temporary directory goes
+    signal.signal(signal.SIGTERM, terminated)
     with tempfile.TemporaryDirectory(prefix="hvdbert-bench-") as workdir:
         for _ in range(args.repeats):  # interleaved: a noisy machine affects every configuration alike
             for config in configs:
