@@ -238,6 +238,7 @@ def load_transformers_mlm(model_dir: Path, data: PreparedData) -> torch.nn.Modul
 @cli_entry("hvdbert.evaluate")
 def main(argv: list[str] | None = None) -> int:
     from hvdbert import checkpoint
+    from hvdbert.agreement import check_agreement
     from hvdbert.dist import init_distributed
     from hvdbert.model import build_model
     from hvdbert.run import choose_device
@@ -284,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         source, step = str(found.path), found.step
 
     dist = init_distributed(recipe.dist)
+    # As in pretrain: every rank evaluates its share of what rank 0 names, or all stop. A rank given
+    # other data (mpirun's multiple-program form) would otherwise add its own sequences to the figure.
+    check_agreement(dist, data, recipe.to_dict(), None, data.directory, evaluated=Path(source),
+                    prog="hvdbert.evaluate")
     device = choose_device(dist, recipe.train.precision)
     if device.type == "cpu":
         torch.set_num_threads(recipe.dist.threads_per_worker)  # as in training: the same arithmetic

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, read_metrics, run_module
+from conftest import REPO, TINY, read_metrics, run_module
 from safetensors.torch import load_file
 
 PREPARE = ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64", "--vocab-size", "1500"]
@@ -41,6 +43,18 @@ def test_same_figure_for_one_and_two_workers_and_in_the_run(tmp_path, hvdbert_en
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6, abs=1e-6)
     assert one["eval_loss"] == pytest.approx(in_run[2]["eval_loss"], rel=1e-6, abs=1e-6)
     assert one["eval_mlm_accuracy"] == pytest.approx(in_run[2]["eval_mlm_accuracy"], abs=1e-9)
+
+    # mpirun's multiple-program form gives rank 1 other held-out data (the same tokenizer): every rank
+    # stops before evaluating, as pretrain's ranks do, instead of mixing both sets into one figure
+    evaluate = [sys.executable, "-m", "hvdbert.evaluate", *args, "--json", str(tmp_path / "mixed.json")]
+    mixed = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "1", *evaluate, "--data",
+                            str(data / "validation"), ":", "-np", "1", *evaluate, "--data", str(data)],
+                           cwd=REPO, env=hvdbert_env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in mixed.stderr.splitlines() if "hvdbert.evaluate: error:" in line]
+    assert mixed.returncode == 2 and "Traceback" not in mixed.stderr, mixed.stderr[-3000:]
+    assert len(errors) == 1 and "rank 1 (host" in errors[0] and "has another prepared data" in errors[0], errors
+    assert f"reads {data}; rank 0 reads {data / 'validation'}" in errors[0]
+    assert not (tmp_path / "mixed.json").exists()
 
 
 def test_evaluation_leaves_training_untouched(tmp_path, hvdbert_env, data):
