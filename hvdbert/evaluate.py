@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_transformers_mlm(args.model, data)
         source, step = str(args.model), None
     else:
-        found = checkpoint.checkpoint_of_run(args.run, args.checkpoint)
+        # the weights are read with the choice: a run still training may prune what it chose next
+        found, weights = checkpoint.checkpoint_and_weights(args.run, args.checkpoint)
         recipe = recipe_of_checkpoint(found, args.set)
         train_dir = Path(found.recipe.get("data_dir", ""))
         eval_dir = args.data or (Path(found.recipe["eval_data_dir"]) if found.recipe.get("eval_data_dir") else None)
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         data = open_eval_data(eval_dir, PreparedData(train_dir), recipe, "--data",
                               trained_nsp=bool(found.recipe.get("with_nsp", False)))
         model = build_model(recipe.model, with_nsp=bool(found.recipe.get("with_nsp", False)))
-        checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
+        checkpoint.load_weights(model, weights, found.path / checkpoint.WEIGHTS)
         source, step = str(found.path), found.step
 
     dist = init_distributed(recipe.dist)
