@@ -98,8 +98,9 @@ def test_flops_formula_counts_the_gathered_head_only():
     (["--workers", "1,2", "--vary", "nosuch.key=1"], "--vary nosuch.key=1: unknown key nosuch"),
     (["--workers", "1,2", "--vary", "dist.cycle_time_ms=1,-5"], "--vary dist.cycle_time_ms=1,-5: dist.cycle_time_ms = "
                                                                 "-5.0 must be 0 (by device) or more"),
-    (["--vary", "nosuch.key=1"], "--vary nosuch.key=1: variants run hvdbert at more than 1 worker, and --workers 1 "
-                                 "has none; add one, e.g. --workers 1,2"),
+    (["--vary", "nosuch.key=1"], "--vary nosuch.key=1: unknown key nosuch"),
+    (["--vary", "dist.cycle_time_ms=1"], "--vary dist.cycle_time_ms=1: variants run hvdbert at more than 1 worker, "
+                                         "and --workers 1 has none; add one, e.g. --workers 1,2"),
 ])
 def test_bad_flags_are_one_line_errors(cli, args, expected):
     status, err = cli(bench_command.main, "--recipe", TINY, *args)

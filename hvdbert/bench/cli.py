@@ -132,18 +132,18 @@ def check_variants(args, multi: list[int]) -> None:
     otherwise surface only after the configurations before it, and at 1 worker never (variants run
     at more than 1 worker only)."""
     for vary in args.vary:
-        if not multi:
-            raise UsageError(f"--vary {vary}: variants run hvdbert at more than 1 worker, and --workers "
-                             f"{args.workers} has none; add one, e.g. --workers 1,2")
         key, values = vary.split("=", 1)
         for value in values.split(","):
-            for workers in multi:
+            for workers in multi or args.worker_counts:
                 try:
                     make_plan(load_recipe(args.recipe, bench_overrides(args.shape, workers, 1,
                                                                        [*args.set, f"{key}={value}"], args.recipe)),
                               workers)
                 except UsageError as error:  # named by the flag it came from, not the --set it became
                     raise UsageError(f"--vary {vary}: {str(error).removeprefix(f'--set {key}={value}: ')}") from None
+        if not multi:
+            raise UsageError(f"--vary {vary}: variants run hvdbert at more than 1 worker, and --workers "
+                             f"{args.workers} has none; add one, e.g. --workers 1,2")
 
 
 @cli_entry("hvdbert.bench")
