@@ -1,4 +1,4 @@
-"""Agreement at start-up: every rank must train on what rank 0 trains on.
+"""Agreement at start-up: every rank must train (or evaluate) on what rank 0 does.
 
 Nothing else makes sure of it. With the embedded corpus each host prepares its own copy; with
 `--data`, each host reads its own mount; `mpirun`'s multiple-program form can give ranks different
@@ -28,6 +28,7 @@ WHAT = {
     "recipe": "resolved recipe",
     "resume": "checkpoint to resume from",
     "init_from": "checkpoint.init_from checkpoint",
+    "evaluated": "checkpoint or model evaluated",
 }
 # Paths differ from host to host for the same content (a per-host HVDBERT_CACHE, a recipe copied
 # elsewhere): they are left out of the recipe's fingerprint; the data is compared by content.
@@ -55,6 +56,13 @@ def recipe_fingerprint(resolved: dict) -> str:
     return _sha256(json.dumps(kept, sort_keys=True, default=str).encode())
 
 
+def evaluated_fingerprint(directory: Path) -> str:
+    """A checkpoint (its state.json holds the sha256 of every other file) or a transformers model
+    directory (its config.json) as this rank sees it."""
+    state = directory / checkpoint.STATE
+    return f"{directory.name} {_file_sha256(state if state.is_file() else directory / 'config.json')[:16]}"
+
+
 def checkpoint_fingerprint(resume: str | None, run_dir: Path) -> str:
     """What `--resume` points at as this rank sees it: each candidate checkpoint's name and the
     sha256 of its state.json (which holds the sha256 of every other file in it)."""
@@ -70,7 +78,8 @@ def checkpoint_fingerprint(resume: str | None, run_dir: Path) -> str:
 
 
 def fingerprints(data: PreparedData, resolved: dict, resume: str | None, run_dir: Path,
-                 init_from: str = "", eval_data: PreparedData | None = None) -> dict[str, str]:
+                 init_from: str = "", eval_data: PreparedData | None = None,
+                 evaluated: Path | None = None) -> dict[str, str]:
     """This rank's fingerprints, in WHAT's order."""
     found = data_fingerprints(data)
     if eval_data is not None:
@@ -79,6 +88,8 @@ def fingerprints(data: PreparedData, resolved: dict, resume: str | None, run_dir
     found["resume"] = checkpoint_fingerprint(resume, run_dir)
     if init_from:
         found["init_from"] = checkpoint_fingerprint(init_from, run_dir)
+    if evaluated is not None:
+        found["evaluated"] = evaluated_fingerprint(evaluated)
     return found
 
 
@@ -111,8 +122,10 @@ def _short(value: str | None) -> str:
 
 
 def check_agreement(dist, data: PreparedData, resolved: dict, resume: str | None, run_dir: Path,
-                    init_from: str = "", eval_data: PreparedData | None = None) -> None:
+                    init_from: str = "", eval_data: PreparedData | None = None, evaluated: Path | None = None,
+                    prog: str = "hvdbert.pretrain") -> None:
     """Stop every rank (exit status 2, before anything is written) unless all agree with rank 0.
+    hvdbert.evaluate passes its held-out data as `data` and the checkpoint or model it evaluates.
 
     One allgather; each rank reaches the same verdict from the same gathered list, so none is left
     waiting. Rank 0 prints the line; the others exit quietly."""
@@ -120,14 +133,14 @@ def check_agreement(dist, data: PreparedData, resolved: dict, resume: str | None
         "host": socket.gethostname(),
         "data_dir": str(data.directory),
         "eval_data_dir": str(eval_data.directory) if eval_data is not None else "",
-        "fingerprints": fingerprints(data, resolved, resume, run_dir, init_from, eval_data),
+        "fingerprints": fingerprints(data, resolved, resume, run_dir, init_from, eval_data, evaluated),
     }
     gathered = dist.allgather_object(mine, name="startup_fingerprints")
     problem = disagreement(gathered)
     if problem is None:
         return
     if dist.rank == 0:
-        print(f"hvdbert.pretrain: error: {problem}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {problem}", file=sys.stderr, flush=True)
     # Every rank has decided to stop; the barrier keeps the others from exiting (and a launcher from
     # killing rank 0) before rank 0's line is out.
     dist.barrier()

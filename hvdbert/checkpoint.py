@@ -27,6 +27,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -228,14 +229,32 @@ def open_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
     return Checkpoint(path, state, recipe)
 
 
+def newest_checkpoint(run_dir: Path, read: Callable[[Checkpoint], Any] = lambda found: None,
+                      attempts: int = 5) -> tuple[Checkpoint, Any] | None:
+    """The newest complete checkpoint in RUN_DIR and what `read` takes from it (its weights, say),
+    while the run may still be writing. A checkpoint that disappears while it is read was pruned by
+    the writer, which saved a newer one first: the newest is looked for again, and the pruned one is
+    never called damaged. Damaged ones (still there, unreadable) are skipped with a warning."""
+    for _ in range(attempts):
+        pruned = False
+        for _, path in reversed(step_dirs(run_dir)):
+            try:
+                found = open_checkpoint(path)
+                return found, read(found)
+            except UsageError as error:
+                if not path.is_dir():
+                    pruned = True
+                    break
+                log.warning("hvdbert: skipping checkpoint %s: %s", path, error)
+        if not pruned:
+            break
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The newest complete checkpoint in RUN_DIR; damaged ones are skipped with a warning."""
-    for _, path in reversed(step_dirs(run_dir)):
-        try:
-            return open_checkpoint(path)
-        except CorruptCheckpoint as error:
-            log.warning("hvdbert: skipping checkpoint %s: %s", path, error)
-    return None
+    found = newest_checkpoint(run_dir)
+    return found[0] if found is not None else None
 
 
 def holds_state(directory: Path, state) -> bool:
@@ -253,17 +272,28 @@ def holds_state(directory: Path, state) -> bool:
 def checkpoint_of_run(run_dir: Path, explicit: Path | None) -> Checkpoint:
     """`explicit` (a checkpoint directory), else the newest intact checkpoint of `run_dir`; refuses
     (UsageError) a run directory that is missing or holds none."""
+    return checkpoint_and_weights(run_dir, explicit, read_weights=False)[0]
+
+
+def checkpoint_and_weights(run_dir: Path, explicit: Path | None,
+                           read_weights: bool = True) -> tuple[Checkpoint, dict[str, torch.Tensor] | None]:
+    """checkpoint_of_run's checkpoint and its weights, read together: of a run still being written,
+    the newest checkpoint that stays until its weights are in memory (newest_checkpoint)."""
+    def read(found: Checkpoint):
+        return found.weights() if read_weights else None
+
     if explicit:
-        return open_checkpoint(explicit)
+        found = open_checkpoint(explicit)
+        return found, read(found)
     if not run_dir.is_dir():
         raise UsageError(f"--run {run_dir} does not exist; pass a directory hvdbert.pretrain wrote")
-    found = latest_checkpoint(run_dir)
-    if found is None:
+    chosen = newest_checkpoint(run_dir, read)
+    if chosen is None:
         damaged = len(step_dirs(run_dir))
         why = (f"its {damaged} checkpoint(s) are all damaged (see the warnings above)" if damaged
                else "it holds no checkpoint under checkpoints/step-<N>")
         raise UsageError(f"--run {run_dir}: no checkpoint to use: {why}")
-    return found
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ import dataclasses
 import difflib
 import inspect
 import math
+import sys
 import tomllib
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,24 +38,52 @@ def positive(default):
     return bounded(default, lambda value: value > 0, "must be greater than 0")  # NaN fails too
 
 
+def counted(default: int, least: int, most: int):
+    """An integer field from `least` to `most`: every count has a ceiling, so no size, and no search
+    over sizes (plan's worker counts), runs away with a mistyped number."""
+    return bounded(default, lambda value: least <= value <= most, f"must be from {least} to {most}")
+
+
+# Ceilings beyond any real run. The largest BERT global batches are 65536 (You et al. 2019) and the
+# largest Horovod jobs some thousands of workers (Summit's 27648 GPUs): 256x and 37x those.
+MAX_GLOBAL_BATCH_SIZE = 2**24  # sequences per optimizer step
+MAX_WORKERS = 2**20
+# BERT trains 1M optimizer steps, ModernBERT under 1M: a thousand times that still keeps the samples a
+# run counts (steps x global batch) within int64, where the data stream's positions live.
+MAX_STEPS = 10**9
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes it, and the data stream hashes seeds as uint64
+
+
+def at_least_zero(default, zero_means: str = ""):
+    """A number that must not be negative; `zero_means` says what 0 does, where it is special."""
+    rule = f"must be 0 ({zero_means}) or more" if zero_means else "must be 0 or more"
+    return bounded(default, lambda value: value >= 0, rule)  # NaN fails too
+
+
+def fraction_below_one(default):
+    return bounded(default, lambda value: 0.0 <= value < 1.0, "must be in [0, 1)")
+
+
 @dataclass
 class TrainConfig:
-    max_steps: int = positive(1000)  # optimizer steps at the reference worker count
-    seed: int = 42
-    log_every: int = positive(10)  # steps between logged (and cross-rank averaged) metrics
+    max_steps: int = counted(1000, 1, MAX_STEPS)  # optimizer steps at the reference worker count
+    seed: int = counted(42, 0, MAX_SEED)
+    log_every: int = counted(10, 1, MAX_STEPS)  # steps between logged (and cross-rank averaged) metrics
     # fp16 scales the loss (torch.amp.GradScaler, on CUDA or, where torch has it, on CPU)
     precision: str = choice("fp32", "bf16", "fp16")
-    grad_clip_norm: float = 1.0  # global L2 norm; 0 disables clipping
-    max_bad_steps: int = 10  # consecutive non-finite losses before training stops
+    grad_clip_norm: float = at_least_zero(1.0, "no clipping")  # global L2 norm
+    # consecutive non-finite losses before training stops (0: the first one stops it)
+    max_bad_steps: int = counted(10, 0, MAX_STEPS)
     progress_bar: bool = True  # rank 0: a tqdm bar on a terminal, else a line every log_every steps
     compile: bool = False  # torch.compile the encoder and the MLM head (model.compile_model)
 
 
 @dataclass
 class BatchConfig:
-    global_batch_size: int = positive(256)  # sequences per optimizer step at the reference worker count
-    micro_batch_size: int = positive(32)  # sequences per worker per forward/backward pass
-    reference_workers: int = positive(1)  # the worker count the recipe's numbers were tuned for
+    # sequences per optimizer step at the reference worker count
+    global_batch_size: int = counted(256, 1, MAX_GLOBAL_BATCH_SIZE)
+    micro_batch_size: int = counted(32, 1, MAX_GLOBAL_BATCH_SIZE)  # sequences per worker per forward/backward pass
+    reference_workers: int = counted(1, 1, MAX_WORKERS)  # the worker count the recipe's numbers were tuned for
     # fixed-global: the global batch stays; accumulation = global / (workers x micro).
     # per-worker: the global batch grows with the workers; max_steps shrink to keep the samples.
     # Either way the LR follows the global batch by optim.lr_scaling (hvdbert/plan.py).
@@ -67,24 +97,27 @@ class OptimConfig:
     # The global batch optim.lr belongs to. 0: the batch.global_batch_size the recipe files state, so a
     # `--set batch.global_batch_size=...` (or per-worker growth) derives a rate (load_recipe pins it).
     reference_global_batch_size: int = bounded(
-        0, lambda v: v >= 0, "must be 0 (the recipe's batch.global_batch_size) or more")
+        0, lambda v: 0 <= v <= MAX_GLOBAL_BATCH_SIZE,
+        f"must be 0 (the recipe's batch.global_batch_size) or more, at most {MAX_GLOBAL_BATCH_SIZE}")
     # How the rate follows the global batch when it differs from the reference: sqrt (You et al. 2019,
     # LAMB), linear (Goyal et al. 2017), none (keep the rate; a warning says so), auto: the optimizer's
     # own rule (optimizers.OPTIMIZERS: sqrt for lamb, linear for adamw and stableadamw).
     lr_scaling: str = choice("auto", "sqrt", "linear", "none")
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-6
-    warmup_proportion: float = bounded(0.01, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")  # of max_steps
+    weight_decay: float = at_least_zero(0.01)
+    # Adam's moment decay rates: at 1 the moments never forget (and StableAdamW divides by 1 - beta2)
+    beta1: float = fraction_below_one(0.9)
+    beta2: float = fraction_below_one(0.999)
+    eps: float = positive(1e-6)
+    warmup_proportion: float = fraction_below_one(0.01)  # of max_steps
     # polynomial: warmup, then decay to end_lr over the rest of max_steps (BERT).
     # wsd: warmup, stable at lr, then decay to end_lr over the last decay_proportion of max_steps
     # (warmup-stable-decay, the trapezoid ModernBERT trains with; Warner et al. 2024).
     schedule: str = choice("polynomial", "wsd")
-    decay_power: float = 1.0  # polynomial decay after warmup; 0.5 in NVIDIA's BERT recipes
+    # polynomial decay after warmup; 0.5 in NVIDIA's BERT recipes
+    decay_power: float = at_least_zero(1.0, "hold the peak rate")
     decay_proportion: float = bounded(0.0, lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")  # wsd: of max_steps
     decay_shape: str = choice("linear", "1-sqrt")  # wsd's decay: 1 - t or 1 - sqrt(t) over the tail
-    end_lr: float = 0.0
+    end_lr: float = at_least_zero(0.0)  # a negative rate would climb the loss
 
 
 @dataclass
@@ -96,49 +129,50 @@ class DataConfig:
     # Devlin et al. 2018: 15% of tokens, of those 80% [MASK], 10% random, 10% kept
     mask_prob: float = bounded(0.15, lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
     whole_word_masking: bool = False
-    prefetch_batches: int = 4  # micro-batches prepared ahead by the background loader thread
-    builtin_max_documents: int = 0  # embedded corpus only: 0 takes every document
+    prefetch_batches: int = counted(4, 1, 1024)  # micro-batches prepared ahead by the background loader thread
+    builtin_max_documents: int = at_least_zero(0, "every document")  # embedded corpus only
     record_sample_ids: bool = False  # RUN_DIR/sample_ids/rank-<r>.txt: one line of sample ids per step
 
 
 @dataclass
 class DistConfig:
     fp16_allreduce: bool = False  # hvd.Compression.fp16: half the bytes on the wire
-    threads_per_worker: int = positive(1)  # torch intra-op threads per rank on CPU
-    fusion_threshold_mb: int = 64  # HOROVOD_FUSION_THRESHOLD
+    threads_per_worker: int = counted(1, 1, 4096)  # torch intra-op threads per rank on CPU
+    fusion_threshold_mb: int = counted(64, 0, 65536)  # HOROVOD_FUSION_THRESHOLD; 0 fuses nothing
     # HOROVOD_CYCLE_TIME; 0 = by device: 10 on CPU/Gloo, 1 with CUDA
-    cycle_time_ms: float = bounded(0.0, lambda v: v >= 0, "must be 0 (by device) or more")
+    cycle_time_ms: float = at_least_zero(0.0, "by device")
     # A worker that waits this long in one collective ends itself, and so the job (a frozen or cut-off
     # peer; docs/clusters.md). Above the longest legitimate wait: rank 0 writing a BERT-large
     # checkpoint while the others wait at a barrier. 0: wait forever.
-    stall_timeout_seconds: float = bounded(600.0, lambda v: v >= 0, "must be 0 (wait forever) or more")
+    stall_timeout_seconds: float = at_least_zero(600.0, "wait forever")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = positive(1000)
-    keep: int = positive(3)
+    every_steps: int = counted(1000, 1, MAX_STEPS)
+    keep: int = counted(3, 1, MAX_STEPS)
     init_from: str = ""  # a checkpoint whose weights (only) start this run, e.g. phase 1 for phase 2
 
 
 @dataclass
 class ElasticConfig:
-    commit_every: int = positive(10)  # steps between hvd.elastic state commits
+    commit_every: int = counted(10, 1, MAX_STEPS)  # steps between hvd.elastic state commits
     # A new rank 0 (its predecessor's host left the job) waits this long for the run directory's
     # lock, which the predecessor holds until its process ends.
-    lock_wait_seconds: float = bounded(60.0, lambda v: v >= 0, "must be 0 or more")
+    lock_wait_seconds: float = at_least_zero(60.0)
 
 
 @dataclass
 class EvalConfig:
     """Held-out masked-LM evaluation (hvdbert/evaluate.py) on DATA_DIR/validation or --eval-data."""
 
-    every_steps: int = bounded(0, lambda v: v >= 0, "must be 0 (not during training) or more")
+    every_steps: int = bounded(0, lambda v: 0 <= v <= MAX_STEPS,
+                               f"must be 0 (not during training) or more, at most {MAX_STEPS}")
     at_end: bool = False  # evaluate after the last step as well
-    max_sequences: int = bounded(2048, lambda v: v >= 0, "must be 0 (every held-out sequence) or more")
+    max_sequences: int = at_least_zero(2048, "every held-out sequence")
     # A fixed 15% (Devlin et al. 2018), whatever data.mask_prob trains with: runs compare like with like.
     mask_prob: float = bounded(0.15, lambda v: 0.0 < v < 1.0, "must be in (0, 1)")
-    seed: int = 1234  # the held-out masks and the choice of max_sequences: the same at every evaluation
+    seed: int = counted(1234, 0, MAX_SEED)  # the held-out masks and the choice of max_sequences: the same at every evaluation
 
     @property
     def requested(self) -> bool:
@@ -206,7 +240,9 @@ def _check_type(where: str, key: str, value: Any, default: Any) -> Any:
         wanted = "an integer"
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # TOML reads nan and inf as floats; no setting means them
+            # TOML reads nan and inf as floats, and integers of any size, which float() cannot hold
+            # beyond 1.8e308: no setting means them
+            if isinstance(value, int) and abs(value) > sys.float_info.max or not math.isfinite(value):
                 raise UsageError(f"{where}: {key} = {value!r} is not a finite number")
             return float(value)
         wanted = "a number"
@@ -310,6 +346,8 @@ def recipe_from_tree(tree: dict, where: str, origins: dict[str, str] | None = No
             if key not in known:
                 raise _unknown(at(dotted), dotted, [f"{section}.{k}" for k in known])
             setattr(config, key, _check_type(at(dotted), dotted, value, known[key]))
+    if "data.max_seq_len" in origins and "data.max_predictions_per_seq" not in origins:
+        recipe.data.max_predictions_per_seq = predictions_for(recipe.data)
     _check_ranges(recipe, at)
     _check_model(recipe, at)
     return recipe
@@ -399,12 +437,27 @@ def _check_ranges(recipe: Recipe, at) -> None:
     if recipe.data.format == "nsp" and not family.has_nsp:
         raise UsageError(f"{at('data.format')}: data.format = nsp needs a next-sentence head, which model.architecture = "
                          f"{family.name} does not have; use data.format = mlm (packed text)")
+    data = recipe.data
+    if data.max_predictions_per_seq > data.max_seq_len:
+        # the masking cannot choose more tokens than a sequence has
+        origin = next((at(k) for k in ("data.max_predictions_per_seq", "data.max_seq_len") if at(k) != at("")),
+                      at(""))
+        raise UsageError(f"{origin}: data.max_predictions_per_seq = {data.max_predictions_per_seq} exceeds "
+                         f"data.max_seq_len = {data.max_seq_len}; set data.max_predictions_per_seq to at most "
+                         f"{data.max_seq_len}, e.g. {predictions_for(data)} (data.mask_prob x data.max_seq_len, "
+                         "rounded up)")
     positions = recipe.model_field("max_position_embeddings")
     if recipe.data.max_seq_len > positions:
         raise UsageError(
             f"{at('data.max_seq_len')}: data.max_seq_len = {recipe.data.max_seq_len} exceeds "
             f"model.max_position_embeddings = {positions}; raise model.max_position_embeddings"
         )
+
+
+def predictions_for(data: DataConfig) -> int:
+    """The predictions cap a sequence length needs: mask_prob x max_seq_len, rounded up (the recipes'
+    20 at 128 and 308 at 1024), in exact decimal arithmetic so 0.1 x 30 is 3, not 4."""
+    return max(1, min(data.max_seq_len, math.ceil(Fraction(repr(data.mask_prob)) * data.max_seq_len)))
 
 
 def pin_reference_batch(tree: dict) -> dict:

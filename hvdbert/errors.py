@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import os
 import sys
 from typing import Any, Callable
 
@@ -20,6 +21,30 @@ ENVIRONMENT_ERRORS = {
     errno.EFBIG: "check the file size limit (ulimit -f)",
     errno.ENAMETOOLONG: "choose a shorter path",
 }
+
+
+# 128 + SIGINT: the status a shell reports for a program a Ctrl-C stopped.
+INTERRUPTED = 130
+
+
+def _say_interrupted(prog: str) -> None:
+    print(f"{prog}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+
+
+def quiet_interrupts(prog: str) -> None:
+    """For a command run as a program, called before its imports (torch and transformers take
+    seconds): a Ctrl-C among them ends in one line and exit status 130, as `cli_entry` ends one inside
+    main() (in hvd.init, say), instead of a KeyboardInterrupt traceback from deep inside an import."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, traceback)
+        _say_interrupted(prog)
+        sys.stdout.flush()
+        os._exit(INTERRUPTED)  # Python would otherwise end the process by SIGINT itself
+
+    sys.excepthook = hook
 
 
 class UsageError(Exception):
@@ -41,6 +66,9 @@ def cli_entry(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., 
                 message = " ".join(str(error).split())  # one line, whatever the message holds
                 print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
                 return 2
+            except KeyboardInterrupt:  # Ctrl-C where nothing handles it: in hvd.init, or a second one in training
+                _say_interrupted(prog)
+                return INTERRUPTED
             except OSError as error:
                 if error.errno not in ENVIRONMENT_ERRORS:
                     raise

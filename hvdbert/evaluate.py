@@ -16,6 +16,11 @@ evaluates it identically, with the [eval] defaults unless --set says otherwise.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one line, not a traceback
+    from hvdbert.errors import quiet_interrupts
+
+    quiet_interrupts("hvdbert.evaluate")
+
 import json
 import logging
 import math
@@ -31,6 +36,7 @@ from hvdbert.data.loader import permute
 from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.files import check_output_file
 from hvdbert.hooks import StepHook
 from hvdbert.model import STAT_NAMES, micro_batch_stats, named_stats, pretraining_loss
 
@@ -138,9 +144,11 @@ class Evaluator(StepHook):
         return {"eval": figures}
 
 
-def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Recipe, where: str) -> PreparedData:
+def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Recipe, where: str,
+                   trained_nsp: bool) -> PreparedData:
     """The held-out data: `eval_dir`, else the training data's validation split; checked to share
-    the training data's tokenizer and to fit the model's positions. `where` names the flag."""
+    the training data's tokenizer, to fit the model's positions, and to hold sentence pairs only for a
+    model trained on them (`trained_nsp`). `where` names the flag."""
     if eval_dir is None:
         manifest = train_data.manifest
         if not manifest.validation_dir:
@@ -160,6 +168,12 @@ def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Reci
     if data.manifest.seq_len > positions:
         raise UsageError(f"{where} {eval_dir}: sequences of {data.manifest.seq_len} tokens exceed "
                          f"model.max_position_embeddings = {positions}; prepare it with --seq-len {positions}")
+    if data.has_nsp and not trained_nsp:
+        # Its next-sentence head never learned (and a second segment's token type was never seen): its
+        # NSP accuracy would be chance dressed up as a figure. --model refuses the same.
+        raise UsageError(f"{where} {eval_dir}: holds sentence pairs (--format nsp), but the model was trained "
+                         f"on {train_data.manifest.format} data without next-sentence prediction; evaluate it "
+                         "on data prepared with --format mlm")
     return data
 
 
@@ -168,7 +182,7 @@ def build_evaluator(eval_dir: Path | None, run) -> Evaluator | None:
     recipe = run.recipe
     if not recipe.eval.requested:
         return None
-    data = open_eval_data(eval_dir, run.data, recipe, "--eval-data")
+    data = open_eval_data(eval_dir, run.data, recipe, "--eval-data", trained_nsp=run.data.has_nsp)
     return Evaluator(recipe.eval, HeldOut(data, recipe.eval, recipe.batch.micro_batch_size))
 
 
@@ -232,6 +246,7 @@ def load_transformers_mlm(model_dir: Path, data: PreparedData) -> torch.nn.Modul
 @cli_entry("hvdbert.evaluate")
 def main(argv: list[str] | None = None) -> int:
     from hvdbert import checkpoint
+    from hvdbert.agreement import check_agreement
     from hvdbert.dist import init_distributed
     from hvdbert.model import build_model
     from hvdbert.run import choose_device
@@ -250,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.run is None) == (args.model is None):
         raise UsageError("give one of --run RUN_DIR (an hvdbert run) and --model HF_DIR (a transformers model)")
+    if args.json:
+        check_output_file(args.json)
     if args.model is not None:
         if args.checkpoint is not None or args.data is None:
             raise UsageError("--model HF_DIR takes --data DIR (prepared held-out data, e.g. DATA_DIR/validation) "
@@ -262,19 +279,25 @@ def main(argv: list[str] | None = None) -> int:
         model = load_transformers_mlm(args.model, data)
         source, step = str(args.model), None
     else:
-        found = checkpoint.checkpoint_of_run(args.run, args.checkpoint)
+        # the weights are read with the choice: a run still training may prune what it chose next
+        found, weights = checkpoint.checkpoint_and_weights(args.run, args.checkpoint)
         recipe = recipe_of_checkpoint(found, args.set)
         train_dir = Path(found.recipe.get("data_dir", ""))
         eval_dir = args.data or (Path(found.recipe["eval_data_dir"]) if found.recipe.get("eval_data_dir") else None)
         if not (train_dir / "manifest.json").is_file():
             raise UsageError(f"{found.path}: its training data {train_dir} is gone; the held-out data must be "
                              "checked against its tokenizer")
-        data = open_eval_data(eval_dir, PreparedData(train_dir), recipe, "--data")
+        data = open_eval_data(eval_dir, PreparedData(train_dir), recipe, "--data",
+                              trained_nsp=bool(found.recipe.get("with_nsp", False)))
         model = build_model(recipe.model, with_nsp=bool(found.recipe.get("with_nsp", False)))
-        checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
+        checkpoint.load_weights(model, weights, found.path / checkpoint.WEIGHTS)
         source, step = str(found.path), found.step
 
     dist = init_distributed(recipe.dist)
+    # As in pretrain: every rank evaluates its share of what rank 0 names, or all stop. A rank given
+    # other data (mpirun's multiple-program form) would otherwise add its own sequences to the figure.
+    check_agreement(dist, data, recipe.to_dict(), None, data.directory, evaluated=Path(source),
+                    prog="hvdbert.evaluate")
     device = choose_device(dist, recipe.train.precision)
     if device.type == "cpu":
         torch.set_num_threads(recipe.dist.threads_per_worker)  # as in training: the same arithmetic
@@ -287,8 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             temporary = args.json.with_name(args.json.name + ".tmp")
-            temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            temporary.replace(args.json)
+            try:
+                temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                temporary.replace(args.json)
+            finally:
+                temporary.unlink(missing_ok=True)  # a failed write or rename leaves no partial file
         where = source if step is None else f"{source} (step {step})"
         print(f"hvdbert: {where} on {data.directory}: {summary_text(record)}", flush=True)
     dist.shutdown()

@@ -11,6 +11,11 @@ they trained as, with the config naming their tokenizer's special token ids.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one line, not a traceback
+    from hvdbert.errors import quiet_interrupts
+
+    quiet_interrupts("hvdbert.export")
+
 import os
 import shutil
 import sys
@@ -33,10 +38,17 @@ def build_exported(found: checkpoint.Checkpoint):
     return model.eval()
 
 
-def check_vocabulary(found: checkpoint.Checkpoint, tokenizer_dir: Path, tokenizer) -> None:
+# How to name another tokenizer, from the command that exports: its own flag, as the default says, or,
+# for a command without one (finetune), an export first.
+CHOOSE_TOKENIZER = "pass --tokenizer DIR"
+
+
+def check_vocabulary(found: checkpoint.Checkpoint, tokenizer_dir: Path, tokenizer,
+                     choose: str = CHOOSE_TOKENIZER) -> None:
     """Refuse a tokenizer whose ids are not the ones the model was trained on: the export would load
     and run, and predict nonsense. The checkpoint records the sha256 of its data's tokenizer; another
-    copy of the same vocabulary (a re-saved tokenizer) is compared token by token with the data's."""
+    copy of the same vocabulary (a re-saved tokenizer) is compared token by token with the data's.
+    `choose` says how to name another tokenizer (DIR: where it goes)."""
     trained = found.state.get("tokenizer_sha256")
     if not trained or tokenizer_hash(tokenizer_dir) == trained:
         return
@@ -44,22 +56,22 @@ def check_vocabulary(found: checkpoint.Checkpoint, tokenizer_dir: Path, tokenize
     if data_tokenizer.is_dir() and tokenizer_hash(data_tokenizer) == trained:
         if load_tokenizer(data_tokenizer).get_vocab() == tokenizer.get_vocab():
             return
-        raise UsageError(f"--tokenizer {tokenizer_dir} has another vocabulary than the one {found.path} was "
-                         f"trained with ({data_tokenizer}); pass that one")
-    raise UsageError(f"--tokenizer {tokenizer_dir} is not the tokenizer {found.path} was trained with "
-                     f"(sha256 {trained[:12]}); pass the prepared data's tokenizer (DATA_DIR/tokenizer)")
+        raise UsageError(f"tokenizer {tokenizer_dir} has another vocabulary than the one {found.path} was "
+                         f"trained with ({data_tokenizer}); {choose.replace('DIR', str(data_tokenizer))}")
+    raise UsageError(f"tokenizer {tokenizer_dir} is not the tokenizer {found.path} was trained with "
+                     f"(sha256 {trained[:12]}); {choose} (DIR: the prepared data's tokenizer, DATA_DIR/tokenizer)")
 
 
-def export(found: checkpoint.Checkpoint, tokenizer_dir: Path, output: Path) -> str:
+def export(found: checkpoint.Checkpoint, tokenizer_dir: Path, output: Path, choose: str = CHOOSE_TOKENIZER) -> str:
     """Write model and tokenizer to a temporary directory beside `output`, then rename it; returns
-    the transformers class written."""
+    the transformers class written. `choose`: how the calling command names another tokenizer."""
     if output.exists() and any(output.iterdir()):
         raise UsageError(f"--output {output} already exists and is not empty; choose a new directory")
     if not (tokenizer_dir / "tokenizer_config.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
-        raise UsageError(f"tokenizer not found in {tokenizer_dir} (the run's DATA_DIR/tokenizer); pass --tokenizer DIR")
+        raise UsageError(f"tokenizer not found in {tokenizer_dir} (the run's DATA_DIR/tokenizer); {choose}")
     model = build_exported(found)
     tokenizer = load_tokenizer(tokenizer_dir)
-    check_vocabulary(found, tokenizer_dir, tokenizer)
+    check_vocabulary(found, tokenizer_dir, tokenizer, choose)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)

@@ -54,6 +54,15 @@ def check_output_location(path: Path, flag: str = "--output") -> None:
                          "you can write") from None
 
 
+def check_output_file(path: Path, flag: str = "--json") -> None:
+    """Refuse, before any work, a file to write that cannot be written: an existing directory (found
+    only at the end otherwise, after the work), or a place check_output_location refuses."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; name a file, e.g. {flag} {path / 'results.json'}")
+    check_output_location(path.parent, flag)
+
+
 def write_failure(error: BaseException, directory: Path) -> OSError | None:
     """The OSError behind a failed write where the library that wrote hid it: safetensors reports
     `os error N` in its own exception type, and torch.save's zip writer only an "unexpected pos"

@@ -18,7 +18,13 @@ they document (docs/quality.md). The dev part is drawn by --split-seed, by docum
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one line, not a traceback
+    from hvdbert.errors import quiet_interrupts
+
+    quiet_interrupts("hvdbert.finetune")
+
 import csv
+import io
 import json
 import math
 import os
@@ -33,6 +39,7 @@ import numpy as np
 
 from hvdbert.data.corpus import docstrings
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+from hvdbert.files import check_output_file
 
 # The embedded task's classes: standard-library packages present on every CPython 3 install (no
 # optional ones such as tkinter, none removed in recent releases such as distutils or lib2to3),
@@ -69,19 +76,26 @@ def file_examples(path: Path, text_field: str, label_field: str) -> list[Example
     if not path.is_file():
         raise UsageError(f"--task {path}: no such file; give a CSV or JSON-lines file, or `builtin`")
     examples = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            rows = []
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise UsageError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
-        else:
-            reader = csv.DictReader(f)
-            rows = [(reader.line_num, row) for row in reader]
+    raw = path.read_bytes()
+    try:
+        # utf-8-sig: Excel writes CSV with a byte-order mark, which would otherwise open the first field's name
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                         "save the task file as UTF-8") from None
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [(reader.line_num, row) for row in reader]
     for number, row in rows:
         if not isinstance(row, dict):
             raise UsageError(f"{path}:{number}: expected an object with fields {text_field!r} and {label_field!r}")
@@ -159,7 +173,10 @@ def resolve_model(model: Path, work: Path) -> Path:
         raise UsageError(f"--model {model}: neither a transformers model directory (config.json) nor an hvdbert "
                          "run with a complete checkpoint (checkpoints/step-<N>)")
     exported = work / "pretrained"
-    export(found, Path(found.recipe.get("data_dir", "")) / "tokenizer", exported)
+    # finetune has no --tokenizer: another tokenizer comes with a model directory that export wrote
+    export(found, Path(found.recipe.get("data_dir", "")) / "tokenizer", exported,
+           choose=f"export the run with `python -m hvdbert.export --run {model} --tokenizer DIR --output HF_DIR` "
+                  "and pass --model HF_DIR")
     return exported
 
 
@@ -179,18 +196,28 @@ class _Encoded:
 
 def finetune(model_dir: Path, train: list[Example], dev: list[Example], labels: list[str], args, work: Path) -> dict:
     import torch
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainingArguments, set_seed)
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
+                              TrainingArguments, set_seed)
+
+    from hvdbert.data.tokenizer import load_any_tokenizer
 
     label_ids = {label: i for i, label in enumerate(labels)}
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_any_tokenizer(model_dir, "a transformers model directory needs its tokenizer beside config.json "
+                                              "(hvdbert.export writes it)")
     config = AutoConfig.from_pretrained(str(model_dir), num_labels=len(labels), id2label=dict(enumerate(labels)),
                                         label2id=label_ids)
     set_seed(args.seed)  # the head's (and, from scratch, every weight's) initialisation; shuffling
     if args.from_scratch:
         model = AutoModelForSequenceClassification.from_config(config)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), config=config)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), config=config)
+        except OSError as error:
+            if error.errno is not None:  # the machine's (a full disk, a permission): reported as such
+                raise
+            first_line = (str(error).strip().splitlines() or ["no weights"])[0]  # transformers: a file is missing
+            raise UsageError(f"--model {model_dir}: cannot load its weights ({first_line}); give a directory "
+                             "hvdbert.export or save_pretrained wrote, or pass --from-scratch") from None
     max_length = min(args.max_length, config.max_position_embeddings)
     training = TrainingArguments(
         output_dir=str(work / "trainer"), num_train_epochs=args.epochs, learning_rate=args.lr,
@@ -246,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--output {args.output} already exists and is not empty; choose a new directory")
     if not args.model.is_dir():
         raise UsageError(f"--model {args.model}: no such directory; give an hvdbert run or a transformers model directory")
+    if args.json:
+        check_output_file(args.json)  # now, not after fine-tuning
     if args.task == "builtin":
         examples, where = builtin_examples(), "builtin"
     else:
@@ -258,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         train = few_per_class(train, args.train_per_class, args.split_seed)
     if len({e.label for e in train}) < 2:
         raise UsageError(f"{where}: the training part holds one class only; give more examples of each class")
+    if not dev:  # found now, not after training, when scoring would fail
+        raise UsageError(f"{where}: the dev part is empty: each class has a single document ({len(examples)} "
+                         f"examples, {len(labels)} classes); give at least 2 examples of some class")
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".finetune-", dir=args.output.parent) as scratch:

@@ -31,9 +31,10 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
-from hvdbert.config import OptimConfig, Recipe, load_recipe
+from hvdbert.config import MAX_GLOBAL_BATCH_SIZE, MAX_WORKERS, OptimConfig, Recipe, load_recipe
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.optimizers import OPTIMIZERS
 
@@ -87,9 +88,12 @@ class Plan:
         return dataclasses.asdict(self)
 
 
-def _workable_counts(sequences_per_micro_step: int, workers: int) -> str:
+def _workable_counts(micro_batches: int, workers: int) -> str:
     """The worker counts nearest to `workers` that divide the micro-batches of one global step."""
-    divisors = [d for d in range(1, sequences_per_micro_step + 1) if sequences_per_micro_step % d == 0]
+    # Divisors come in pairs (d, n / d) with d <= sqrt(n): isqrt(n) trials, not n (a 2**24 batch of
+    # micro-batches of 1 takes 4096).
+    pairs = [(d, micro_batches // d) for d in range(1, math.isqrt(micro_batches) + 1) if micro_batches % d == 0]
+    divisors = sorted({d for pair in pairs for d in pair if d <= MAX_WORKERS})
     below = [d for d in divisors if d < workers]
     above = [d for d in divisors if d > workers]
     near = ([below[-1]] if below else []) + ([above[0]] if above else [])
@@ -113,8 +117,8 @@ def lr_rule(optim: OptimConfig) -> str:
 
 def make_plan(recipe: Recipe, workers: int) -> Plan:
     batch = recipe.batch
-    if workers < 1:
-        raise UsageError(f"worker count {workers} must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"worker count {workers} must be from 1 to {MAX_WORKERS}")
     if batch.global_batch_size % batch.micro_batch_size:
         raise UsageError(
             f"{recipe.source}: batch.global_batch_size = {batch.global_batch_size} is not a multiple of "
@@ -129,7 +133,7 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
                 f"micro-batches of {batch.micro_batch_size} ({micro_batches} per step is not divisible by "
                 f"{workers}); worker counts that work nearby: {_workable_counts(micro_batches, workers)}"
             )
-        return _plan(recipe, workers, batch.global_batch_size, micro_batches // workers, steps_factor=1.0)
+        return _plan(recipe, workers, batch.global_batch_size, micro_batches // workers, steps_factor=Fraction(1))
 
     # per-worker: the reference accumulation stays, the global batch grows with the workers
     if micro_batches % batch.reference_workers:
@@ -140,11 +144,19 @@ def make_plan(recipe: Recipe, workers: int) -> Plan:
         )
     accumulation = micro_batches // batch.reference_workers
     global_batch = accumulation * batch.micro_batch_size * workers
-    return _plan(recipe, workers, global_batch, accumulation, steps_factor=workers / batch.reference_workers)
+    if global_batch > MAX_GLOBAL_BATCH_SIZE:
+        raise UsageError(
+            f"{workers} workers grow batch.global_batch_size = {batch.global_batch_size} (batch.scaling = "
+            f"per-worker, batch.reference_workers = {batch.reference_workers}) to {global_batch} sequences per "
+            f"step, beyond the largest, {MAX_GLOBAL_BATCH_SIZE}; use fewer workers or batch.scaling = fixed-global"
+        )
+    return _plan(recipe, workers, global_batch, accumulation,
+                 steps_factor=Fraction(workers, batch.reference_workers))
 
 
-def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, steps_factor: float) -> Plan:
-    """The plan for `global_batch`; steps_factor: how many times fewer steps see the recipe's samples."""
+def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, steps_factor: Fraction) -> Plan:
+    """The plan for `global_batch`; steps_factor: how many times fewer steps see the recipe's samples
+    (a fraction: step counts divided by it stay exact integers, where a float quotient rounds)."""
     optim, train = recipe.optim, recipe.train
     rule = lr_rule(optim)
     reference_batch = optim.reference_global_batch_size or recipe.batch.global_batch_size

@@ -18,6 +18,11 @@ tokenizer is trained on the training documents only.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one line, not a traceback
+    from hvdbert.errors import quiet_interrupts
+
+    quiet_interrupts("hvdbert.prepare")
+
 import argparse
 import fcntl
 import functools

@@ -11,6 +11,11 @@ worker count; --elastic runs under Horovod elastic (docs/resume.md).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one line, not a traceback
+    from hvdbert.errors import quiet_interrupts
+
+    quiet_interrupts("hvdbert.pretrain")
+
 import logging
 import os
 import socket

@@ -97,6 +97,9 @@ class Outcome:
     stdout: str
     stderr: str
 
+    def exit_and_stderr_lines(self) -> tuple[int, list[str]]:
+        return self.returncode, self.stderr.strip().splitlines()
+
 
 def run_main(module: str, args: list) -> int:
     """A command's main(argv) in this process (the module holding it: hvdbert.bench.cli for `python -m

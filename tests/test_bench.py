@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, TINY, run_module
+from conftest import FAST, REPO, TINY, run_module
 from hvdbert.bench import training_flops_per_sequence
 
 BREAKDOWN = ("data_wait", "forward_backward", "gradient_sync", "optimizer")
@@ -96,12 +98,20 @@ def test_flops_formula_counts_the_gathered_head_only():
         == 6 * head * 108
 
 
-def test_bad_flags_are_one_line_errors(cli):
-    result = cli("hvdbert.bench.cli", ["--recipe", TINY, "--workers", "two"])
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "--workers" in result.stderr
-    result = cli("hvdbert.bench.cli", ["--recipe", TINY, "--peers", "deepspeed"])
-    assert result.returncode == 2 and "deepspeed" in result.stderr
+@pytest.mark.parametrize("args, expected", [
+    (["--workers", "two"], "--workers 'two': expected worker counts"),
+    (["--peers", "deepspeed"], "unknown peer 'deepspeed'"),
+    # refused before any configuration runs, and at 1 worker too, where variants never run
+    (["--workers", "1,2", "--vary", "nosuch.key=1"], "--vary nosuch.key=1: unknown key nosuch"),
+    (["--workers", "1,2", "--vary", "dist.cycle_time_ms=1,-5"], "--vary dist.cycle_time_ms=1,-5: dist.cycle_time_ms = "
+                                                                "-5.0 must be 0 (by device) or more"),
+    (["--vary", "nosuch.key=1"], "--vary nosuch.key=1: unknown key nosuch"),
+    (["--vary", "dist.cycle_time_ms=1"], "--vary dist.cycle_time_ms=1: variants run hvdbert at more than 1 worker, "
+                                         "and --workers 1 has none; add one, e.g. --workers 1,2"),
+])
+def test_bad_flags_are_one_line_errors(cli, args, expected):
+    status, err = cli("hvdbert.bench.cli", ["--recipe", TINY, *args]).exit_and_stderr_lines()
+    assert status == 2 and len(err) == 1 and expected in err[0], err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the search runs")
@@ -217,3 +227,55 @@ def test_time_to_quality_refuses_bad_input_in_one_line(cli, held_out_data, tmp_p
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below `pid`, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_sigterm_ends_the_benchmarks_processes_and_its_temporary_directory(hvdbert_env, tmp_path):
+    """A real process: a benchmark killed by SIGTERM (a job's time limit) takes the configuration it
+    runs with it, and removes its hvdbert-bench-* directory."""
+    import signal
+    import time
+
+    bench = subprocess.Popen([sys.executable, "-m", "hvdbert.bench", "--recipe", str(TINY), "--steps", "100000",
+                              "--output", str(tmp_path / "out"), *FAST], cwd=REPO,
+                             env={**hvdbert_env, "TMPDIR": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    children: set[int] = set()
+    while not children:  # the first configuration has started
+        assert bench.poll() is None and time.monotonic() < deadline, bench.stderr.read()[-3000:]
+        time.sleep(0.2)
+        children = descendants(bench.pid)
+    try:
+        assert len(list(tmp_path.glob("hvdbert-bench-*"))) == 1
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline + 30:
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+        assert list(tmp_path.glob("hvdbert-bench-*")) == []
+    finally:  # a failure leaves nothing running either: what still runs for this test (its path in the command)
+        if bench.poll() is None:
+            bench.kill()
+        for pid in children:
+            try:
+                if str(tmp_path) in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        bench.wait()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO, SHORT, TINY, read_metrics, run_module
+from conftest import FAST, REPO, SHORT, TINY, read_metrics
 from hvdbert import checkpoint
 from hvdbert.checkpoint import Checkpointer, CorruptCheckpoint, open_checkpoint
 from hvdbert.config import load_recipe
@@ -343,3 +343,27 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, hvdbert_env, cl
     resume_result = cli("hvdbert.pretrain", [*args, "--resume", "auto", "--set", f"train.max_steps={steps[-1] + 1}"])
     assert resume_result.returncode == 0, resume_result.stderr
     assert "resumed from" in resume_result.stderr  # the lock went with the process that held it
+
+
+def test_a_checkpoint_pruned_while_read_gives_way_to_the_newer_one(tmp_path, monkeypatch, caplog):
+    """hvdbert.evaluate --run on a run still training: the writer saves step 4 and prunes step 2
+    (keep = 1) while step 2's weights are being read. The newer checkpoint is taken, and the pruned
+    one is not reported damaged."""
+    recipe, plan, model, optimizer = small_training(seed=1)
+    saver = checkpointer_for(tmp_path, recipe, plan, model, optimizer, keep=1)
+    saver.save(TrainState(step=2, samples_seen=64))
+    read = checkpoint.Checkpoint.weights
+
+    def writer_prunes_meanwhile(found):
+        if found.step == 2:
+            take_step(model, optimizer)
+            saver.save(TrainState(step=4, samples_seen=128))
+        return read(found)
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "weights", writer_prunes_meanwhile)
+    with caplog.at_level(logging.WARNING, logger="hvdbert"):
+        found, weights = checkpoint.checkpoint_and_weights(tmp_path, None)
+    assert found.step == 4 and [p.name for _, p in checkpoint.step_dirs(tmp_path)] == ["step-4"]
+    for name, tensor in checkpoint.model_weights(model).items():
+        assert torch.equal(weights[name], tensor), name
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # nothing "damaged"

@@ -137,3 +137,34 @@ def test_precision_support_is_asked_of_the_installed_torch():
     assert isinstance(Precision.create("fp16", torch.device("cpu")).scaler, torch.amp.GradScaler)
     # A device type without autocast gets the refusal.
     assert not Precision.supported("bf16", "meta") and not Precision.supported("fp16", "meta")
+
+
+def test_a_ctrl_c_in_hvd_init_is_one_line_and_exit_130(tmp_path, cli, monkeypatch):
+    from hvdbert import pretrain
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt  # what a Ctrl-C raises when hvd.init returns to Python
+
+    monkeypatch.setattr(pretrain, "init_distributed", interrupted)
+    status, err = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", tmp_path / "run"]).exit_and_stderr_lines()
+    assert (status, err) == (130, ["hvdbert.pretrain: interrupted (SIGINT)"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_while_torch_imports_is_one_line_and_exit_130(tmp_path, hvdbert_env):
+    """A real process: the interrupt arrives inside `import torch` (-X importtime reports its submodules
+    as they finish), before any of pretrain's code runs."""
+    import signal
+
+    child = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "hvdbert.pretrain", "--recipe", str(TINY),
+                              "--output", str(tmp_path / "run")], cwd=REPO, env=hvdbert_env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in child.stderr:
+        if line.split("|")[-1].strip().startswith("torch."):  # a submodule of torch done: torch is still importing
+            child.send_signal(signal.SIGINT)
+            break
+    rest = child.stderr.read()
+    assert child.wait(timeout=60) == 130, rest[-3000:]
+    said = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert said == ["hvdbert.pretrain: interrupted (SIGINT)"], rest[-3000:]
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -193,3 +194,101 @@ def test_cycle_time_is_chosen_by_device_unless_set():
     assert load_recipe(RECIPES / "bert-large-phase1.toml").dist.cycle_time_ms == 0.0
     with pytest.raises(UsageError, match="dist.cycle_time_ms = -1.0 must be 0"):
         load_recipe(RECIPES / "tiny.toml", ["dist.cycle_time_ms=-1"])
+
+
+@pytest.mark.parametrize("sets, workers, expected", [
+    # each of these searched every worker count up to the micro-batch count: minutes, or forever
+    (["batch.global_batch_size=1600000000016"], 2,
+     "batch.global_batch_size = 1600000000016 must be from 1 to 16777216"),
+    (["batch.global_batch_size=100000000000000000000000", "batch.micro_batch_size=1"], 3,
+     "batch.global_batch_size = 100000000000000000000000 must be from 1 to 16777216"),
+    (["batch.micro_batch_size=1", "optim.reference_global_batch_size=99999999999"], 1,
+     "optim.reference_global_batch_size = 99999999999 must be 0"),
+    ([], 10**30, "worker count 1000000000000000000000000000000 must be from 1 to 1048576"),
+    (["batch.scaling=per-worker", "batch.global_batch_size=65536", "batch.micro_batch_size=64"], 1048576,
+     "1048576 workers grow batch.global_batch_size = 65536 (batch.scaling = per-worker, "
+     "batch.reference_workers = 2) to 34359738368 sequences per step, beyond the largest, 16777216"),
+])
+def test_absurd_sizes_are_refused_in_one_line_at_once(cli, sets, workers, expected):
+    start = time.monotonic()
+    status, err = cli("hvdbert.plan", ["--recipe", RECIPES / "tiny.toml", "--workers", workers,
+                      *[arg for key in sets for arg in ("--set", key)]]).exit_and_stderr_lines()
+    assert (status, len(err)) == (2, 1) and expected in err[0], err
+    assert time.monotonic() - start < 5
+
+
+def test_the_nearest_workable_worker_counts_are_found_at_the_largest_batch():
+    start = time.monotonic()
+    largest = load_recipe(RECIPES / "tiny.toml", ["batch.global_batch_size=16777213", "batch.micro_batch_size=1"])
+    with pytest.raises(UsageError, match="worker counts that work nearby: 1$") as refused:
+        make_plan(largest, 2)  # 16777213 is prime, and more workers than any job has
+    with pytest.raises(UsageError, match="nearby: 3 or 5$"):
+        make_plan(load_recipe(RECIPES / "tiny.toml", ["batch.global_batch_size=16777215",  # 3^2 x 5 x 7 x 13 x 17 x 241
+                                                      "batch.micro_batch_size=1"]), 4)
+    assert time.monotonic() - start < 5, refused
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.max_steps", "99999999999999999999999", "train.max_steps = 99999999999999999999999 must be from 1 to 1000000000"),
+    ("checkpoint.every_steps", "10000000000", "checkpoint.every_steps = 10000000000 must be from 1 to 1000000000"),
+    ("optim.lr", "1" + "0" * 400, "optim.lr = 1" + "0" * 400 + " is not a finite number"),
+])
+def test_out_of_range_integers_are_refused_not_rounded(cli, key, value, expected):
+    status, err = cli("hvdbert.plan", ["--recipe", RECIPES / "tiny.toml", "--workers", 2,
+                                       "--set", f"{key}={value}"]).exit_and_stderr_lines()
+    assert (status, len(err)) == (2, 1) and err[0].endswith(expected), err
+
+
+def test_per_worker_step_counts_are_exact_integers():
+    # 68482387 x 496 / 509 = 66733328 exactly; through floats (x / (509 / 496)) it came out 66733329
+    recipe = load_recipe(RECIPES / "tiny.toml", ["batch.scaling=per-worker", "batch.reference_workers=496",
+                                                 "batch.global_batch_size=496", "batch.micro_batch_size=1",
+                                                 "train.max_steps=68482387", "optim.lr_scaling=linear"])
+    plan = make_plan(recipe, 509)
+    assert plan.max_steps == -(-68482387 * 496 // 509) == 66733328
+    assert plan.warmup_steps == -(-round(recipe.optim.warmup_proportion * 68482387) * 496 // 509)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.beta2=1.0", "optim.beta2 = 1.0 must be in [0, 1)"),  # StableAdamW divided by 1 - beta2
+    ("optim.beta1=1.5", "optim.beta1 = 1.5 must be in [0, 1)"),
+    ("optim.end_lr=-0.02", "optim.end_lr = -0.02 must be 0 or more"),  # trained with a negative rate
+    ("optim.weight_decay=-1", "optim.weight_decay = -1.0 must be 0 or more"),
+    ("optim.eps=0", "optim.eps = 0.0 must be greater than 0"),
+    ("optim.decay_power=-1", "optim.decay_power = -1.0 must be 0 (hold the peak rate) or more"),
+    ("train.max_bad_steps=-1", "train.max_bad_steps = -1 must be from 0 to 1000000000"),
+    ("train.grad_clip_norm=-1", "train.grad_clip_norm = -1.0 must be 0 (no clipping) or more"),
+    ("train.seed=-1", "train.seed = -1 must be from 0 to 9223372036854775807"),
+    ("data.prefetch_batches=0", "data.prefetch_batches = 0 must be from 1 to 1024"),
+    ("dist.threads_per_worker=100000", "dist.threads_per_worker = 100000 must be from 1 to 4096"),
+    ("dist.fusion_threshold_mb=-1", "dist.fusion_threshold_mb = -1 must be from 0 to 65536"),
+])
+def test_numeric_keys_outside_their_range_are_refused(override, expected):
+    with pytest.raises(UsageError) as refused:
+        load_recipe(RECIPES / "tiny.toml", [override])
+    assert str(refused.value) == f"--set {override}: {expected}"
+
+
+def test_every_numeric_key_declares_its_range_next_to_its_field():
+    import dataclasses
+
+    from hvdbert.config import _SECTION_CLASSES
+
+    unranged = [f"{section}.{spec.name}" for section, cls in _SECTION_CLASSES.items()
+                for spec in dataclasses.fields(cls)
+                if spec.type in ("int", "float") and "valid" not in spec.metadata]
+    assert unranged == []
+
+
+def test_a_shorter_sequence_alone_derives_its_predictions_cap():
+    # modernbert-base: 308 predictions for 1024 tokens; at 64 that was a broadcast error in masking
+    recipe = load_recipe(RECIPES / "modernbert-base.toml", ["data.max_seq_len=64"])
+    assert recipe.data.max_predictions_per_seq == 20  # 0.3 x 64 = 19.2, rounded up
+    assert load_recipe(RECIPES / "tiny.toml", ["data.max_seq_len=30", "data.mask_prob=0.1"]
+                       ).data.max_predictions_per_seq == 3  # exactly 0.1 x 30
+    assert load_recipe(RECIPES / "modernbert-base.toml").data.max_predictions_per_seq == 308  # as written
+    with pytest.raises(UsageError) as refused:
+        load_recipe(RECIPES / "modernbert-base.toml", ["data.max_seq_len=64", "data.max_predictions_per_seq=100"])
+    assert str(refused.value) == (
+        "--set data.max_predictions_per_seq=100: data.max_predictions_per_seq = 100 exceeds data.max_seq_len = 64; "
+        "set data.max_predictions_per_seq to at most 64, e.g. 20 (data.mask_prob x data.max_seq_len, rounded up)")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, read_metrics, run_module
+from conftest import REPO, TINY, read_metrics, run_module
 from safetensors.torch import load_file
 
 from hvdbert.prepare import main as prepare_main
@@ -40,6 +42,18 @@ def test_same_figure_for_one_and_two_workers_and_in_the_run(tmp_path, hvdbert_en
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6, abs=1e-6)
     assert one["eval_loss"] == pytest.approx(in_run[2]["eval_loss"], rel=1e-6, abs=1e-6)
     assert one["eval_mlm_accuracy"] == pytest.approx(in_run[2]["eval_mlm_accuracy"], abs=1e-9)
+
+    # mpirun's multiple-program form gives rank 1 other held-out data (the same tokenizer): every rank
+    # stops before evaluating, as pretrain's ranks do, instead of mixing both sets into one figure
+    evaluate = [sys.executable, "-m", "hvdbert.evaluate", *args, "--json", str(tmp_path / "mixed.json")]
+    mixed = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "1", *evaluate, "--data",
+                            str(data / "validation"), ":", "-np", "1", *evaluate, "--data", str(data)],
+                           cwd=REPO, env=hvdbert_env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in mixed.stderr.splitlines() if "hvdbert.evaluate: error:" in line]
+    assert mixed.returncode == 2 and "Traceback" not in mixed.stderr, mixed.stderr[-3000:]
+    assert len(errors) == 1 and "rank 1 (host" in errors[0] and "has another prepared data" in errors[0], errors
+    assert f"reads {data}; rank 0 reads {data / 'validation'}" in errors[0]
+    assert not (tmp_path / "mixed.json").exists()
 
 
 def test_evaluation_leaves_training_untouched(tmp_path, cli, data):
@@ -118,6 +132,26 @@ def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, cl
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
 
+    # Sentence pairs for a run trained without NSP: its NSP head never learned, so no NSP figure, from
+    # the run's checkpoint as from --model (refused above by the missing head) and in training.
+    from hvdbert import evaluate
+    from hvdbert.config import load_recipe
+    from hvdbert.data.shards import PreparedData
+    from hvdbert.errors import UsageError
+
+    pairs = tmp_path / "pairs"
+    assert cli("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--format", "nsp",
+                                   "--tokenizer", data / "tokenizer", "--output", pairs]).returncode == 0
+    refusal = (f"{pairs}: holds sentence pairs (--format nsp), but the model was trained on mlm data without "
+               "next-sentence prediction; evaluate it on data prepared with --format mlm")
+    status, err = cli("hvdbert.evaluate", ["--run", run_dir, "--data", pairs,
+                                           "--json", tmp_path / "pairs.json"]).exit_and_stderr_lines()
+    assert status == 2 and err == [f"hvdbert.evaluate: error: --data {refusal}"]
+    assert not (tmp_path / "pairs.json").exists()
+    with pytest.raises(UsageError) as refused:
+        evaluate.open_eval_data(pairs, PreparedData(data), load_recipe(TINY), "--eval-data", trained_nsp=False)
+    assert str(refused.value) == f"--eval-data {refusal}"
+
 
 def in_run_and_standalone(tmp_path, cli, args: list[str]) -> tuple[dict, dict]:
     """The held-out figures a 4-step run logged at its end, and hvdbert.evaluate's for its last checkpoint."""
@@ -146,3 +180,12 @@ def test_a_modernbert_checkpoint_gets_the_runs_figure(tmp_path, cli, data):
     assert in_run["step"] == standalone["step"] == 4 and "eval_nsp_loss" not in in_run
     assert standalone["eval_loss"] == pytest.approx(in_run["eval_loss"], rel=1e-6, abs=1e-6)
     assert standalone["eval_mlm_accuracy"] == pytest.approx(in_run["eval_mlm_accuracy"], abs=1e-9)
+
+
+def test_a_json_path_that_is_a_directory_is_refused_before_any_work(tmp_path, cli):
+    taken = tmp_path / "results"
+    taken.mkdir()
+    status, err = cli("hvdbert.evaluate", ["--run", tmp_path / "no-run", "--json", taken]).exit_and_stderr_lines()
+    assert status == 2 and err == [f"hvdbert.evaluate: error: --json {taken} is a directory; name a file, "
+                                   f"e.g. --json {taken / 'results.json'}"], err
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # no results.tmp

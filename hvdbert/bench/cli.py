@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -121,6 +122,30 @@ def worker_main(args, dist: Distributed | None = None, system: str = "hvdbert") 
     return 0
 
 
+def terminated(signum, frame) -> None:
+    log.warning("hvdbert.bench: terminated (SIGTERM): ending the configuration running")
+    raise SystemExit(128 + signum)
+
+
+def check_variants(args, multi: list[int]) -> None:
+    """Every --vary value at every worker count it runs at, before anything runs: a bad one would
+    otherwise surface only after the configurations before it, and at 1 worker never (variants run
+    at more than 1 worker only)."""
+    for vary in args.vary:
+        key, values = vary.split("=", 1)
+        for value in values.split(","):
+            for workers in multi or args.worker_counts:
+                try:
+                    make_plan(load_recipe(args.recipe, bench_overrides(args.shape, workers, 1,
+                                                                       [*args.set, f"{key}={value}"], args.recipe)),
+                              workers)
+                except UsageError as error:  # named by the flag it came from, not the --set it became
+                    raise UsageError(f"--vary {vary}: {str(error).removeprefix(f'--set {key}={value}: ')}") from None
+        if not multi:
+            raise UsageError(f"--vary {vary}: variants run hvdbert at more than 1 worker, and --workers "
+                             f"{args.workers} has none; add one, e.g. --workers 1,2")
+
+
 @cli_entry("hvdbert.bench")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -136,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     for workers in args.worker_counts:
         make_plan(load_recipe(args.recipe, bench_overrides(args.shape, workers, 1, args.set, args.recipe)),
                   workers)
+    multi = [w for w in args.worker_counts if w > 1]
+    check_variants(args, multi)
     data = open_data(args.data, recipe, SingleProcess())  # prepared once, before any worker starts
     if args.find_max_batch:
         result = find_max_batch(recipe, data.directory, init_distributed(recipe.dist))
@@ -144,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return 0
 
-    multi = [w for w in args.worker_counts if w > 1]
     if multi and not horovod_available():
         log.warning("bench: Horovod is not installed: skipping hvdbert at %s workers", multi)
     configs = [Config("hvdbert", w, "hvdbert") for w in args.worker_counts if w == 1 or horovod_available()]
@@ -159,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
 
     output = args.output or Path("runs") / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     output.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a job's time limit, `kill`) as an exception: the configuration running ends with the
+    # benchmark (orchestrate.run_in_own_session) and the temporary directory goes
+    signal.signal(signal.SIGTERM, terminated)
     with tempfile.TemporaryDirectory(prefix="hvdbert-bench-") as workdir:
         for _ in range(args.repeats):  # interleaved: a noisy machine affects every configuration alike
             for config in configs:

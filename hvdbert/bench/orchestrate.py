@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -89,8 +90,7 @@ def run_config(config: Config, args, recipe: Recipe, data_dir: Path, workdir: Pa
     log.info("bench: %s ...", config.key)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    completed = subprocess.run(command, env=child_env(recipe.dist.threads_per_worker),
-                               capture_output=True, text=True)
+    completed = run_in_own_session(command, child_env(recipe.dist.threads_per_worker))
     if completed.returncode != 0 or not result.is_file():
         tail = (completed.stdout[-3000:] + completed.stderr[-3000:]).strip()
         raise RuntimeError(f"bench: {config.key} failed (exit {completed.returncode}): {' '.join(command)}\n{tail}")
@@ -100,6 +100,28 @@ def run_config(config: Config, args, recipe: Recipe, data_dir: Path, workdir: Pa
                   load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     log.info("bench: %s: %.2f seq/s, step %.3f s", config.key, record["seq_per_s"], record["step_seconds"])
     return record
+
+
+def run_in_own_session(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a configuration's processes (horovodrun or torch.distributed.run and their workers) in a
+    session of their own and, when the benchmark stops early (SIGTERM, Ctrl-C, an error), end the whole
+    session with it: killing the launcher alone would leave its workers running under init."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        for stop in (signal.SIGTERM, signal.SIGKILL):  # SIGTERM lets launchers end their workers first
+            try:
+                os.killpg(process.pid, stop)
+                process.wait(timeout=10)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def peer_spec(recipe: Recipe, args) -> dict:

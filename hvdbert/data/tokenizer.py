@@ -79,23 +79,31 @@ def _continuing_subwords(documents: Iterable[str], normalizer, pre_tokenizer) ->
     return ["##" + c for c in sorted(inside)]
 
 
-def load_tokenizer(directory: str | Path):
-    """Load a tokenizer directory (for example a downloaded bert-base-uncased) without any download."""
+def load_any_tokenizer(directory: str | Path,
+                       remedy: str = "pass a transformers tokenizer directory (tokenizer.json or vocab.txt)"):
+    """Load the tokenizer of a directory without any download, whatever its special tokens; `remedy`
+    ends the refusal of a directory without one. Where its files are missing, transformers would
+    build a vocabulary of the special tokens alone and read every word as [UNK]: refused."""
     from transformers import AutoTokenizer
 
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"tokenizer directory not found: {directory}")
     if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
-        raise UsageError(
-            f"{directory} is not a tokenizer directory: it has neither tokenizer.json nor vocab.txt"
-        )
+        raise UsageError(f"{directory} is not a tokenizer directory: it has neither tokenizer.json nor vocab.txt; "
+                         f"{remedy}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
     except Exception as error:  # a malformed file: the Rust parser raises a bare Exception, others KeyError
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"{directory}: cannot load the tokenizer ({type(error).__name__}: {first_line}); "
-                         "pass a transformers tokenizer directory (tokenizer.json or vocab.txt)") from None
+                         f"{remedy}") from None
+
+
+def load_tokenizer(directory: str | Path):
+    """Load a BERT-style tokenizer directory (for example a downloaded bert-base-uncased) without any
+    download."""
+    tokenizer = load_any_tokenizer(directory)
     missing = [t for t in ("[CLS]", "[SEP]", "[MASK]", "[PAD]") if tokenizer.convert_tokens_to_ids(t) is None
                or tokenizer.convert_tokens_to_ids(t) == tokenizer.unk_token_id]
     if missing:
