@@ -1,7 +1,9 @@
 """Shared test helpers: run hvdbert commands as real processes, plain or under horovodrun."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import logging
 import os
@@ -125,19 +127,20 @@ def run_main(module: str, args: list) -> int:
         torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def cli(capsys, hvdbert_env):
-    """run_main with what the command printed: for refusals and short single-process work, where no
-    process boundary is under test, without paying a fresh interpreter's torch + transformers import
-    (seconds per call). `cli("hvdbert.pretrain", [...])` returns an Outcome."""
-
-    def call(module: str, args: list) -> Outcome:
-        capsys.readouterr()
+def run_main_captured(module: str, args: list) -> Outcome:
+    """run_main, with what the command printed on stdout and stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         returncode = run_main(module, args)
-        captured = capsys.readouterr()
-        return Outcome(returncode, captured.out, captured.err)
+    return Outcome(returncode, stdout.getvalue(), stderr.getvalue())
 
-    return call
+
+@pytest.fixture
+def cli():
+    """Commands in this process, for refusals and short single-process work, where no process boundary
+    is under test, without paying a fresh interpreter's torch + transformers import (seconds per
+    call): `cli("hvdbert.pretrain", [...])` returns an Outcome (run_main_captured)."""
+    return run_main_captured
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO, read_metrics, run_module
+from conftest import FAST, REPO, read_metrics, run_main_captured, run_module
 from hvdbert import checkpoint
 from hvdbert.config import load_recipe
 from hvdbert.errors import UsageError
@@ -77,9 +77,9 @@ def test_base_shape_is_modernbert_base():
         hidden_size=768, num_hidden_layers=22, num_attention_heads=12, intermediate_size=1152, vocab_size=50368)
 
 
-def test_plan_cli_prints_any_worker_count_with_its_keys():
-    result = subprocess.run([sys.executable, "-m", "hvdbert.plan", "--recipe", str(BASE), "--workers", "16", "--json"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+def test_plan_cli_prints_any_worker_count_with_its_keys(cli):
+    result = cli("hvdbert.plan", ["--recipe", BASE, "--workers", "16", "--json"])
+    assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     for key in ("workers", "global_batch_size", "micro_batch_size", "accumulation_steps", "lr", "warmup_steps",
                 "max_steps", "max_seq_len", "max_predictions_per_seq", "scaling"):
@@ -104,9 +104,8 @@ def test_model_section_is_checked_against_the_family(overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_bad_model_key_on_the_command_line_is_one_line_exit_2():
-    result = subprocess.run([sys.executable, "-m", "hvdbert.plan", "--recipe", str(BASE), "--workers", "8",
-                             "--set", "model.sliding_window=64"], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_bad_model_key_on_the_command_line_is_one_line_exit_2(cli):
+    result = cli("hvdbert.plan", ["--recipe", BASE, "--workers", "8", "--set", "model.sliding_window=64"])
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown key model.sliding_window" in lines[0] and "model.local_attention" in lines[0]
@@ -192,9 +191,14 @@ def test_flops_count_geglu_sliding_windows_and_the_gathered_head():
 # Real runs
 
 
-def pretrain(run_dir: Path, env, np: int, launcher: str, extra=()):
-    return run_module("hvdbert.pretrain", ["--recipe", str(BASE), "--output", str(run_dir), *SHORT, *extra],
-                      env, np=np, launcher=launcher)
+def pretrain(run_dir: Path, env, np: int, launcher: str, extra=()) -> str:
+    """Trains; returns what the run printed on stderr (a plain run, np=1, runs in this process)."""
+    args = ["--recipe", str(BASE), "--output", str(run_dir), *SHORT, *extra]
+    if launcher == "plain":
+        outcome = run_main_captured("hvdbert.pretrain", args)
+        assert outcome.returncode == 0, outcome.stderr[-3000:]
+        return outcome.stderr
+    return run_module("hvdbert.pretrain", args, env, np=np, launcher=launcher).stderr
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -234,8 +238,8 @@ def copy_stopped_at(reference: Path, destination: Path, step: int) -> Path:
 def test_resume_reproduces_the_uninterrupted_run(runs, hvdbert_env, tmp_path, np, launcher, tolerance):
     """Stopped after step 4 of the 2-worker run; resumed on 2 workers (bit-identical) or on 1."""
     run_dir = copy_stopped_at(runs["np2"], tmp_path / "resumed", 4)
-    result = pretrain(run_dir, hvdbert_env, np, launcher, ["--resume", "auto"])
-    assert "resumed from" in result.stderr and "step 4" in result.stderr
+    stderr = pretrain(run_dir, hvdbert_env, np, launcher, ["--resume", "auto"])
+    assert "resumed from" in stderr and "step 4" in stderr
     expected, got = losses(runs["np2"]), losses(run_dir)
     assert list(got) == list(range(1, 9))
     differences = [abs(expected[s] - got[s]) for s in range(5, 9)]
@@ -244,10 +248,10 @@ def test_resume_reproduces_the_uninterrupted_run(runs, hvdbert_env, tmp_path, np
 
 
 @pytest.mark.multiprocess
-def test_export_loads_in_fill_mask_offline_with_the_checkpoints_logits(runs, hvdbert_env, tmp_path):
+def test_export_loads_in_fill_mask_offline_with_the_checkpoints_logits(runs, hvdbert_env, cli, tmp_path):
     env = {**hvdbert_env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     hf_dir = tmp_path / "hf"
-    result = run_module("hvdbert.export", ["--run", str(runs["np2"]), "--output", str(hf_dir)], env)
+    result = cli("hvdbert.export", ["--run", runs["np2"], "--output", hf_dir])
     assert "step 8" in result.stdout and "ModernBertForMaskedLM" in result.stdout
     script = (
         "import json, sys, torch\n"
