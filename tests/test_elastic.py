@@ -43,11 +43,9 @@ def logged_steps(run_dir: Path) -> int:
     return path.read_text().count("\n") if path.is_file() else 0
 
 
-def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env):
+def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env, finished_run):
     # Both "hosts" have a local rank 0, and each would prepare the embedded corpus into the shared
-    # cache at once: prepare it first with one short plain run.
-    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(tmp_path / "warm-up"), *FAST,
-                                    "--set", "train.max_steps=1"], hvdbert_env)
+    # cache at once: finished_run trained on it, so it is prepared already.
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost:1\n127.0.0.1:1\n")
     run_dir = tmp_path / "run"
@@ -104,9 +102,8 @@ def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env):
     print(f"elastic: {redone} steps logged twice (redone after the rollback); sample ids read per epoch {per_epoch}")
 
 
-def test_elastic_outside_an_elastic_launch_is_refused(tmp_path, hvdbert_env):
-    result = run_module("hvdbert.pretrain", ["--elastic", "--recipe", str(TINY), "--output", str(tmp_path / "run"),
-                                             *FAST], hvdbert_env, check=False)
+def test_elastic_outside_an_elastic_launch_is_refused(tmp_path, cli):
+    result = cli("hvdbert.pretrain", ["--elastic", "--recipe", TINY, "--output", tmp_path / "run", *FAST])
     assert result.returncode == 2 and "--elastic needs Horovod elastic" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
 

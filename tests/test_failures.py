@@ -91,18 +91,6 @@ def test_non_finite_losses_stop_with_a_diagnostic_checkpoint(tmp_path, hvdbert_e
     assert not list((run_dir / "checkpoints").glob("step-*"))  # --resume auto will not pick it
 
 
-def test_fp16_scaler_skipped_steps_are_counted(tmp_path, hvdbert_env):
-    run_dir = tmp_path / "run"
-    run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(run_dir), *FAST,
-                                    "--set", "train.log_every=1", "--set", "train.max_steps=6",
-                                    "--set", "train.precision=fp16"], hvdbert_env)
-    records = read_metrics(run_dir)
-    # GradScaler starts at 2**16 and backs off on overflow: the first steps of a fresh model skip.
-    assert all("scaler_skipped_steps" in r for r in records)
-    counts = [r["scaler_skipped_steps"] for r in records]
-    assert counts == sorted(counts) and counts[-1] >= 0
-
-
 def test_grad_scaler_skipped_steps_are_counted_and_leave_the_model_alone():
     """The fp16 bookkeeping of train_step with torch's CPU GradScaler: a scale so large that the
     scaled loss overflows makes the scaler skip the step."""
@@ -129,7 +117,9 @@ def test_grad_scaler_skipped_steps_are_counted_and_leave_the_model_alone():
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-STALL_SECONDS = 15  # dist.stall_timeout_seconds in the frozen-worker test
+# dist.stall_timeout_seconds in the frozen-worker test: far above a tiny step's collective waits (well
+# under a second here), short enough that three launchers cost little time
+STALL_SECONDS = 8
 
 
 @pytest.mark.parametrize("launcher", ["gloo", "mpi", "mpirun"])

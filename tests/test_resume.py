@@ -20,7 +20,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import BIN, FAST, REPO, TINY, read_metrics, run_module
+from conftest import BIN, FAST, REPO, TINY, read_metrics, run_main, run_module
 from hvdbert.checkpoint import step_dirs
 
 pytestmark = pytest.mark.multiprocess
@@ -93,7 +93,7 @@ def test_resume_reproduces_the_uninterrupted_run(reference, hvdbert_env, tmp_pat
 @pytest.fixture(scope="module")
 def resumed_on_one_worker(reference, hvdbert_env, tmp_path_factory) -> Path:
     run_dir = copy_stopped_at(reference, tmp_path_factory.mktemp("resume-np1") / "run", 4)
-    pretrain(run_dir, hvdbert_env, 1, "plain", ["--resume", "auto"])
+    assert run_main("hvdbert.pretrain", ["--recipe", TINY, "--output", run_dir, *RESUMABLE, "--resume", "auto"]) == 0
     return run_dir
 
 
