@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, REPO, TINY, run_module
+from conftest import FAST, REPO, TINY, run_main
 
 pytestmark = pytest.mark.multiprocess
 
@@ -21,8 +21,8 @@ PREPARE = ["--input", "builtin", "--vocab-size", "1000", "--seq-len", "64", "--d
 def two_datasets(tmp_path_factory, hvdbert_env):
     root = tmp_path_factory.mktemp("agreement-data")
     for name, documents in (("d1", "300"), ("d2", "301")):
-        run_module("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", documents, "--output", str(root / name)],
-                   hvdbert_env, timeout=300)
+        assert run_main("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", documents,
+                                            "--output", root / name]) == 0
     return root / "d1", root / "d2"
 
 
@@ -53,9 +53,8 @@ def test_ranks_that_disagree_stop_with_one_line(tmp_path, hvdbert_env, two_datas
     else:
         # a complete run on one data set, then a resume that only rank 0 is told about (rank 0 alone runs
         # the pre-flight, which would refuse a used run directory without --resume before any agreement)
-        run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--output", str(output), "--data", str(d1), *FAST,
-                                        "--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"],
-                   hvdbert_env)
+        assert run_main("hvdbert.pretrain", ["--recipe", TINY, "--output", output, "--data", d1, *FAST,
+                                             "--set", "train.max_steps=2", "--set", "checkpoint.every_steps=2"]) == 0
         first += ["--resume", "auto"]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) if output.exists() else []
     result = two_rank_job(first, second, hvdbert_env, output)

@@ -1,5 +1,5 @@
-"""Preparation is a function of the command and the input: byte-identical tokenizer, shards and
-manifest run to run, in processes with other hash seeds, and for any K ranks x N processes."""
+"""Preparation is a function of the command and the input: byte-identical tokenizer, shards, held-out
+split and manifests run to run, in processes with other hash seeds, and for any K ranks x N processes."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +10,12 @@ from pathlib import Path
 
 from conftest import REPO
 
+from hvdbert.data.corpus import builtin_documents
+from hvdbert.data.shards import Manifest, PreparedData
+from hvdbert.data.split import is_held_out
+
 ARGS = ["--input", "builtin", "--builtin-max-documents", "400", "--vocab-size", "1200", "--seq-len", "64",
-        "--documents-per-shard", "150"]
+        "--documents-per-shard", "150", "--validation-fraction", "0.1"]
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
@@ -42,3 +46,15 @@ def test_prepare_gives_the_same_bytes_whoever_prepares(tmp_path, hvdbert_env):
     assert len(tokenizer["model"]["vocab"]) == 1200
     assert [(t["id"], t["content"]) for t in tokenizer["added_tokens"]] == list(
         enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+
+    # The held-out split is by document, made at preparation (so the same for every preparer above).
+    first = tmp_path / "first"
+    assert any(name.startswith("validation/shard-") for name in reference)
+    train, held = Manifest.read(first), Manifest.read(first / "validation")
+    assert train.validation_dir == "validation" and train.validation_fraction == 0.1
+    assert train.num_documents + held.num_documents == 400  # every document on exactly one side
+    assert 0 < held.num_documents < 400 * 0.25
+    assert held.tokenizer_sha256 == train.tokenizer_sha256
+    assert len(PreparedData(first / "validation")) == held.num_sequences
+    # the held-out documents are those the content hash picks, whatever their position
+    assert sum(is_held_out(d, 0.1) for d in builtin_documents(400)) == held.num_documents

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, TINY, run_module
+from conftest import FAST, TINY
 from hvdbert.data.loader import BatchStream, StreamLayout, permute
 from hvdbert.data.masking import IGNORE_INDEX, MaskingRule, mask_tokens
 from hvdbert.data.shards import PreparedData
@@ -236,13 +236,12 @@ def test_a_shard_is_verified_by_one_rank_of_many(mlm_data):
 
 @pytest.mark.parametrize("how, expected", [("truncated", "is damaged (truncated or overwritten)"),
                                            ("inside-vocabulary", "is damaged: its sha256")])
-def test_pretrain_stops_with_one_line_naming_the_damaged_shard(mlm_data, tmp_path, hvdbert_env, how, expected):
+def test_pretrain_stops_with_one_line_naming_the_damaged_shard(mlm_data, tmp_path, cli, how, expected):
     shard = damaged_copy(mlm_data, tmp_path / "data", how)
     run_dir = tmp_path / "run"
     # 300 steps would finish with exit status 0 if the damage went unnoticed
-    result = run_module("hvdbert.pretrain", ["--recipe", str(TINY), "--data", str(tmp_path / "data"),
-                                             "--output", str(run_dir), *FAST, "--set", "train.max_steps=300"],
-                        hvdbert_env, check=False)
+    result = cli("hvdbert.pretrain", ["--recipe", TINY, "--data", tmp_path / "data", "--output", run_dir, *FAST,
+                                      "--set", "train.max_steps=300"])
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"hvdbert.pretrain: error: {shard} {expected}"), line
