@@ -35,6 +35,7 @@ def bench_rows(output) -> list[dict]:
     return json.loads((output / "bench.json").read_text())["rows"]
 
 
+@pytest.mark.multiprocess
 def test_json_has_the_contract_fields(bench_run):
     output, _ = bench_run
     top = json.loads((output.parent / "top.json").read_text())
@@ -47,6 +48,7 @@ def test_json_has_the_contract_fields(bench_run):
     assert round_["ratios"]["scaling_efficiency hvdbert x2"] == pytest.approx(top["scaling_efficiency"])
 
 
+@pytest.mark.multiprocess
 def test_every_row_is_positive_and_its_breakdown_sums_to_the_step(bench_run):
     output, _ = bench_run
     rows = bench_rows(output)
@@ -69,6 +71,7 @@ def test_every_row_is_positive_and_its_breakdown_sums_to_the_step(bench_run):
     assert single["scaling_efficiency"] == 1.0
 
 
+@pytest.mark.multiprocess
 def test_fp16_allreduce_halves_the_counted_bytes(bench_run):
     output, _ = bench_run
     rows = {(r["label"], r["workers"]): r for r in bench_rows(output)}
@@ -79,6 +82,7 @@ def test_fp16_allreduce_halves_the_counted_bytes(bench_run):
     assert rows[("hvdbert", 1)]["allreduce_payload_bytes_per_step"] == 0
 
 
+@pytest.mark.multiprocess
 def test_table_and_plot_are_written(bench_run):
     output, result = bench_run
     table = (output / "bench.md").read_text()
@@ -120,6 +124,7 @@ def test_find_max_batch_says_it_needs_a_gpu(cli):
     assert result.returncode == 2 and "CUDA" in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_ddp_peer_computes_hvdbert_losses_step_by_step(bench_run):
     """The DDP peer on hvdbert's model computes hvdbert's losses step by step: only the communication
     layer differs."""

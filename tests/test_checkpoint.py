@@ -178,7 +178,6 @@ def refused(run_dir: Path, cli, extra: list[str], expect: str) -> None:
     assert snapshot(run_dir) == before  # nothing written, nothing damaged
 
 
-@pytest.mark.multiprocess
 def test_bad_resume_input_exits_2_and_overwrites_nothing(finished_run, cli, tmp_path):
     assert [r["step"] for r in read_metrics(finished_run)] == [1, 2, 3, 4]
     refused(finished_run, cli, [], "already holds a run")
@@ -195,7 +194,6 @@ def test_bad_resume_input_exits_2_and_overwrites_nothing(finished_run, cli, tmp_
     assert not (fresh / "metrics.jsonl").exists()
 
 
-@pytest.mark.multiprocess
 def test_malicious_checkpoint_is_refused_by_resume(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -213,7 +211,6 @@ def test_malicious_checkpoint_is_refused_by_resume(finished_run, cli, tmp_path):
     assert abs(read_metrics(run_dir)[-1]["loss"] - reference[-1]["loss"]) <= 1e-6
 
 
-@pytest.mark.multiprocess
 def test_phase_two_starts_from_phase_one_weights_only(finished_run, cli, tmp_path):
     """checkpoint.init_from: weights (position embeddings grown 128 -> 256), fresh optimizer and schedule."""
     phase1 = finished_run / "checkpoints" / "step-4"
@@ -246,7 +243,6 @@ def resume(run_dir: Path, cli, *extra: str):
     return result
 
 
-@pytest.mark.multiprocess
 def test_a_damaged_last_checkpoint_is_replaced_by_the_resumed_run(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -262,7 +258,6 @@ def test_a_damaged_last_checkpoint_is_replaced_by_the_resumed_run(finished_run, 
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
 
 
-@pytest.mark.multiprocess
 def test_resuming_an_earlier_checkpoint_drops_the_later_history(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -281,7 +276,6 @@ def test_resuming_an_earlier_checkpoint_drops_the_later_history(finished_run, cl
     assert open_checkpoint(run_dir / "checkpoints" / "step-4").recipe["optim"]["lr"] == 0.001
 
 
-@pytest.mark.multiprocess
 def test_resume_auto_refuses_when_no_checkpoint_can_be_loaded(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -315,7 +309,6 @@ def test_prune_leaves_a_live_writers_partial_directory_alone(tmp_path):
     assert not at_work.exists()  # its writer is gone now
 
 
-@pytest.mark.multiprocess
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, hvdbert_env, cli):
     run_dir = tmp_path / "run"
     args = ["--recipe", str(TINY), "--output", str(run_dir), *FAST, "--set", "train.max_steps=100000",

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, Outcome, run_main_captured
 from hvdbert.config import load_recipe
 from hvdbert.errors import UsageError
 from hvdbert.plan import make_plan
@@ -16,9 +14,9 @@ from hvdbert.plan import make_plan
 RECIPES = REPO / "recipes"
 
 
-def plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hvdbert.plan", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+def plan_cli(*args: str) -> Outcome:
+    """hvdbert.plan in this process (the launchers' tests run it as a real process)."""
+    return run_main_captured("hvdbert.plan", list(args))
 
 
 def test_bert_large_phase1_at_8_workers_reproduces_nvidia():

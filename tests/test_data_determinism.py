@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 from hvdbert.data.corpus import builtin_documents
@@ -30,6 +32,7 @@ def prepare(output: Path, env: dict[str, str], hash_seed: str, launcher: list[st
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.multiprocess
 def test_prepare_gives_the_same_bytes_whoever_prepares(tmp_path, hvdbert_env):
     prepare(tmp_path / "first", hvdbert_env, "1")
     prepare(tmp_path / "again", hvdbert_env, "2")

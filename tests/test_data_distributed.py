@@ -24,6 +24,7 @@ def shard_digests(directory: Path) -> list[tuple[str, int, str]]:
     return [(s["file"], s["num_sequences"], s["sha256"]) for s in manifest.shards]
 
 
+@pytest.mark.multiprocess
 def test_mpirun_bad_input_fails_on_every_rank_and_writes_nothing(tmp_path, hvdbert_env):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n')
     result = run_module("hvdbert.prepare", ["--input", str(tmp_path / "a.jsonl"), "--vocab-size", "100",
@@ -36,6 +37,7 @@ def test_mpirun_bad_input_fails_on_every_rank_and_writes_nothing(tmp_path, hvdbe
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
 
 
+@pytest.mark.multiprocess
 def test_horovodrun_reads_every_sequence_once_per_epoch(tmp_path, hvdbert_env, tokenizer_dir):
     data = tmp_path / "data"
     assert run_main("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "120", "--tokenizer", tokenizer_dir,

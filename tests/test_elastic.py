@@ -21,8 +21,6 @@ import pytest
 from conftest import (BIN, FAST, REPO, TINY, assert_each_sample_once_per_epoch, committed_sample_ids, read_metrics,
                       run_module, uninterrupted_sample_ids)
 
-pytestmark = pytest.mark.multiprocess
-
 MAX_STEPS, GLOBAL_BATCH, COMMIT_EVERY = 40, 32, 5
 
 
@@ -43,6 +41,7 @@ def logged_steps(run_dir: Path) -> int:
     return path.read_text().count("\n") if path.is_file() else 0
 
 
+@pytest.mark.multiprocess
 def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env, finished_run):
     # Both "hosts" have a local rank 0, and each would prepare the embedded corpus into the shared
     # cache at once: finished_run trained on it, so it is prepared already.

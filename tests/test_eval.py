@@ -22,6 +22,7 @@ def data(held_out_data) -> Path:
     return held_out_data
 
 
+@pytest.mark.multiprocess
 def test_same_figure_for_one_and_two_workers_and_in_the_run(tmp_path, hvdbert_env, cli, data):
     run_dir = tmp_path / "run"
     result = run_module("hvdbert.pretrain", [*SHORT, "--data", str(data), "--output", str(run_dir),

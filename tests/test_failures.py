@@ -16,8 +16,6 @@ import torch
 
 from conftest import BIN, FAST, REPO, TINY, read_metrics, run_module
 
-pytestmark = pytest.mark.multiprocess
-
 
 def rank_pid(run_dir: Path, rank: int) -> int | None:
     for process in psutil.process_iter(["pid", "cmdline"]):
@@ -58,6 +56,7 @@ def signal_rank_1_and_time_the_exit(command: list[str], run_dir: Path, tmp_path:
             os.kill(victim, signal.SIGKILL)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher", ["gloo", "mpi"])
 def test_dead_rank_ends_the_job_non_zero_in_bounded_time(tmp_path, hvdbert_env, launcher):
     run_dir = tmp_path / "run"
@@ -72,6 +71,7 @@ def test_dead_rank_ends_the_job_non_zero_in_bounded_time(tmp_path, hvdbert_env, 
     assert rank_pid(run_dir, 0) is None  # rank 0 did not stay behind
 
 
+@pytest.mark.multiprocess
 def test_non_finite_losses_stop_with_a_diagnostic_checkpoint(tmp_path, hvdbert_env):
     # AdamW with lr 1e30 overflows the weights at the first step: every later loss is NaN.
     run_dir = tmp_path / "run"
@@ -122,6 +122,7 @@ def test_grad_scaler_skipped_steps_are_counted_and_leave_the_model_alone():
 STALL_SECONDS = 8
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher", ["gloo", "mpi", "mpirun"])
 def test_frozen_rank_ends_the_job_within_the_stall_bound(tmp_path, hvdbert_env, launcher):
     """A rank stopped with SIGSTOP (as a hung NFS mount or a paused VM would) never exits; Horovod's

@@ -662,7 +662,6 @@ exec "$@"
 """
 
 
-@pytest.mark.multiprocess
 def test_slurm_time_limit_then_requeue_resumes_the_run(stubs, tmp_path, hvdbert_env):
     add, env, stub_dir = stubs
     add("srun", LOCAL_SRUN)

@@ -3,7 +3,12 @@ masked-LM loss sits near 6 and the model predicts frequent tokens (MLM accuracy 
 bound it passes is one that the plateau does not."""
 from __future__ import annotations
 
-from conftest import FAST, TINY, read_metrics, run_module
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, REPO, TINY, read_metrics
 
 # Measured here with FAST's 1500 documents, the recipe's seed (42), one plain process, 300 steps
 # (mean over steps 291-300): the recipe (LAMB 1e-2) loss 5.555, MLM accuracy 0.138; the same recipe at
@@ -13,25 +18,38 @@ MAX_FINAL_LOSS = 5.75
 MIN_FINAL_MLM_ACCURACY = 0.10
 
 
-def final_record(tmp_path, hvdbert_env, *sets: str) -> dict:
-    run_dir = tmp_path / "run"
-    args = ["--recipe", str(TINY), "--output", str(run_dir), *FAST, "--set", "checkpoint.every_steps=1000"]
-    for value in sets:
-        args += ["--set", value]
-    run_module("hvdbert.pretrain", args, hvdbert_env, timeout=900)
-    final = read_metrics(run_dir)[-1]
-    assert final["step"] == 300
-    return final
+RATES = {"recipe": [], "three times": ["--set", "optim.lr=3e-2"]}
 
 
-def test_tiny_recipe_leaves_the_plateau_in_the_demos_steps(tmp_path, hvdbert_env):
-    final = final_record(tmp_path, hvdbert_env)
+@pytest.fixture(scope="module")
+def finals(tmp_path_factory, hvdbert_env, finished_run) -> dict[str, dict]:
+    """The last record of the demo's 300 steps at each of RATES. The two runs go side by side, one
+    thread each (the recipe's dist.threads_per_worker), one per core; finished_run has prepared the
+    corpus they share."""
+    root = tmp_path_factory.mktemp("learning")
+    runs = {}
+    for name, sets in RATES.items():
+        command = [sys.executable, "-m", "hvdbert.pretrain", "--recipe", str(TINY), "--output", str(root / name),
+                   *FAST, "--set", "checkpoint.every_steps=1000", *sets]
+        runs[name] = subprocess.Popen(command, cwd=REPO, env=hvdbert_env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True)
+    found = {}
+    for name, process in runs.items():
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+        found[name] = read_metrics(root / name)[-1]
+        assert found[name]["step"] == 300
+    return found
+
+
+def test_tiny_recipe_leaves_the_plateau_in_the_demos_steps(finals):
+    final = finals["recipe"]
     assert final["loss"] < MAX_FINAL_LOSS
     assert final["mlm_accuracy"] > MIN_FINAL_MLM_ACCURACY
 
 
-def test_a_rate_three_times_the_recipes_stays_on_the_plateau(tmp_path, hvdbert_env):
+def test_a_rate_three_times_the_recipes_stays_on_the_plateau(finals):
     # The bound above tells learning from the plateau: the same run at LAMB 3e-2 does not reach it.
-    final = final_record(tmp_path, hvdbert_env, "optim.lr=3e-2")
+    final = finals["three times"]
     assert final["loss"] > MAX_FINAL_LOSS
     assert final["mlm_accuracy"] < MIN_FINAL_MLM_ACCURACY
