@@ -27,16 +27,18 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Callable
 
 from hvdbert import families
 from hvdbert.errors import UsageError
 from hvdbert.files import file_sha256, fsync_path, write_failure
 from hvdbert.hooks import StepHook
+
+# torch and safetensors are imported where tensors are handled: the launchers' pre-flight
+# (`hvdbert.plan --output`, before any worker starts) reads only checkpoints' state files, and stays
+# a fraction of a second instead of the seconds torch's import takes.
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("hvdbert")
 
@@ -82,6 +84,9 @@ def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, 
     temporary = _scratch_name(directory, "partial")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
+    import torch
+    from safetensors.torch import save_file
+
     try:
         save_file(model_weights(model), str(temporary / WEIGHTS), metadata={"format": "pt"})
         # No RNG state: dropout is seeded per micro-batch from samples_seen and masks are a pure
@@ -187,6 +192,9 @@ class Checkpoint:
         return int(self.state["step"])
 
     def weights(self) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         try:
             return load_file(str(self.path / WEIGHTS))
         except (SafetensorError, OSError) as error:
@@ -194,6 +202,8 @@ class Checkpoint:
 
     def training(self) -> dict:
         """Optimizer and scaler state. weights_only=True: tensors and plain containers only."""
+        import torch
+
         try:
             return torch.load(self.path / TRAINING, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
@@ -332,6 +342,8 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     """Copy checkpoint weights into `model`. With extend_positions, a checkpoint with fewer position
     embeddings fills the first rows and the new rows keep their fresh initialisation (phase 2 at
     512 tokens from a phase 1 trained at 128)."""
+    import torch
+
     own = model.state_dict()
     for name, tensor in weights.items():
         if name not in own:
