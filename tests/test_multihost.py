@@ -31,7 +31,7 @@ pytestmark = pytest.mark.multiprocess
 
 HOSTS = ["host-a", "host-b", "host-c"]  # host-c joins the elastic test only
 STEPS = 8
-STALL_SECONDS = 20  # dist.stall_timeout_seconds in the fault tests
+STALL_SECONDS = 10  # dist.stall_timeout_seconds in the fault tests: far above a tiny step's waits
 FAULT_STEPS, FAULT_CHECKPOINT_EVERY = 40, 5
 
 
