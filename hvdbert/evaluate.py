@@ -39,6 +39,7 @@ from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.files import check_output_file
 from hvdbert.hooks import StepHook
 from hvdbert.model import STAT_NAMES, micro_batch_stats, named_stats, pretraining_loss
+from hvdbert.preflight import open_eval_data
 
 log = logging.getLogger("hvdbert")
 
@@ -142,39 +143,6 @@ class Evaluator(StepHook):
         # The figures of this train() call only: an elastic job's next call starts without any.
         figures, self.last = self.last, {}
         return {"eval": figures}
-
-
-def open_eval_data(eval_dir: Path | None, train_data: PreparedData, recipe: Recipe, where: str,
-                   trained_nsp: bool) -> PreparedData:
-    """The held-out data: `eval_dir`, else the training data's validation split; checked to share
-    the training data's tokenizer, to fit the model's positions, and to hold sentence pairs only for a
-    model trained on them (`trained_nsp`). `where` names the flag."""
-    if eval_dir is None:
-        manifest = train_data.manifest
-        if not manifest.validation_dir:
-            raise UsageError(
-                f"{train_data.directory} has no held-out split (its manifest lists no validation directory) "
-                f"and no {where} was given, but the recipe asks for evaluation (eval.every_steps = "
-                f"{recipe.eval.every_steps}, eval.at_end = {str(recipe.eval.at_end).lower()}); prepare the data "
-                f"with --validation-fraction 0.05, pass {where} DIR, or set eval.every_steps=0 and eval.at_end=false")
-        eval_dir = train_data.directory / manifest.validation_dir
-    data = PreparedData(eval_dir)
-    if data.manifest.tokenizer_sha256 != train_data.manifest.tokenizer_sha256:
-        raise UsageError(
-            f"{where} {eval_dir}: prepared with another tokenizer (sha256 {data.manifest.tokenizer_sha256[:12]}) "
-            f"than the model's data ({train_data.manifest.tokenizer_sha256[:12]}); prepare it with "
-            f"--tokenizer {train_data.tokenizer_dir}")
-    positions = recipe.model_field("max_position_embeddings")
-    if data.manifest.seq_len > positions:
-        raise UsageError(f"{where} {eval_dir}: sequences of {data.manifest.seq_len} tokens exceed "
-                         f"model.max_position_embeddings = {positions}; prepare it with --seq-len {positions}")
-    if data.has_nsp and not trained_nsp:
-        # Its next-sentence head never learned (and a second segment's token type was never seen): its
-        # NSP accuracy would be chance dressed up as a figure. --model refuses the same.
-        raise UsageError(f"{where} {eval_dir}: holds sentence pairs (--format nsp), but the model was trained "
-                         f"on {train_data.manifest.format} data without next-sentence prediction; evaluate it "
-                         "on data prepared with --format mlm")
-    return data
 
 
 def build_evaluator(eval_dir: Path | None, run) -> Evaluator | None:

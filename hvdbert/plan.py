@@ -1,6 +1,8 @@
 """Resolve a recipe's batch size, accumulation, learning rate and schedule for a worker count.
 
     python -m hvdbert.plan --recipe recipes/bert-large-phase1.toml --workers 8 [--json] [--set KEY=VALUE]
+    python -m hvdbert.plan --workers 8 -- PRETRAIN ARGS   (the launchers' pre-flight: also refuses what
+                                                           `hvdbert.pretrain PRETRAIN ARGS` would)
 
 Two batch rules (batch.scaling):
 - fixed-global: the global batch stays as written; each worker accumulates
@@ -200,8 +202,13 @@ def format_plan(plan: Plan) -> str:
 
 @cli_entry("hvdbert.plan")
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # `-- PRETRAIN ARGS`: the launchers' pre-flight hands over the training's command line as the
+    # workers will get it, read below by pretrain's own parser.
+    run_argv = argv[argv.index("--") + 1:] if "--" in argv else None
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = ArgumentParser(prog="python -m hvdbert.plan", description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", required=True, help="recipe TOML file")
+    parser.add_argument("--recipe", help="recipe TOML file (required unless given after --)")
     parser.add_argument("--workers", type=int, required=True, help="number of Horovod workers")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe key (repeatable)")
@@ -212,7 +219,20 @@ def main(argv: list[str] | None = None) -> int:
                                                     "use, not a finished run unless --resume)")
     parser.add_argument("--data", type=Path, help="also check pretrain's prepared data against the recipe")
     parser.add_argument("--resume", metavar="auto|CHECKPOINT_DIR", help="as pretrain's --resume")
+    parser.add_argument("--eval-data", type=Path, metavar="DIR", help="as pretrain's --eval-data")
     args = parser.parse_args(argv)
+    if run_argv is not None:
+        given = [flag for flag in ("recipe", "output", "data", "resume", "eval_data", "set") if getattr(args, flag)]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} given before `--`: after `--` comes pretrain's whole "
+                             "command line (--recipe, --set, --data, --output, --resume, --eval-data), once")
+        from hvdbert.preflight import pretrain_parser
+
+        run = pretrain_parser().parse_args(run_argv)  # what a worker would refuse, refused here
+        args.recipe, args.set, args.output, args.data = run.recipe, run.set, run.output, run.data
+        args.resume, args.eval_data = run.resume, run.eval_data
+    elif args.recipe is None:
+        parser.error("the following arguments are required: --recipe")
     recipe = load_recipe(args.recipe, args.set)
     plan = make_plan(recipe, args.workers)
     if plan.lr_warning:
@@ -220,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None:
         from hvdbert.preflight import preflight  # torch and the checkpoint reader: only when asked
 
-        preflight(recipe, args.output, args.data, args.resume)
+        preflight(recipe, args.output, args.data, args.resume, args.eval_data)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
     return 0
 

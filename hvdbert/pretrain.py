@@ -26,13 +26,13 @@ from hvdbert import checkpoint
 from hvdbert.agreement import check_agreement
 from hvdbert.config import load_recipe
 from hvdbert.dist import init_distributed
-from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
+from hvdbert.errors import UsageError, cli_entry, rank_zero_decides
 from hvdbert.evaluate import build_evaluator, summary_text
 from hvdbert.hooks import StepHook
 from hvdbert.launcher import elastic_launch, launcher_rank
 from hvdbert.metrics import setup_logging
 from hvdbert.model import count_parameters
-from hvdbert.preflight import preflight
+from hvdbert.preflight import preflight, pretrain_parser
 from hvdbert.run import Run, build_run
 from hvdbert.rundir import cut_sample_logs, open_sample_log, prepare_run_dir, resolved_recipe, train_once
 from hvdbert.runlock import LOCK_FILE, RankZeroLock
@@ -42,20 +42,7 @@ log = logging.getLogger("hvdbert")
 
 
 def parse_args(argv: list[str] | None):
-    parser = ArgumentParser(prog="python -m hvdbert.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", required=True, help="recipe TOML file (see recipes/)")
-    parser.add_argument("--data", type=Path, help="prepared data directory (default: embedded corpus)")
-    parser.add_argument("--output", required=True, type=Path, help="run directory")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a recipe key (repeatable)")
-    parser.add_argument("--resume", metavar="auto|CHECKPOINT_DIR",
-                        help="continue from the newest complete checkpoint in --output (auto; none yet: "
-                             "start from scratch) or from the given checkpoint directory")
-    parser.add_argument("--elastic", action="store_true",
-                        help="Horovod elastic training (horovodrun --min-np/--max-np --host-discovery-script)")
-    parser.add_argument("--eval-data", type=Path, metavar="DIR",
-                        help="held-out data for [eval] (default: the --data directory's validation split)")
-    return parser.parse_args(argv)
+    return pretrain_parser().parse_args(argv)  # the launchers' pre-flight reads them with it too
 
 
 def restore_on_rank0(args, run: Run) -> str:
@@ -107,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         # Rank 0 checks the run directory for all (when it refuses, the launcher stops the others);
         # a worker that joins an elastic run later would find the run directory in use by its own job.
         if launcher_rank() == 0 and not elastic_launch():
-            preflight(recipe, args.output, args.data, args.resume)
+            preflight(recipe, args.output, args.data, args.resume, args.eval_data)
         if elastic_launch() and not args.elastic:
             raise UsageError("started by horovodrun's elastic driver (--host-discovery-script) without "
                              "--elastic: add --elastic to the hvdbert.pretrain arguments (launch/multinode.sh "

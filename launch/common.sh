@@ -22,7 +22,7 @@ NP=${NP:-}
 passthrough=()    # arguments for hvdbert.pretrain that the launcher does not interpret
 consumed=0        # set by parse_common_option
 pretrain_cmd=()   # set by finish_settings: the training command
-plan_args=()      # set by finish_settings: the recipe, overrides, data, output and resume, for hvdbert.plan
+plan_args=()      # set by finish_settings: `-- PRETRAIN ARGS`, for hvdbert.plan --workers N
 
 die() { # die MESSAGE: one line on stderr, exit status 2 (bad input, as every hvdbert command)
     printf '%s: error: %s\n' "$(basename "$0")" "$*" >&2
@@ -88,30 +88,11 @@ finish_settings() {
     fi
     pretrain_cmd+=(--output "$OUTPUT" "${passthrough[@]}")
 
-    # hvdbert.plan sees the recipe as the training will: with the same --set overrides. Given the
-    # data, output and --resume too, it refuses what every worker would (a used or read-only
-    # --output, data that does not fit the recipe, a missing checkpoint) before any worker starts.
-    plan_args=(--recipe "$RECIPE")
-    local i=0 count=${#passthrough[@]} resume=()
-    while [ "$i" -lt "$count" ]; do
-        case ${passthrough[i]} in
-            --set|--resume)
-                if [ $((i + 1)) -lt "$count" ]; then
-                    case ${passthrough[i]} in
-                        --set) plan_args+=(--set "${passthrough[i + 1]}") ;;
-                        *) resume=(--resume "${passthrough[i + 1]}") ;;
-                    esac
-                fi
-                i=$((i + 2)) ;;
-            --set=*) plan_args+=("${passthrough[i]}"); i=$((i + 1)) ;;
-            --resume=*) resume=("${passthrough[i]}"); i=$((i + 1)) ;;
-            *) i=$((i + 1)) ;;
-        esac
-    done
-    if [ -n "$DATA" ]; then
-        plan_args+=(--data "$DATA")
-    fi
-    plan_args+=(--output "$OUTPUT" "${resume[@]}")
+    # hvdbert.plan's pre-flight reads the training's own command line (after `--`) with pretrain's
+    # parser: what every worker would refuse (a flag without its value, an unknown flag, a used or
+    # read-only --output, data or --eval-data that do not fit, a missing checkpoint) is refused before
+    # any worker starts. Only "$PYTHON -m hvdbert.pretrain" is left out.
+    plan_args=(-- "${pretrain_cmd[@]:3}")
 }
 
 # hostfile_to_hosts FILE [DEFAULT_SLOTS]: a hostfile -> host:N,host:N on stdout (a host that names
@@ -202,7 +183,7 @@ resolve_hosts() {
 
 # check_plan N...: fail fast, before any process starts, on what every worker would refuse: a
 # worker count that the recipe cannot use (it must divide the global batch), and the pre-flight of
-# the run's output, data and --resume (see finish_settings). `hvdbert.plan` prints one line naming
+# the training's whole command line (see finish_settings). `hvdbert.plan` prints one line naming
 # the problem and exits 2; so does the launcher then. An interpreter that cannot import hvdbert
 # gets one line saying how to point PYTHON at one that can.
 check_plan() {
@@ -211,7 +192,7 @@ check_plan() {
     for workers in "$@"; do
         case $checked in *" $workers "*) continue ;; esac
         status=0
-        errors=$("$PYTHON" -m hvdbert.plan "${plan_args[@]}" --workers "$workers" 2>&1 >/dev/null) || status=$?
+        errors=$("$PYTHON" -m hvdbert.plan --workers "$workers" "${plan_args[@]}" 2>&1 >/dev/null) || status=$?
         if [ "$status" -ne 0 ]; then
             case $errors in
                 *"No module named"*)  # an interpreter without hvdbert (or its packages) installed

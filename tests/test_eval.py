@@ -83,6 +83,10 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, cli, data, other_toke
     bare = tmp_path / "bare"  # the same tokenizer, no held-out split
     assert cli("hvdbert.prepare", [*PREPARE, "--builtin-max-documents", "60", "--tokenizer", data / "tokenizer",
                                    "--output", bare]).returncode == 0
+    # plan's pre-flight (--output, --data) refuses what pretrain refuses: no held-out split to evaluate on
+    checked = cli("hvdbert.plan", ["--recipe", TINY, "--workers", 2, "--output", tmp_path / "run", "--data", bare,
+                                   "--set", "eval.at_end=true"])
+    assert checked.returncode == 2 and "has no held-out split" in checked.stderr, checked.stderr
     other = other_tokenizer_data
     cases = [
         (["--data", str(bare), "--set", "eval.at_end=true"], "has no held-out split"),
@@ -94,6 +98,10 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, cli, data, other_toke
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
         assert not run_dir.exists()
+        # the launchers' form (plan -- PRETRAIN ARGS) refuses the same arguments in the same words
+        checked = cli("hvdbert.plan", ["--workers", 2, "--", *SHORT, "--output", run_dir, *extra])
+        assert checked.returncode == 2, checked.stderr
+        assert checked.stderr.strip() == lines[0].replace("hvdbert.pretrain:", "hvdbert.plan:", 1)
     # --eval-data with the same tokenizer is taken
     ok = tmp_path / "ok"
     assert cli("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", data, "--eval-data", bare,

@@ -316,8 +316,8 @@ def test_local_sh_builds_the_horovodrun_command(stubs):
         "--output", "runs/tiny", "--set", "train.max_steps=3", "--resume", "auto"]
     # The worker count was checked first, against the recipe with the same overrides.
     assert plan_calls(stub_dir) == [
-        "-m hvdbert.plan --recipe recipes/tiny.toml --set train.max_steps=3 --data /data/wiki --output runs/tiny "
-        "--resume auto --workers 2"]
+        "-m hvdbert.plan --workers 2 -- --recipe recipes/tiny.toml --data /data/wiki --output runs/tiny "
+        "--set train.max_steps=3 --resume auto"]
 
 
 def test_local_sh_flags_override_the_environment(stubs):
@@ -396,6 +396,26 @@ def test_pre_flight_refuses_what_every_worker_would_before_any_starts(stubs, tmp
     assert not (tmp_path / "new").exists()
 
 
+def test_pre_flight_reads_the_training_arguments_as_every_worker_would(stubs, tmp_path):
+    """The pre-flight gets the workers' whole command line and reads it with pretrain's parser: what
+    each worker would refuse stops the launcher, in one line, before horovodrun starts any."""
+    add, env, stub_dir = stubs
+    env["PYTHON"] = sys.executable  # the real hvdbert.plan and its pre-flight
+    add("horovodrun")
+    for args, message in [
+        (["--set"], "argument --set: expected one argument"),
+        (["--set", "train.max_steps=3", "--resume"], "argument --resume: expected one argument"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--set", "eval.at_end=true", "--eval-data", "/nonexistent"], "data directory not found: /nonexistent"),
+    ]:
+        result = run_launcher("local.sh", ["--output", str(tmp_path / "run"), *args], env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (args, result.stderr)
+        assert lines[0].startswith("hvdbert.plan: error: ") and message in lines[0], lines
+        assert not (stub_dir / "horovodrun.args").exists()  # no worker started
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_interpreter_without_hvdbert_gets_one_line_saying_how_to_fix_it(stubs, tmp_path):
     add, env, stub_dir = stubs
     add("horovodrun")
@@ -438,7 +458,7 @@ def test_multinode_sh_elastic_uses_the_discovery_script(stubs):
                         str(LAUNCH / "discover_hosts.sh"), "--max-np", "4", "--gloo"]
     assert args[-1] == "--elastic"  # hvdbert's elastic loop
     # Every worker count the elastic job may run with is checked against the recipe.
-    assert [call.split()[-1] for call in plan_calls(stub_dir)] == ["2", "4"]
+    assert [call.split()[3] for call in plan_calls(stub_dir)] == ["2", "4"]  # -m hvdbert.plan --workers N
 
 
 def test_mpirun_sh_passes_the_flags_nccl_jobs_need(stubs):
@@ -588,8 +608,8 @@ def test_slurm_container_runs_the_check_and_the_training_in_the_image(stubs):
     container = ("--container-image=/shared/hvdbert.sqsh --container-workdir=/opt/hvdbert "
                  "--container-mounts=/shared:/shared")
     assert check.startswith("--nodes=1 --ntasks=1 ") and container in check
-    assert check.endswith("python -m hvdbert.plan --recipe recipes/tiny.toml --output runs/tiny-4242 --resume auto "
-                          "--workers 2")
+    assert check.endswith("python -m hvdbert.plan --workers 2 -- --recipe recipes/tiny.toml --output runs/tiny-4242 "
+                          "--resume auto")
     assert container in train and "python -m hvdbert.pretrain --recipe recipes/tiny.toml" in train
     assert not (stub_dir / "python.calls").exists()  # nothing ran outside the image
 
