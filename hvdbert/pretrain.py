@@ -133,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         then every rank takes rank 0's state. Every rank calls it at the same point."""
         def restore_and_prepare() -> str:
             lock.take()  # before anything there is read: one run at a time
-            outcome = restore_on_rank0(args, run)
-            prepare_run_dir(args.output, resolved(), run.state.step if args.resume else None,
-                            dist.size if recipe.data.record_sample_ids else 0)
+            try:
+                outcome = restore_on_rank0(args, run)
+                prepare_run_dir(args.output, resolved(), run.state.step if args.resume else None,
+                                dist.size if recipe.data.record_sample_ids else 0)
+            except UsageError:
+                lock.abandon()  # refused: no run directory or lock file left behind that was not there
+                raise
             return outcome
 
         log.info("hvdbert: %s", rank_zero_decides(dist.rank, lambda v: dist.broadcast_object(v, name="startup"),

@@ -26,14 +26,25 @@ LOCK_FILE = "lock"
 class RunLock:
     """An open, locked RUN_DIR/lock (or, where the filesystem has no locks, an unlocked stand-in)."""
 
-    def __init__(self, path: Path, fd: int | None):
+    def __init__(self, path: Path, fd: int | None, created: tuple[Path, ...] = ()):
         self.path = path
         self._fd = fd
+        self.created = created  # what taking the lock made: the lock file and directories, innermost first
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+    def abandon(self) -> None:
+        """Release, and remove what taking the lock created (while still holding it): a run refused
+        after locking (a checkpoint that does not fit) leaves its --output as it found it."""
+        for path in self.created:
+            try:
+                path.rmdir() if path.is_dir() else path.unlink()
+            except OSError:
+                break  # something else was put there meanwhile: it stays, and so do its parents
+        self.release()
 
 
 def holder_of(path: Path) -> str:
@@ -53,8 +64,11 @@ def lock_run_dir(run_dir: Path, wait_seconds: float = 0.0) -> RunLock:
     wait_seconds: how long to wait for a holder that is expected to go away (an elastic job's
     previous rank 0, on a host that left the job)."""
     run_dir = Path(run_dir)
+    created = [path for path in (run_dir, *run_dir.parents) if not os.path.lexists(path)]
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
+    if not os.path.lexists(path):
+        created.insert(0, path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_seconds
     while True:
@@ -71,11 +85,11 @@ def lock_run_dir(run_dir: Path, wait_seconds: float = 0.0) -> RunLock:
             # Some network filesystems (Lustre mounted without -o flock) have no locks at all.
             log.warning("hvdbert: cannot lock %s (%s): make sure no other run uses this directory",
                         path, error.strerror)
-            return RunLock(path, None)
+            return RunLock(path, None, tuple(created))
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
-    return RunLock(path, fd)
+    return RunLock(path, fd, tuple(created))
 
 
 def check_free(run_dir: Path) -> None:
@@ -114,4 +128,10 @@ class RankZeroLock:
     def release(self) -> None:
         if self._held is not None:
             self._held.release()
+            self._held = None
+
+    def abandon(self) -> None:
+        """Release, leaving the run directory as it was before take() (RunLock.abandon)."""
+        if self._held is not None:
+            self._held.abandon()
             self._held = None

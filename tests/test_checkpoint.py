@@ -194,6 +194,24 @@ def test_bad_resume_input_exits_2_and_overwrites_nothing(finished_run, cli, tmp_
     assert not (fresh / "metrics.jsonl").exists()
 
 
+def test_a_refused_checkpoint_leaves_no_run_directory_and_no_lock(finished_run, cli, tmp_path):
+    """The checkpoint is checked under the run directory's lock; when it does not fit, what taking the
+    lock created (the directory, its parents, the lock file) goes again."""
+    step4 = finished_run / "checkpoints" / "step-4"
+    new = tmp_path / "new" / "run"
+    result = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", new, *SHORT, "--resume", step4,
+                                      "--set", "model.hidden_size=64", "--set", "model.intermediate_size=256"])
+    assert result.returncode == 2 and "model.hidden_size = 128 there, 64 here" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "phase2"  # made by hand beforehand: it stays, empty
+    empty.mkdir()
+    data_dir = json.loads((finished_run / "recipe.json").read_text())["data_dir"]
+    result = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", empty, *SHORT, "--data", data_dir,
+                                      "--set", f"checkpoint.init_from={step4}", "--set", "model.vocab_size=4100"])
+    assert result.returncode == 2 and "model.vocab_size = 4096 there, 4100 here" in result.stderr, result.stderr
+    assert list(empty.iterdir()) == []
+
+
 def test_malicious_checkpoint_is_refused_by_resume(finished_run, cli, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
