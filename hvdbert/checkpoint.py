@@ -165,14 +165,15 @@ def prune(run_dir: Path, keep: int) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def discard_later(run_dir: Path, step: int) -> list[Path]:
-    """Remove the checkpoints after `step` when a run resumes at `step`: they belong to the history
-    the resume replaces (or were skipped as damaged), and a later `--resume auto` must not pick one
-    of them over the new history's own checkpoints."""
+def discard_later(run_dir: Path, step: int, replaced_by: str = "this resume") -> list[Path]:
+    """Remove the checkpoints after `step` when a run goes on from `step` (a resume, an elastic
+    rollback to its last commit): they belong to the history that is replaced (or were skipped as
+    damaged). A later `--resume auto` must not pick one of them over the new history's own, and a
+    redone step must not take one for its own: it has the same step and position (holds_state)."""
     later = [path for n, path in step_dirs(run_dir) if n > step]
     for path in later:
-        log.warning("hvdbert: removing %s: it comes after the resumed step %d, from the history this "
-                    "resume replaces", path, step)
+        log.warning("hvdbert: removing %s: it comes after step %d, from the history %s replaces",
+                    path, step, replaced_by)
         shutil.rmtree(path)
     return later
 

@@ -237,6 +237,10 @@ def run_elastic(run: Run, run_dir: Path, checkpointer, stop, evaluator, agree, s
             if dist.rank == 0 and not had_lock:
                 log.info("hvdbert: rank 0 is now pid %d on %s; it holds %s", os.getpid(), socket.gethostname(),
                          run_dir / LOCK_FILE)
+            if dist.rank == 0:  # under the lock: the previous rank 0 may have been saving until now
+                # Checkpoints after the commit (one written when commit_every does not divide
+                # checkpoint.every_steps) hold the lost steps; the redone steps write their own.
+                checkpoint.discard_later(run_dir, state.step, "the elastic rollback to the last commit")
         if recipe.data.record_sample_ids:
             # Steps after the last commit are done again: the logs are cut back to it, so that they
             # hold the history that counts (line k: step k + 1), as after a resume.

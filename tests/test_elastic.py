@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -115,3 +116,63 @@ def test_an_elastic_launch_without_elastic_is_refused(tmp_path, hvdbert_env):
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "without --elastic: add --elastic" in last, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+class WorkerLost(Exception):
+    """What Horovod elastic raises in the survivors when a worker is lost."""
+
+
+class OneRollback:
+    """hvd.elastic's contract in one process (dist.HorovodDistributed.elastic_run): `commit()` records
+    the counters; a lost worker (here: right after the checkpoint `lost_after` is written, before the
+    next commit) sends them back to the last commit, `on_reset` runs, and fn runs again. The model is
+    not rolled back: the redone steps' weights differ from the lost ones', as after a real reset the
+    survivors' sums (another worker count) do."""
+
+    def __init__(self, lost_after: Path):
+        from hvdbert.dist import SingleProcess
+
+        self.dist = type("ElasticSingleProcess", (SingleProcess,), {"elastic": True, "barrier": self.barrier})()
+        self.lost_after, self.lost = lost_after, False
+        self.dist.elastic_run = self.elastic_run
+
+    def barrier(self, bounded: bool = True) -> None:  # the checkpointer's wait for rank 0's save
+        if not self.lost and self.lost_after.is_dir():
+            self.lost = True
+            self.lost_checkpoint = (self.lost_after / "state.json").read_text()
+            raise WorkerLost()
+
+    def elastic_run(self, fn, state_objects: dict, on_reset, before_sync=None):
+        class State(types.SimpleNamespace):
+            def commit(self) -> None:
+                self.committed = (self.step, self.samples_seen, self.started)
+
+        state = State(**state_objects)
+        while True:
+            if before_sync is not None:
+                before_sync()
+            try:
+                return fn(state)
+            except WorkerLost:
+                state.step, state.samples_seen, state.started = state.committed
+                on_reset()
+
+
+def test_a_checkpoint_after_the_last_commit_goes_with_the_rollback(tmp_path, cli, held_out_data, monkeypatch):
+    """commit_every = 4 does not divide checkpoint.every_steps = 3: the checkpoint of step 6 is written
+    after the commit of step 4. A worker lost then rolls the job back to step 4, and the redone step 6
+    must write its own checkpoint: the lost one has the same step and position, so it would pass for
+    the redone one (and `--resume auto` would continue the lost history)."""
+    import hvdbert.pretrain
+
+    run_dir = tmp_path / "run"
+    rollback = OneRollback(run_dir / "checkpoints" / "step-6")
+    monkeypatch.setattr(hvdbert.pretrain, "elastic_launch", lambda: True)
+    monkeypatch.setattr(hvdbert.pretrain, "init_distributed", lambda cfg: rollback.dist)
+    result = cli("hvdbert.pretrain", ["--elastic", "--recipe", TINY, "--data", held_out_data, "--output", run_dir,
+                                      *FAST, "--set", "train.max_steps=8", "--set", "train.log_every=1",
+                                      "--set", "elastic.commit_every=4", "--set", "checkpoint.every_steps=3",
+                                      "--set", "checkpoint.keep=10"])
+    assert result.returncode == 0 and rollback.lost, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # 5 and 6 redone
+    assert (run_dir / "checkpoints" / "step-6" / "state.json").read_text() != rollback.lost_checkpoint
