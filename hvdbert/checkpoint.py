@@ -153,15 +153,19 @@ def _writer_is_gone(name: str) -> bool:
     return False
 
 
-def prune(run_dir: Path, keep: int) -> None:
+def prune(run_dir: Path, keep: int, sole_writer: bool = False) -> None:
     """Keep the newest `keep` checkpoints, and drop the scratch directories of writers that are gone
-    (never those of a writer still at work: another run on this directory must not lose its save)."""
+    (never those of a writer still at work: another run on this directory must not lose its save).
+    sole_writer: the caller holds RUN_DIR/lock, so no other writer is at work on any host and every
+    scratch directory (its own failed saves, another host's, an elastic job's previous rank 0's) is
+    a leftover."""
     for _, path in step_dirs(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for path in root.iterdir():
-            if path.is_dir() and _writer_is_gone(path.name):
+            leftover = SCRATCH_DIR.match(path.name) if sole_writer else _writer_is_gone(path.name)
+            if path.is_dir() and leftover:
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -411,9 +415,10 @@ class Checkpointer(StepHook):
     step, or a stop request), and a diagnostic one when training diverges; rank 0 writes, every rank
     waits for it (so no rank exits, or is preempted, before the checkpoint is complete)."""
 
-    def __init__(self, run, run_dir: Path, resolved_recipe: dict):
+    def __init__(self, run, run_dir: Path, resolved_recipe: dict, lock=None):
         self.run = run  # hvdbert.run.Run: model, optimizer, precision, plan, the distributed layer
         self.run_dir = Path(run_dir)
+        self.lock = lock  # runlock.RankZeroLock: while it is exclusive, no one else writes checkpoints here
         self.every_steps = run.recipe.checkpoint.every_steps
         self.keep = run.recipe.checkpoint.keep
         # rundir.resolved_recipe(run); its plan is replaced by the run's current one at each save
@@ -449,7 +454,7 @@ class Checkpointer(StepHook):
                 write_checkpoint(directory, run.model, run.optimizer, run.precision.scaler,
                                  self._progress(state, "regular"),
                                  {**self.resolved_recipe, "plan": run.plan.to_dict()})
-                prune(self.run_dir, self.keep)
+                prune(self.run_dir, self.keep, sole_writer=self.lock is not None and self.lock.exclusive)
                 log.info("hvdbert: checkpoint %s (%d samples seen)", directory, state.samples_seen)
         run.dist.barrier()  # every rank waits: none exits (or is preempted) before the save is complete
         return directory

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                  plan.accumulation_steps, plan.max_steps, plan.lr_derivation, run.data.directory, len(run.data))
 
     stop = checkpoint.StopRequest()  # installed when training is about to start
-    checkpointer = checkpoint.Checkpointer(run, args.output, resolved())
+    checkpointer = checkpoint.Checkpointer(run, args.output, resolved(), lock)
     try:
         if args.elastic:
             stop.install()

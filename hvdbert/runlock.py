@@ -31,6 +31,11 @@ class RunLock:
         self._fd = fd
         self.created = created  # what taking the lock made: the lock file and directories, innermost first
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether the flock is held (False for the unlocked stand-in on a filesystem without locks)."""
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
@@ -120,6 +125,11 @@ class RankZeroLock:
     @property
     def held(self) -> bool:
         return self._held is not None
+
+    @property
+    def exclusive(self) -> bool:
+        """Held with a real flock: no other process, on any host, writes in the run directory."""
+        return self._held is not None and self._held.exclusive
 
     def take(self, wait_seconds: float = 0.0) -> None:
         if self._held is None:

@@ -327,6 +327,21 @@ def test_prune_leaves_a_live_writers_partial_directory_alone(tmp_path):
     assert not at_work.exists()  # its writer is gone now
 
 
+def test_the_run_that_holds_the_lock_prunes_other_hosts_partial_directories(finished_run, cli, tmp_path):
+    """Only the run holding RUN_DIR/lock writes checkpoints there, so a scratch directory of another
+    host (its writer lost with its host, or an elastic job's previous rank 0) has no writer at work."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    leftovers = [run_dir / "checkpoints" / f".step-{n}.{kind}-other-host-4242" for n, kind in ((5, "partial"),
+                                                                                                (4, "replaced"))]
+    for path in leftovers:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+    resume(run_dir, cli, "--resume", "auto", "--set", "train.max_steps=6")
+    assert [s for s, _ in checkpoint.step_dirs(run_dir)] == [2, 4, 6]
+    assert not any(path.exists() for path in leftovers)
+
+
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, hvdbert_env, cli):
     run_dir = tmp_path / "run"
     args = ["--recipe", str(TINY), "--output", str(run_dir), *FAST, "--set", "train.max_steps=100000",
