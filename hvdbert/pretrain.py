@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # before Horovod starts: bad input fails fast, alike on every rank
         recipe = load_recipe(args.recipe, args.set)
-        # Rank 0 checks the run directory for all (when it refuses, the launcher stops the others);
-        # a worker that joins an elastic run later would find the run directory in use by its own job.
+        # Rank 0 checks the run directory for all (when it refuses, the launcher stops the others).
+        # Under elastic a worker that joins later would find the run directory in use by its own job,
+        # and nothing here tells it from the first workers: they run it in start() instead.
         if launcher_rank() == 0 and not elastic_launch():
             preflight(recipe, args.output, args.data, args.resume, args.eval_data)
         if elastic_launch() and not args.elastic:
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         """Rank 0 locks the run directory, restores (or keeps the random start) and prepares it;
         then every rank takes rank 0's state. Every rank calls it at the same point."""
         def restore_and_prepare() -> str:
+            if args.elastic:  # run once, by the job's first workers: main() could not tell them from joiners
+                preflight(recipe, args.output, args.data, args.resume, args.eval_data)
             lock.take()  # before anything there is read: one run at a time
             try:
                 outcome = restore_on_rank0(args, run)

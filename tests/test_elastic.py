@@ -176,3 +176,20 @@ def test_a_checkpoint_after_the_last_commit_goes_with_the_rollback(tmp_path, cli
     assert result.returncode == 0 and rollback.lost, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # 5 and 6 redone
     assert (run_dir / "checkpoints" / "step-6" / "state.json").read_text() != rollback.lost_checkpoint
+
+
+def test_the_first_elastic_workers_run_the_pre_flight(tmp_path, cli, held_out_data, monkeypatch):
+    """Under elastic the pre-flight cannot run before Horovod starts (a worker that joins later would
+    find the run directory in use by its own job): the job's first workers run it in their start."""
+    import hvdbert.pretrain
+
+    never = OneRollback(tmp_path / "never")  # no worker is lost
+    monkeypatch.setattr(hvdbert.pretrain, "elastic_launch", lambda: True)
+    monkeypatch.setattr(hvdbert.pretrain, "init_distributed", lambda cfg: never.dist)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept\n")
+    result = cli("hvdbert.pretrain", ["--elastic", "--recipe", TINY, "--data", held_out_data, "--output", a_file,
+                                      *FAST, "--set", "train.max_steps=2"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "is a file, not a directory" in lines[-1], result.stderr[-2000:]
+    assert a_file.read_text() == "kept\n"
