@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         """Rank 0 locks the run directory, restores (or keeps the random start) and prepares it;
         then every rank takes rank 0's state. Every rank calls it at the same point."""
         def restore_and_prepare() -> str:
-            if args.elastic:  # run once, by the job's first workers: main() could not tell them from joiners
+            # Under elastic, by the job's first workers (main() could not tell them from joiners); not
+            # again when a worker lost before the first commit brings them back here, lock in hand.
+            if args.elastic and not lock.held:
                 preflight(recipe, args.output, args.data, args.resume, args.eval_data)
             lock.take()  # before anything there is read: one run at a time
             try:
