@@ -356,7 +356,7 @@ def test_killed_prepare_leaves_nothing_that_looks_valid(tmp_path, hvdbert_env, t
     import time
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(("\n".join(english_documents(100)) + "\n") * 300, encoding="utf-8")  # 30,000 documents
+    corpus.write_text(("\n".join(english_documents(100)) + "\n") * 100, encoding="utf-8")  # 10,000 documents
     argv = [sys.executable, "-m", "hvdbert.prepare", "--input", str(corpus), "--tokenizer", str(tokenizer_dir),
             "--seq-len", "32", "--text-documents", "lines", "--documents-per-shard", "100",
             "--output", str(tmp_path / "out")]
@@ -372,7 +372,7 @@ def test_killed_prepare_leaves_nothing_that_looks_valid(tmp_path, hvdbert_env, t
     # the same command again completes, and the leftover does not get in its way
     subprocess.run(argv[:-1] + [str(tmp_path / "out")], env=hvdbert_env, check=True, capture_output=True,
                    timeout=300)
-    assert Manifest.read(tmp_path / "out").num_documents == 30_000
+    assert Manifest.read(tmp_path / "out").num_documents == 10_000
 
 
 def test_publish_refuses_a_directory_another_process_filled(tmp_path):
