@@ -177,7 +177,7 @@ def test_time_to_quality_end_to_end(hvdbert_env, held_out_data, tmp_path):
         assert all(math.isfinite(r["eval_loss"]) and 0 <= r["eval_mlm_accuracy"] <= 1 for r in curve)
         assert all(r["eval_sequences"] == 32 for r in curve)
     # the same held-out tokens and masks for every model
-    assert len({r["eval_unigram_entropy"] for r in rows}) == 1
+    assert len({r["eval_unigram_cross_entropy"] for r in rows}) == 1
 
     summary = json.loads((output / "summary.json").read_text())
     trainer_final = curves["trainer"][-1]
@@ -207,6 +207,7 @@ def test_time_to_quality_end_to_end(hvdbert_env, held_out_data, tmp_path):
                                     "--json", str(tmp_path / "again.json")], hvdbert_env, timeout=200)
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["eval_loss"] == pytest.approx(trainer_final["eval_loss"], rel=1e-6)
+    assert again["eval_unigram_cross_entropy"] == pytest.approx(trainer_final["eval_unigram_cross_entropy"])
 
 
 def test_cpu_to_reach_interpolates_between_saves():
