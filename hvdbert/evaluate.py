@@ -47,6 +47,7 @@ from hvdbert.model import STAT_NAMES, micro_batch_stats, named_stats, pretrainin
 
 log = logging.getLogger("hvdbert")
 
+
 def unigram_cross_entropy(train_counts: np.ndarray, labels: np.ndarray, unpredicted_ids) -> float:
     """Mean negative log-probability (nats) of `labels` under the training data's unigram frequencies:
     the held-out loss of a predictor that ignores the context and says what the training text says
