@@ -111,6 +111,16 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, cli, data, other_toke
     assert json.loads((ok / "recipe.json").read_text())["eval_data_dir"] == str(bare)
 
 
+def without_token_counts(data: Path, copy: Path) -> Path:
+    """A copy of `data` as prepare wrote it before it stored the training token counts."""
+    shutil.copytree(data, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["token_counts_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "token_counts.npy").unlink()
+    return copy
+
+
 def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, cli, data, other_tokenizer_data):
     """--model HF_DIR (a Trainer checkpoint, an export) is evaluated on the same sequences and masks as
     the checkpoint it came from: the figure is the same, whatever micro-batch each path cuts."""
@@ -135,13 +145,8 @@ def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, cl
 
     # No training counts: held-out data that is no prepared data's split, or data prepared before
     # prepare stored them. One warning line, no baseline, the model's figures all the same.
-    loose, old = tmp_path / "loose", tmp_path / "old"
+    loose, old = tmp_path / "loose", without_token_counts(data, tmp_path / "old")
     shutil.copytree(data / "validation", loose)
-    shutil.copytree(data, old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["token_counts_sha256"]
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    (old / "token_counts.npy").unlink()
     for held_out, why in ((loose, f"--data {loose} is not the validation split of prepared data"),
                           (old / "validation", f"{old} was prepared before hvdbert stored the training data's token counts")):
         result = cli("hvdbert.evaluate", ["--model", exported, "--data", held_out, *sets, "--json", tmp_path / "none.json"])
@@ -237,6 +242,19 @@ def test_prepare_counts_the_training_tokens(tmp_path, data):
     (damaged / "token_counts.npy").write_bytes(bytes(raw))
     with pytest.raises(UsageError, match="token_counts.npy is damaged"):
         PreparedData(damaged).token_counts()
+
+
+def test_a_run_on_data_prepared_without_token_counts_warns_once_and_reports_no_baseline(tmp_path, cli, data):
+    old = without_token_counts(data, tmp_path / "old")
+    result = cli("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", old, "--output", tmp_path / "run",
+                                      "--set", "eval.at_end=true", "--set", "eval.max_sequences=16"])
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "no unigram baseline" in line]
+    assert warnings == [f"hvdbert: {old} was prepared before hvdbert stored the training data's token counts: no "
+                        "unigram baseline (eval_unigram_cross_entropy); prepare the data again to get one"]
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["eval_sequences"] == 16 and "eval_unigram_cross_entropy" not in last
+    assert "held-out loss" in result.stdout and "training-unigram" not in result.stdout
 
 
 def test_a_json_path_that_is_a_directory_is_refused_before_any_work(tmp_path, cli):
