@@ -90,7 +90,8 @@ def train_once(args: argparse.Namespace, run: dict, workdir: Path) -> dict:
         "final_mlm_accuracy": last["mlm_accuracy"],
         "eval_loss": last["eval_loss"],
         "eval_mlm_accuracy": last["eval_mlm_accuracy"],
-        "eval_unigram_entropy": last["eval_unigram_entropy"],
+        # absent when the data was prepared before hvdbert stored its training token counts
+        "eval_unigram_cross_entropy": last.get("eval_unigram_cross_entropy"),
         "seconds": round(seconds, 1),
         "curve": [[r["step"], round(r["loss"], 4), round(r["mlm_accuracy"], 4)] for r in records],
         "command": " ".join(command[1:]),
@@ -119,8 +120,10 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {optimizer} | {lr} | {len(group)} | {spread([r['final_loss'] for r in group])} | "
                      f"{spread([r['final_mlm_accuracy'] for r in group])} | {spread([r['eval_loss'] for r in group])} | "
                      f"{spread([r['eval_mlm_accuracy'] for r in group])} |")
-    entropy = results[0]["eval_unigram_entropy"] if results else float("nan")
-    lines += ["", f"Unigram entropy of the held-out masked tokens: {entropy:.4f} (a model that ignores the context)."]
+    baseline = results[0].get("eval_unigram_cross_entropy") if results else None
+    if baseline is not None:
+        lines += ["", f"Held-out loss of a predictor of the training data's token frequencies: {baseline:.4f} "
+                      "(a model that ignores the context)."]
     return "\n".join(lines) + "\n"
 
 

@@ -372,8 +372,9 @@ class Evaluator:
         from hvdbert.evaluate import HeldOut
         from hvdbert.state import Precision
 
-        manifest_dir = PreparedData(data_dir).manifest.validation_dir
-        self.held_out = HeldOut(PreparedData(data_dir / manifest_dir), recipe.eval, recipe.batch.micro_batch_size)
+        train_data = PreparedData(data_dir)
+        self.held_out = HeldOut(PreparedData(data_dir / train_data.manifest.validation_dir), recipe.eval,
+                                recipe.batch.micro_batch_size, train_data.token_counts())
         self.device = torch.device("cpu")
         self.autocast = Precision.create(recipe.train.precision, self.device).autocast
         self.dist = SingleProcess()
@@ -404,6 +405,14 @@ def saved_model(system: str, run_dir: Path, step: int) -> Path:
         f"step-{step}" if system == "hvdbert" else f"checkpoint-{step}")
 
 
+def baseline_sentence(row: dict) -> str:
+    """What the report says of the unigram baseline of `row`'s held-out tokens."""
+    if "eval_unigram_cross_entropy" not in row:
+        return "no unigram baseline (the data was prepared before hvdbert stored its training token counts)."
+    return (f"a predictor of the training data's token frequencies (no context) reaches "
+            f"{row['eval_unigram_cross_entropy']:.4f} on them: a loss below it has learned from the context.")
+
+
 def evaluate_run(run: RunSpec, run_dir: Path, evaluator: Evaluator) -> list[dict]:
     """One row per save of `run` (cached in RUN_DIR/eval.jsonl)."""
     cache = run_dir / "eval.jsonl"
@@ -414,7 +423,8 @@ def evaluate_run(run: RunSpec, run_dir: Path, evaluator: Evaluator) -> list[dict
             figures = evaluator(run.system, saved_model(run.system, run_dir, clock["step"]))
             done[clock["step"]] = {"system": run.system, "optimizer": run.optimizer, "lr": run.lr, **clock,
                                    **{k: figures[k] for k in ("eval_loss", "eval_mlm_accuracy", "eval_perplexity",
-                                                              "eval_sequences", "eval_unigram_entropy")}}
+                                                              "eval_sequences", "eval_unigram_cross_entropy")
+                                      if k in figures}}  # no baseline: data prepared without token counts
             with open(cache, "a", encoding="utf-8") as out:
                 out.write(json.dumps(done[clock["step"]]) + "\n")
         rows.append(done[clock["step"]])
@@ -546,8 +556,7 @@ def report(args, recipe, curves: dict[RunSpec, list[dict]], top: dict, probes: l
         f"({args.steps * args.global_batch_size:,} sequences) per run, one process with "
         f"{recipe.dist.threads_per_worker} thread(s) each, a save every {args.save_every} steps. Held-out: "
         f"{any_row['eval_sequences']} sequences of {args.data}/validation, 15% masked with eval.seed "
-        f"{recipe.eval.seed}; unigram entropy of the masked tokens {any_row['eval_unigram_entropy']:.4f} "
-        "(a loss near it has learned no context).", "",
+        f"{recipe.eval.seed}; {baseline_sentence(any_row)}", "",
         f"## The sweep: final held-out loss at step {args.steps}", "",
         "| system | optimizer | lr | held-out loss | MLM accuracy | CPU-s | wall s | CPU-s to the Trainer's best |",
         "|---|---|---|---:|---:|---:|---:|---:|",
@@ -630,11 +639,13 @@ def plot(curves: dict[RunSpec, list[dict]], top: dict, path: Path, title: str) -
                       linewidth=2.2 if is_best else 0.8, alpha=1.0 if is_best else 0.5,
                       marker="o" if is_best else None, markersize=3,
                       label=run.label + (" (best)" if is_best else ""))
-    entropy = next(iter(curves.values()))[0]["eval_unigram_entropy"]
+    baseline = next(iter(curves.values()))[0].get("eval_unigram_cross_entropy")
     for axis, x in zip(axes, ("samples", "CPU-seconds")):
         axis.axhline(top["target_eval_loss"], color="grey", linestyle="--", linewidth=0.8,
                      label="the Trainer's best final loss")
-        axis.axhline(entropy, color="grey", linestyle=":", linewidth=0.8, label="unigram entropy (no context)")
+        if baseline is not None:
+            axis.axhline(baseline, color="grey", linestyle=":", linewidth=0.8,
+                         label="training-unigram predictor (no context)")
         axis.set(xlabel=x, title=f"held-out loss against {x}")
     if top["hvdbert_cpu_seconds_to_target"] is not None:
         axes[1].axvline(top["hvdbert_cpu_seconds_to_target"], color=colours["hvdbert"], linestyle="--", linewidth=0.8)

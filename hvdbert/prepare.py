@@ -41,7 +41,8 @@ import numpy as np
 
 from hvdbert.data.inputs import FILE_FORMATS, TEXT_MODES, ReadStats, Source, check_readable, iter_documents, resolve_inputs
 from hvdbert.data.packing import MlmPacker, batched, nsp_pairs, split_sentences
-from hvdbert.data.shards import FORMATS, Manifest, PreparedData, publish_directory, token_dtype, write_shard
+from hvdbert.data.shards import (FORMATS, Manifest, PreparedData, publish_directory, token_dtype, write_shard,
+                                 write_token_counts)
 from hvdbert.data.split import VALIDATION_DIR, SplitDocuments
 from hvdbert.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_hash, train_wordpiece
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry, rank_zero_decides
@@ -189,23 +190,33 @@ def _prepare_split(worker: int, workers: int, options: Options, directory: Path,
     documents = SplitDocuments(iter_documents(list(options.sources), options.text_field, options.text_mode, stats,
                                               options.builtin_max_documents), options.validation_fraction, held_out)
     entries, dropped_tokens = [], 0
+    token_counts = np.zeros(encoder.backend.get_vocab_size(), dtype=np.int64)  # what the shards hold
     for shard, block in owned_blocks(documents, options.documents_per_shard, worker, workers):
         path = shard_dir / f"shard-{shard:05d}.arrow"
         if options.format == "mlm":
             packer = MlmPacker(options.seq_len, special["cls"], special["sep"], dtype)
-            entry = write_shard(path, _mlm_blocks(block, encoder, packer), options.seq_len, dtype, special["pad"])
-            dropped_tokens += packer.dropped_tokens
+            rows = _mlm_blocks(block, encoder, packer)
         else:
-            entry = write_shard(path, iter([_nsp_block(block, encoder, options, special, shard)]),
-                                options.seq_len, dtype, special["pad"])
+            rows = iter([_nsp_block(block, encoder, options, special, shard)])
+        entry = write_shard(path, _counted(rows, token_counts), options.seq_len, dtype, special["pad"])
+        if options.format == "mlm":
+            dropped_tokens += packer.dropped_tokens
         entry["num_documents"] = len(block)
         if entry["num_sequences"]:
             entries.append((shard, entry))
         else:
             path.unlink(missing_ok=True)  # too little text for one sequence: no shard
     counts = {"num_documents": stats.documents, "split_documents": documents.count,
-              "dropped_tokens": dropped_tokens, "invalid_utf8_lines": dict(stats.invalid_utf8_lines)}
+              "dropped_tokens": dropped_tokens, "invalid_utf8_lines": dict(stats.invalid_utf8_lines),
+              "token_counts": token_counts}
     return entries, counts
+
+
+def _counted(blocks: Iterator[dict[str, np.ndarray]], token_counts: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    """`blocks`, adding each block's token ids to `token_counts` as it passes to the shard writer."""
+    for block in blocks:
+        token_counts += np.bincount(np.asarray(block["input_ids"]).ravel(), minlength=token_counts.size)
+        yield block
 
 
 def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
@@ -343,7 +354,11 @@ def _finish(results, directory: Path, output: Path, options: Options, source: st
         raise UsageError(f"{source or 'the input'}: {stats.documents} documents yield no complete "
                          f"sequence of {options.seq_len} tokens; give more text or a smaller --seq-len")
     split = options.validation_fraction > 0
+    # The training sequences' token counts (never the held-out ones'): the unigram predictor that
+    # evaluation reports as a baseline is fitted on them. Integer sums: the same for any split of work.
+    token_counts = sum(part[1]["token_counts"] for _, part in results)
     manifest = _manifest(directory, entries, options, source, lowercase,
+                         token_counts_sha256=write_token_counts(directory, token_counts),
                          num_documents=counts["split_documents"] if split else stats.documents,
                          dropped_tokens=sum(part[1]["dropped_tokens"] for _, part in results),
                          invalid_utf8_lines=sum(stats.invalid_utf8_lines.values()),
@@ -389,7 +404,8 @@ def _manifest(directory: Path, entries: list[tuple[int, dict]], options: Options
 
 def builtin_cache_dir(cache_root: Path, vocab_size: int, seq_len: int, max_documents: int) -> Path:
     """Where the prepared embedded corpus lives; the key covers everything that changes its content."""
-    key = (f"v4-{sys.version_info[0]}.{sys.version_info[1]}-vocab{vocab_size}-seq{seq_len}-docs{max_documents}"
+    # v5: the prepared corpus carries the training split's token counts (an older cache has none)
+    key = (f"v5-{sys.version_info[0]}.{sys.version_info[1]}-vocab{vocab_size}-seq{seq_len}-docs{max_documents}"
            f"-block{DEFAULT_DOCUMENTS_PER_SHARD}-heldout{BUILTIN_VALIDATION_FRACTION}")
     return cache_root / f"builtin-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 

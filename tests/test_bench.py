@@ -46,6 +46,10 @@ def test_json_has_the_contract_fields(bench_run):
     assert top == json.loads((output / "bench.json").read_text())
     (round_,) = top["rounds"]  # one repeat: one round, with the 2-worker efficiency computed in it
     assert round_["ratios"]["scaling_efficiency hvdbert x2"] == pytest.approx(top["scaling_efficiency"])
+    # the step-cost ratio from CPU time, within the round, and its range over the (one) round
+    cost = round_["ratios"]["hvdbert x2 / ddp-hvdbert-model x2 CPU-s per sequence"]
+    assert cost == pytest.approx(top["cpu_vs_ddp-hvdbert-model"]) and cost > 0
+    assert top["ratio_ranges"]["hvdbert x2 / ddp-hvdbert-model x2 CPU-s per sequence"] == [cost, cost]
 
 
 @pytest.mark.multiprocess
@@ -56,8 +60,14 @@ def test_every_row_is_positive_and_its_breakdown_sums_to_the_step(bench_run):
         ("ddp-hvdbert-model", 1), ("ddp-hvdbert-model", 2), ("hvdbert", 1), ("hvdbert", 2),
         ("hvdbert dist.fp16_allreduce=true", 2)]
     for row in rows:
-        for key in ("seq_per_s", "tokens_per_s", "mfu", "step_seconds", "peak_memory_bytes", "peak_flops"):
+        for key in ("seq_per_s", "tokens_per_s", "mfu", "step_seconds", "cpu_seconds_per_step", "peak_memory_bytes",
+                    "peak_flops"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["label"], key)
+        # CPU time summed over the workers: tiny.toml's one compute thread each, plus the loader's and
+        # Horovod's threads, so at most about one core per worker and step; a bound (a load peak only
+        # lowers it) that catches a wrong unit or a sum over the wrong window
+        assert row["cpu_seconds_per_step"] < 3 * row["workers"] * row["step_seconds"], row["label"]
+        assert row["cpu_seconds_per_sequence"] * row["global_batch_size"] == pytest.approx(row["cpu_seconds_per_step"])
         assert 0 < row["mfu"] < 1
         # packed sequences have no padding: every token is real
         assert row["tokens_per_s"] == pytest.approx(row["seq_per_s"] * row["seq_len"], rel=1e-6)
@@ -177,7 +187,7 @@ def test_time_to_quality_end_to_end(hvdbert_env, held_out_data, tmp_path):
         assert all(math.isfinite(r["eval_loss"]) and 0 <= r["eval_mlm_accuracy"] <= 1 for r in curve)
         assert all(r["eval_sequences"] == 32 for r in curve)
     # the same held-out tokens and masks for every model
-    assert len({r["eval_unigram_entropy"] for r in rows}) == 1
+    assert len({r["eval_unigram_cross_entropy"] for r in rows}) == 1
 
     summary = json.loads((output / "summary.json").read_text())
     trainer_final = curves["trainer"][-1]
@@ -207,6 +217,7 @@ def test_time_to_quality_end_to_end(hvdbert_env, held_out_data, tmp_path):
                                     "--json", str(tmp_path / "again.json")], hvdbert_env, timeout=200)
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["eval_loss"] == pytest.approx(trainer_final["eval_loss"], rel=1e-6)
+    assert again["eval_unigram_cross_entropy"] == pytest.approx(trainer_final["eval_unigram_cross_entropy"])
 
 
 def test_cpu_to_reach_interpolates_between_saves():

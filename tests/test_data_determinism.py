@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -40,7 +41,7 @@ def test_prepare_gives_the_same_bytes_whoever_prepares(tmp_path, hvdbert_env):
     prepare(tmp_path / "two-ranks", hvdbert_env, "4",
             launcher=["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"])
     reference = tree_digest(tmp_path / "first")
-    assert {"tokenizer/tokenizer.json", "manifest.json"} <= set(reference)
+    assert {"tokenizer/tokenizer.json", "manifest.json", "token_counts.npy"} <= set(reference)
     assert len([name for name in reference if name.startswith("shard-")]) >= 2  # several blocks of documents
     for name in ("again", "two-processes", "two-ranks"):
         assert tree_digest(tmp_path / name) == reference, name
@@ -59,5 +60,10 @@ def test_prepare_gives_the_same_bytes_whoever_prepares(tmp_path, hvdbert_env):
     assert 0 < held.num_documents < 400 * 0.25
     assert held.tokenizer_sha256 == train.tokenizer_sha256
     assert len(PreparedData(first / "validation")) == held.num_sequences
+    # the token counts (the unigram baseline's) are the training sequences', never the held-out ones'
+    training = PreparedData(first)
+    counts = np.bincount(training.get(np.arange(len(training)))["input_ids"].ravel(), minlength=train.vocab_size)
+    assert np.array_equal(training.token_counts(), counts) and counts.sum() == train.num_sequences * train.seq_len
+    assert held.token_counts_sha256 == "" and not (first / "validation" / "token_counts.npy").exists()
     # the held-out documents are those the content hash picks, whatever their position
     assert sum(is_held_out(d, 0.1) for d in builtin_documents(400)) == held.num_documents

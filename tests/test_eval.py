@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, TINY, read_metrics, run_module
 from safetensors.torch import load_file
@@ -66,6 +68,8 @@ def test_evaluation_leaves_training_untouched(tmp_path, cli, data):
         runs[name] = run_dir
     plain, evaluated = read_metrics(runs["plain"]), read_metrics(runs["evaluated"])
     assert all("eval_loss" in row for row in evaluated) and not any("eval_loss" in row for row in plain)
+    # the baseline is a property of the held-out tokens and the training data: the same at every step
+    assert len({row["eval_unigram_cross_entropy"] for row in evaluated}) == 1
     assert [row["loss"] for row in evaluated] == [row["loss"] for row in plain]  # bit for bit
     weights = [load_file(str(runs[n] / "checkpoints" / "step-4" / "model.safetensors")) for n in runs]
     assert all(bool((weights[0][k] == weights[1][k]).all()) for k in weights[0])
@@ -104,11 +108,25 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, cli, data, other_toke
         assert checked.stderr.strip() == lines[0].replace("hvdbert.pretrain:", "hvdbert.plan:", 1)
     # --eval-data with the same tokenizer is taken
     ok = tmp_path / "ok"
-    assert cli("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", data, "--eval-data", bare,
-                                    "--set", "eval.at_end=true", "--output", ok]).returncode == 0
+    done = cli("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", data, "--eval-data", bare,
+                                    "--set", "eval.at_end=true", "--output", ok])
+    assert done.returncode == 0
     last = read_metrics(ok)[-1]
     assert last["step"] == 2 and last["eval_sequences"] > 0
+    # the baseline's frequencies are the training data's, whichever held-out data is evaluated
+    summary = [line for line in done.stdout.splitlines() if line.startswith("hvdbert: done:")]
+    assert len(summary) == 1 and f"a training-unigram predictor's {last['eval_unigram_cross_entropy']:.4f}" in summary[0]
     assert json.loads((ok / "recipe.json").read_text())["eval_data_dir"] == str(bare)
+
+
+def without_token_counts(data: Path, copy: Path) -> Path:
+    """A copy of `data` as prepare wrote it before it stored the training token counts."""
+    shutil.copytree(data, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["token_counts_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "token_counts.npy").unlink()
+    return copy
 
 
 def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, cli, data, other_tokenizer_data):
@@ -127,10 +145,24 @@ def test_a_transformers_model_directory_gets_the_checkpoints_figure(tmp_path, cl
     assert ours["step"] == 2 and theirs["model"] == str(exported) and theirs["step"] is None
     assert ours["eval_sequences"] == theirs["eval_sequences"] == 48
     assert ours["eval_masked_tokens"] == theirs["eval_masked_tokens"]
-    assert ours["eval_unigram_entropy"] == theirs["eval_unigram_entropy"]
+    assert ours["eval_unigram_cross_entropy"] == theirs["eval_unigram_cross_entropy"]  # --data's parent's counts
     assert theirs["eval_loss"] == pytest.approx(ours["eval_loss"], rel=1e-5)
     assert theirs["eval_mlm_accuracy"] == pytest.approx(ours["eval_mlm_accuracy"], abs=1e-9)
-    assert "held-out loss" in result.stdout and result.stderr.strip() == ""
+    assert "held-out loss" in result.stdout and "training-unigram predictor's" in result.stdout
+    assert result.stderr.strip() == ""
+
+    # No training counts: held-out data that is no prepared data's split, or data prepared before
+    # prepare stored them. One warning line, no baseline, the model's figures all the same.
+    loose, old = tmp_path / "loose", without_token_counts(data, tmp_path / "old")
+    shutil.copytree(data / "validation", loose)
+    for held_out, why in ((loose, f"--data {loose} is not the validation split of prepared data"),
+                          (old / "validation", f"{old} was prepared before hvdbert stored the training data's token counts")):
+        result = cli("hvdbert.evaluate", ["--model", exported, "--data", held_out, *sets, "--json", tmp_path / "none.json"])
+        status, err = result.exit_and_stderr_lines()
+        assert status == 0 and len(err) == 1 and err[0].startswith(f"hvdbert.evaluate: warning: {why}"), err
+        none = json.loads((tmp_path / "none.json").read_text())
+        assert "eval_unigram_cross_entropy" not in none and none["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-6)
+        assert "training-unigram" not in result.stdout
 
     other = other_tokenizer_data
     for args, message in ((["--model", str(exported), "--data", str(other)], "another vocabulary"),
@@ -189,6 +221,48 @@ def test_a_modernbert_checkpoint_gets_the_runs_figure(tmp_path, cli, data):
     assert in_run["step"] == standalone["step"] == 4 and "eval_nsp_loss" not in in_run
     assert standalone["eval_loss"] == pytest.approx(in_run["eval_loss"], rel=1e-6, abs=1e-6)
     assert standalone["eval_mlm_accuracy"] == pytest.approx(in_run["eval_mlm_accuracy"], abs=1e-9)
+
+
+def test_the_unigram_baseline_by_hand():
+    from hvdbert.evaluate import unigram_cross_entropy
+
+    # ids 0-2 are never masked ([PAD], [CLS], [SEP]); training saw id 3 three times, id 4 once, id 5
+    # never: add-one gives 3 -> 4/7, 4 -> 2/7, 5 -> 1/7
+    counts = np.array([7, 2, 2, 3, 1, 0])
+    loss = unigram_cross_entropy(counts, np.array([3, 3, 5]), (0, 1, 2))
+    assert loss == pytest.approx(-(2 * np.log(4 / 7) + np.log(1 / 7)) / 3) == pytest.approx(1.0217140, abs=1e-6)
+
+
+def test_prepare_counts_the_training_tokens(tmp_path, data):
+    from hvdbert.data.shards import PreparedData
+    from hvdbert.errors import UsageError
+
+    train = PreparedData(data)
+    counts = train.token_counts()
+    assert counts.dtype == np.int64 and counts.shape == (train.manifest.vocab_size,)
+    every_token = train.get(np.arange(len(train)))["input_ids"].ravel()
+    assert np.array_equal(counts, np.bincount(every_token, minlength=counts.size))
+    assert PreparedData(data / "validation").token_counts() is None  # held-out tokens are never counted
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data, damaged)
+    raw = bytearray((damaged / "token_counts.npy").read_bytes())
+    raw[-1] ^= 1
+    (damaged / "token_counts.npy").write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match="token_counts.npy is damaged"):
+        PreparedData(damaged).token_counts()
+
+
+def test_a_run_on_data_prepared_without_token_counts_warns_once_and_reports_no_baseline(tmp_path, cli, data):
+    old = without_token_counts(data, tmp_path / "old")
+    result = cli("hvdbert.pretrain", [*SHORT, "--set", "train.max_steps=2", "--data", old, "--output", tmp_path / "run",
+                                      "--set", "eval.at_end=true", "--set", "eval.max_sequences=16"])
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "no unigram baseline" in line]
+    assert warnings == [f"hvdbert: {old} was prepared before hvdbert stored the training data's token counts: no "
+                        "unigram baseline (eval_unigram_cross_entropy); prepare the data again to get one"]
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["eval_sequences"] == 16 and "eval_unigram_cross_entropy" not in last
+    assert "held-out loss" in result.stdout and "training-unigram" not in result.stdout
 
 
 def test_a_json_path_that_is_a_directory_is_refused_before_any_work(tmp_path, cli):

@@ -12,6 +12,10 @@ hvdbert's own step (`train.run_step`, the one `train()` runs) on the `Run` that 
 
 Reported per configuration (rank 0 writes it; the breakdown is averaged over ranks):
 - seq_per_s, tokens_per_s (real tokens: packed sequences have no padding), step_seconds;
+- cpu_seconds_per_step and cpu_seconds_per_sequence: the CPU time (time.process_time) of the timed
+  steps summed over the measured processes, for every system; ratios between systems are taken from
+  it within each round (cpu_vs_PEER, and per round), since a load peak on a shared machine stretches
+  wall time but not CPU time, and bench.json's ratio_ranges give each ratio's range over the rounds;
 - breakdown: data_wait (waiting for the loader's next micro-batches), forward_backward (up to the
   last backward; Horovod's allreduces that overlap backward are inside it), gradient_sync (waiting
   for the allreduces still outstanding after backward), optimizer (unscale, clip, step, zero_grad);
@@ -44,7 +48,8 @@ import torch
 
 from hvdbert.bench.flops import SHAPES
 from hvdbert.bench.measure import build_measured_run, find_max_batch, measure
-from hvdbert.bench.orchestrate import PEERS, Config, bench_overrides, per_round, run_config, summarise
+from hvdbert.bench.orchestrate import (PEERS, Config, bench_overrides, per_round, ratio_ranges, run_config,
+                                      summarise)
 from hvdbert.bench.report import machine_description, markdown_table, plot
 from hvdbert.config import load_recipe
 from hvdbert.dist import Distributed, SingleProcess, horovod_available, init_distributed
@@ -197,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     top = max((r for r in rows if r["label"] == "hvdbert"), key=lambda r: r["workers"])
     command = "python -m hvdbert.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {
-        **{k: top[k] for k in ("workers", "seq_per_s", "tokens_per_s", "mfu", "step_seconds", "breakdown_seconds",
-                               "scaling_efficiency", "peak_memory_bytes", *(f"vs_{peer}" for peer in PEERS))},
+        **{k: top[k] for k in ("workers", "seq_per_s", "tokens_per_s", "mfu", "step_seconds", "cpu_seconds_per_step",
+                               "cpu_seconds_per_sequence", "breakdown_seconds", "scaling_efficiency",
+                               "peak_memory_bytes", *(f"vs_{peer}" for peer in PEERS),
+                               *(f"cpu_vs_{peer}" for peer in PEERS))},
         "command": command,
         "recipe": args.recipe,
         "shape": args.shape,
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "rounds": per_round(configs),
     }
+    summary["ratio_ranges"] = ratio_ranges(summary["rounds"])
     (output / "bench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         table += "\nRatios within each round of the interleaved repeats:\n\n"
         for number, round_ in enumerate(summary["rounds"], 1):
             table += f"- round {number}: " + ", ".join(f"{k} {v:.2f}" for k, v in round_["ratios"].items()) + "\n"
+        table += "- range over the rounds: " + ", ".join(
+            f"{k} {low:.2f}-{high:.2f}" for k, (low, high) in summary["ratio_ranges"].items()) + "\n"
     (output / "bench.md").write_text(table, encoding="utf-8")
     shape = args.shape or Path(args.recipe).stem
     plot(rows, output / "bench.png", f"{shape}, micro-batch {recipe.batch.micro_batch_size}, seq "

@@ -63,3 +63,12 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def cpu_record(cpu_seconds: float, steps: int, sequences_per_step: int) -> dict:
+    """The CPU time of the timed steps, summed over the measured processes (time.process_time: every
+    thread of each, so intra-op threads, Horovod's background thread and data loading count): on a
+    shared machine a load peak stretches wall time but not the CPU a step needs, so ratios between
+    systems are taken from these."""
+    return {"cpu_seconds": cpu_seconds, "cpu_seconds_per_step": cpu_seconds / steps,
+            "cpu_seconds_per_sequence": cpu_seconds / (steps * sequences_per_step)}

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from hvdbert.bench.flops import (device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype, synchronize,
-                                 training_flops_per_sequence)
+from hvdbert.bench.flops import (cpu_record, device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
+                                 synchronize, training_flops_per_sequence)
 from hvdbert.config import Recipe
 from hvdbert.dist import Distributed
 from hvdbert.model import STAT_NAMES, count_parameters
@@ -99,7 +99,7 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     loss_sums = []  # per step, this worker's sum over its micro-batches: reduced once, at the end
     guard = StepGuard()
-    start = 0.0
+    start = cpu_start = 0.0
     for step in range(warmup_steps + steps):
         if step == warmup_steps:  # the timed window starts here
             synchronize(device)
@@ -107,27 +107,28 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
             tokens.zero_()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         result = run_step(run, guard, dist=timer)
         timer.seconds["data_wait"] += result.data_wait_seconds
         timer.end()
         tokens += result.stats[tokens_index]
         loss_sums.append(result.stats[loss_index])
     synchronize(device)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     run.close_stream()
     # Probed again after the run, the best of the two: on a shared machine a probe that happened to
     # share its core with other work would understate the peak and overstate MFU.
     peak_flops = max(peak_flops, matmul_peak_flops(device, probe_dtype(recipe.train.precision)))
 
-    # One reduction at the end: total tokens, summed breakdown and peaks of all ranks.
-    local = torch.tensor([tokens.item(), peak_flops, *(timer.seconds[k] for k in BREAKDOWN)], dtype=torch.float64)
+    # One reduction at the end: total tokens, summed peaks, CPU time and breakdown of all ranks.
+    local = torch.tensor([tokens.item(), peak_flops, cpu_seconds, *(timer.seconds[k] for k in BREAKDOWN)],
+                         dtype=torch.float64)
     totals = dist.allreduce_sum(local, name="bench").tolist()
-    total_tokens, total_peak = totals[0], totals[1]
+    total_tokens, total_peak, total_cpu_seconds = totals[0], totals[1], totals[2]
     micro_batches_per_step = dist.size * plan.accumulation_steps
     step_losses = [v / micro_batches_per_step for v in
                    dist.allreduce_sum(torch.stack(loss_sums).double().cpu(), name="bench_losses").tolist()]
-    breakdown = {k: v / dist.size / steps for k, v in zip(BREAKDOWN, totals[2:])}
+    breakdown = {k: v / dist.size / steps for k, v in zip(BREAKDOWN, totals[3:])}
     seq_per_s = steps * plan.global_batch_size / elapsed
     model_flops_per_seq = training_flops_per_sequence(recipe.model, plan.max_seq_len, plan.max_predictions_per_seq)
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
@@ -151,6 +152,7 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
         "seq_per_s_per_worker": seq_per_s / dist.size,
         "tokens_per_s": total_tokens / elapsed,
         "step_seconds": elapsed / steps,
+        **cpu_record(total_cpu_seconds, steps, plan.global_batch_size),
         "breakdown_seconds": breakdown,
         "breakdown_sum_seconds": sum(breakdown.values()),
         "peak_memory_bytes": memory,

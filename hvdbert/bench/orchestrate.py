@@ -158,6 +158,9 @@ def summarise(configs: list[Config]) -> list[dict]:
         for peer in PEERS:
             match = next((r for r in rows if r["system"] == peer and r["workers"] == row["workers"]), None)
             row[f"vs_{peer}"] = row["seq_per_s"] / match["seq_per_s"] if match else None
+            # the cost of a sequence in CPU time, this row's over the peer's: below 1, this row is cheaper
+            row[f"cpu_vs_{peer}"] = (row["cpu_seconds_per_sequence"] / match["cpu_seconds_per_sequence"]
+                                     if match else None)
     return rows
 
 
@@ -167,6 +170,7 @@ def per_round(configs: list[Config]) -> list[dict]:
     rounds = []
     for k in range(min((len(c.results) for c in configs), default=0)):
         seq = {(c.label, c.workers): c.results[k]["seq_per_s"] for c in configs}
+        cpu = {(c.label, c.workers): c.results[k]["cpu_seconds_per_sequence"] for c in configs}
         ratios = {}
         for (label, workers), value in seq.items():
             base = seq.get((label.split(" ")[0], 1))
@@ -175,6 +179,20 @@ def per_round(configs: list[Config]) -> list[dict]:
             for peer in PEERS:
                 if label.startswith("hvdbert") and (peer, workers) in seq:
                     ratios[f"{label} x{workers} / {peer} x{workers}"] = value / seq[(peer, workers)]
+                    # the step-cost ratio: CPU-seconds per sequence, which a load peak does not stretch
+                    ratios[f"{label} x{workers} / {peer} x{workers} CPU-s per sequence"] = (
+                        cpu[(label, workers)] / cpu[(peer, workers)])
         rounds.append({"seq_per_s": {f"{label} x{workers}": v for (label, workers), v in seq.items()},
+                       "cpu_seconds_per_sequence": {f"{label} x{workers}": v for (label, workers), v in cpu.items()},
                        "ratios": ratios})
     return rounds
+
+
+def ratio_ranges(rounds: list[dict]) -> dict[str, list[float]]:
+    """[min, max] over the rounds of each ratio per_round computed: how far one round's figure can be
+    trusted on this machine."""
+    values: dict[str, list[float]] = {}
+    for round_ in rounds:
+        for name, value in round_["ratios"].items():
+            values.setdefault(name, []).append(value)
+    return {name: [min(found), max(found)] for name, found in values.items()}

@@ -22,9 +22,10 @@ def _times(ratio) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| system | workers | seq/s | tokens/s | step ms | data wait ms | fwd+bwd ms | grad sync ms | "
-        "optimizer ms | peak mem MiB | MFU | scaling eff. | vs HF Trainer | vs DDP | vs DDP, same model |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | workers | seq/s | tokens/s | step ms | CPU ms/step | data wait ms | fwd+bwd ms | grad sync ms | "
+        "optimizer ms | peak mem MiB | MFU | scaling eff. | vs HF Trainer | vs DDP | vs DDP, same model | "
+        "CPU cost vs HF Trainer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         name = SYSTEM_NAMES[r["system"]] + r["label"][len(r["system"]):]
@@ -32,10 +33,12 @@ def markdown_table(rows: list[dict]) -> str:
         ms = lambda key: _fmt(b[key] * 1000 if key in b and b[key] is not None else None, ".0f")  # noqa: E731
         lines.append(
             f"| {name} | {r['workers']} | {_fmt(r['seq_per_s'], '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
-            f"{_fmt(r['step_seconds'] * 1000, '.0f')} | {ms('data_wait')} | {ms('forward_backward')} | "
+            f"{_fmt(r['step_seconds'] * 1000, '.0f')} | {_fmt(r['cpu_seconds_per_step'] * 1000, '.0f')} | "
+            f"{ms('data_wait')} | {ms('forward_backward')} | "
             f"{ms('gradient_sync')} | {ms('optimizer')} | {_fmt(r['peak_memory_bytes'] / 2**20, '.0f')} | "
             f"{_fmt(r.get('mfu') and 100 * r['mfu'], '.1f')}% | {_fmt(r['scaling_efficiency'], '.2f')} | "
-            f"{_times(r['vs_hf'])} | {_times(r['vs_ddp'])} | {_times(r['vs_ddp-hvdbert-model'])} |"
+            f"{_times(r['vs_hf'])} | {_times(r['vs_ddp'])} | {_times(r['vs_ddp-hvdbert-model'])} | "
+            f"{_times(r['cpu_vs_hf'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -5,8 +5,12 @@
     DATA_DIR/shard-00000.arrow columns: input_ids (fixed-size list), and for the nsp format
                                token_type_ids and next_sentence_label; word_start when the
                                input came with its own word segmentation (whole-word masking)
+    DATA_DIR/token_counts.npy  occurrences of each token id in these sequences (int64, one per id of
+                               the vocabulary, padding included): the training split's unigram
+                               frequencies, the baseline evaluation reports; sha256 in manifest.json
     DATA_DIR/validation/       with --validation-fraction: the held-out documents, the same layout
-                               (own manifest, a copy of the tokenizer), named in manifest.json
+                               (own manifest, a copy of the tokenizer, no token counts), named in
+                               manifest.json
 
 A directory is written under a temporary name and renamed when complete (`publish_directory`), so
 an interrupted preparation never leaves anything that looks valid. Shards are memory-mapped for
@@ -35,6 +39,7 @@ from hvdbert.errors import UsageError
 from hvdbert.files import file_sha256, fsync_path
 
 MANIFEST = "manifest.json"
+TOKEN_COUNTS = "token_counts.npy"
 FORMAT_VERSION = 1
 FORMATS = ("mlm", "nsp")
 
@@ -60,6 +65,8 @@ class Manifest:
     lowercase: bool = True
     validation_fraction: float = 0.0  # of the input's documents held out (by content hash)
     validation_dir: str = ""  # the held-out split, prepared alike, relative to this directory
+    # TOKEN_COUNTS's sha256; "" in a held-out split and in data prepared before the counts were stored
+    token_counts_sha256: str = ""
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -83,6 +90,35 @@ class Manifest:
                 f"{FORMAT_VERSION}: prepare the data again"
             )
         return manifest
+
+
+def write_token_counts(directory: Path, counts: np.ndarray) -> str:
+    """Write the token counts beside the manifest; returns their sha256 for it. np.save's bytes depend
+    only on the array, so the file is as deterministic as the shards."""
+    path = directory / TOKEN_COUNTS
+    with open(path, "wb") as out:
+        np.save(out, np.ascontiguousarray(counts, dtype=np.int64))
+    return file_sha256(path)
+
+
+def read_token_counts(directory: Path, manifest: Manifest) -> np.ndarray | None:
+    """The occurrences of each token id in the sequences of `directory` (TOKEN_COUNTS, checked against
+    the manifest's sha256), or None when it was prepared without them (a held-out split, or data
+    prepared before they were stored)."""
+    if not manifest.token_counts_sha256:
+        return None
+    path = directory / TOKEN_COUNTS
+    if not path.is_file():
+        raise UsageError(f"{directory}: {TOKEN_COUNTS} listed in {MANIFEST} is missing; copy or prepare the data again")
+    digest = file_sha256(path)
+    if digest != manifest.token_counts_sha256:
+        raise UsageError(f"{path} is damaged: its sha256 {digest[:12]} differs from {MANIFEST}'s "
+                         f"{manifest.token_counts_sha256[:12]}; copy or prepare the data again")
+    counts = np.load(path, allow_pickle=False)
+    if counts.shape != (manifest.vocab_size,) or counts.dtype != np.int64:
+        raise UsageError(f"{path}: holds {counts.dtype} counts of shape {counts.shape}, not one int64 per token "
+                         f"id of the vocabulary of {manifest.vocab_size}; prepare the data again")
+    return counts
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -258,6 +294,10 @@ class PreparedData:
     @property
     def has_nsp(self) -> bool:
         return self.manifest.format == "nsp"
+
+    def token_counts(self) -> np.ndarray | None:
+        """read_token_counts of this directory."""
+        return read_token_counts(self.directory, self.manifest)
 
     def share_verification(self, part: int, parts: int) -> None:
         """Verify only shards i with i % parts == part: with one part per rank, each shard is hashed

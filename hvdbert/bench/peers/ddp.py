@@ -28,7 +28,7 @@ def main() -> int:
     from transformers import DataCollatorForLanguageModeling
 
     from hvdbert.bench.peers.data import model_from_spec, run_mlm_dataset
-    from hvdbert.bench.flops import (device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
+    from hvdbert.bench.flops import (cpu_record, device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
                                      training_flops_per_sequence)
 
     cuda = torch.cuda.is_available()
@@ -70,12 +70,12 @@ def main() -> int:
 
     stream = batches()
     seconds = {"data_wait": 0.0, "forward_backward": 0.0, "gradient_sync": 0.0, "optimizer": 0.0}
-    start = now()
+    start, cpu_start = now(), time.process_time()
     for step in range(warmup + steps):
         if step == warmup:
             seconds = dict.fromkeys(seconds, 0.0)
             seconds["gradient_sync"] = None
-            start = now()
+            start, cpu_start = now(), time.process_time()
         t0 = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
         t1 = now()
@@ -97,12 +97,13 @@ def main() -> int:
             seconds["data_wait"] += t1 - t0
             seconds["forward_backward"] += t2 - t1
             seconds["optimizer"] += t3 - t2
-    elapsed = now() - start
+    elapsed, cpu_seconds = now() - start, time.process_time() - cpu_start
     peak_flops = max(peak_flops, matmul_peak_flops(device, probe_dtype(spec["precision"])))  # as hvdbert.bench
     seq_per_s = steps * micro * world / elapsed
     flops_per_seq = training_flops_per_sequence(spec["model"], spec["seq_len"], spec["seq_len"])  # full head
-    total_peak = torch.tensor([peak_flops], dtype=torch.float64)
-    dist.all_reduce(total_peak)
+    totals = torch.tensor([peak_flops, cpu_seconds], dtype=torch.float64)
+    dist.all_reduce(totals)
+    total_peak, total_cpu_seconds = totals[0], totals[1].item()
     memory, memory_kind = peak_memory_bytes(device)
     if rank == 0:
         record = {
@@ -112,7 +113,7 @@ def main() -> int:
             "steps": steps, "warmup_steps": warmup, "seconds": elapsed,
             "seq_per_s": seq_per_s, "seq_per_s_per_worker": seq_per_s / world,
             "tokens_per_s": seq_per_s * spec["seq_len"],  # group_texts blocks have no padding
-            "step_seconds": elapsed / steps,
+            "step_seconds": elapsed / steps, **cpu_record(total_cpu_seconds, steps, micro * world),
             "breakdown_seconds": {k: (v / steps if v is not None else None) for k, v in seconds.items()},
             "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
             "model_flops_per_seq": flops_per_seq, "model_flops_per_s": flops_per_seq * seq_per_s,

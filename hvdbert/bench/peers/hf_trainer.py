@@ -23,7 +23,7 @@ def main() -> int:
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
     from hvdbert.bench.peers.data import model_from_spec, run_mlm_dataset
-    from hvdbert.bench.flops import (device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
+    from hvdbert.bench.flops import (cpu_record, device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
                                      training_flops_per_sequence)
 
     tokenizer, train_dataset = run_mlm_dataset(args.data, spec["seq_len"])
@@ -35,16 +35,16 @@ def main() -> int:
     warmup, steps, micro = spec["warmup_steps"], spec["steps"], spec["micro_batch_size"]
 
     class StepClock(TrainerCallback):
-        """Wall time at each optimizer step's start and end (data loading included, as in hvdbert's)."""
+        """Wall and CPU time at each optimizer step's start and end (data loading included, as in hvdbert's)."""
 
         def __init__(self):
             self.begins, self.ends = [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.begins.append(self._now())
+            self.begins.append((self._now(), time.process_time()))
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(self._now())
+            self.ends.append((self._now(), time.process_time()))
 
         @staticmethod
         def _now() -> float:
@@ -66,7 +66,8 @@ def main() -> int:
         trainer.train()
     peak_flops = max(peak_flops, matmul_peak_flops(device, probe_dtype(spec["precision"])))  # as hvdbert.bench
     start = clock.ends[warmup - 1] if warmup > 0 else clock.begins[0]
-    elapsed = clock.ends[warmup + steps - 1] - start
+    (end, cpu_end) = clock.ends[warmup + steps - 1]
+    elapsed, cpu_seconds = end - start[0], cpu_end - start[1]
     seq_per_s = steps * micro / elapsed
     flops_per_seq = training_flops_per_sequence(spec["model"], spec["seq_len"], spec["seq_len"])  # full head
     memory, memory_kind = peak_memory_bytes(device)
@@ -77,7 +78,7 @@ def main() -> int:
         "steps": steps, "warmup_steps": warmup, "seconds": elapsed,
         "seq_per_s": seq_per_s, "seq_per_s_per_worker": seq_per_s,
         "tokens_per_s": seq_per_s * spec["seq_len"],  # group_texts blocks have no padding
-        "step_seconds": elapsed / steps, "breakdown_seconds": None,
+        "step_seconds": elapsed / steps, **cpu_record(cpu_seconds, steps, micro), "breakdown_seconds": None,
         "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
         "model_flops_per_seq": flops_per_seq, "model_flops_per_s": flops_per_seq * seq_per_s,
         "peak_flops": peak_flops, "mfu": flops_per_seq * seq_per_s / peak_flops,
