@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{found.path}: its training data {train_dir} is gone; the held-out data must be "
                              "checked against its tokenizer")
         train_data = PreparedData(train_dir)
-        data = open_eval_data(eval_dir, train_data, recipe, "--data", trained_nsp=bool(found.recipe.get("with_nsp", False)))
+        data = open_eval_data(eval_dir, train_data, recipe, "--data",
+                              trained_nsp=bool(found.recipe.get("with_nsp", False)))
         counts, why_none = training_counts(train_data.directory, train_data.manifest)
         model = build_model(recipe.model, with_nsp=bool(found.recipe.get("with_nsp", False)))
         checkpoint.load_weights(model, weights, found.path / checkpoint.WEIGHTS)
