@@ -121,6 +121,11 @@ def preflight(recipe: Recipe, output: Path, data_dir: Path | None, resume: str |
     check_output_location(output)
     refuse_used_run_dir(output, resume is not None)
     check_free(output)
+    if eval_dir is not None and not recipe.eval.requested:
+        # A run that never evaluates would never read it: the user meant to evaluate, or passed it by mistake.
+        raise UsageError(f"--eval-data {eval_dir}: the recipe asks for no evaluation (eval.every_steps = 0, "
+                         "eval.at_end = false), so it would never be read; add --set eval.at_end=true or "
+                         "--set eval.every_steps=N, or drop --eval-data")
     if resume not in (None, "auto"):
         checkpoint.open_checkpoint(Path(resume), verify=False)  # the sha256 sums are checked on rank 0
     if recipe.checkpoint.init_from:

@@ -95,6 +95,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, cli, data, other_toke
     cases = [
         (["--data", str(bare), "--set", "eval.at_end=true"], "has no held-out split"),
         (["--data", str(data), "--eval-data", str(other), "--set", "eval.every_steps=2"], "another tokenizer"),
+        (["--data", str(data), "--eval-data", str(bare)], "the recipe asks for no evaluation"),
     ]
     for extra, message in cases:
         run_dir = tmp_path / "run"
