@@ -59,8 +59,9 @@ def holder_of(path: Path) -> str:
         return "an unknown process"
 
 
-def in_use(run_dir: Path, path: Path) -> UsageError:
-    return UsageError(f"{run_dir} is in use by another run ({holder_of(path)}); one run writes to a run "
+def in_use(run_dir: Path, path: Path, waited: float = 0.0) -> UsageError:
+    after = f" after waiting {waited:g} s (elastic.lock_wait_seconds)" if waited > 0 else ""
+    return UsageError(f"{run_dir} is in use by another run ({holder_of(path)}){after}; one run writes to a run "
                       "directory at a time: wait for it to end, stop it, or choose another --output")
 
 
@@ -75,22 +76,30 @@ def lock_run_dir(run_dir: Path, wait_seconds: float = 0.0) -> RunLock:
     if not os.path.lexists(path):
         created.insert(0, path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait_seconds
+    started = time.monotonic()
+    waited_for = None  # the holder this call waits for, once it has had to wait
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except OSError as error:
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and time.monotonic() < deadline:
+            busy = error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+            if busy and time.monotonic() < started + wait_seconds:
+                if waited_for is None:
+                    waited_for = holder_of(path)
+                    log.warning("hvdbert: %s is held by %s; waiting up to %g s (elastic.lock_wait_seconds) for "
+                                "that process to end", path, waited_for, wait_seconds)
                 time.sleep(0.2)
                 continue
             os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise in_use(run_dir, path) from None
+            if busy:
+                raise in_use(run_dir, path, waited=wait_seconds) from None
             # Some network filesystems (Lustre mounted without -o flock) have no locks at all.
             log.warning("hvdbert: cannot lock %s (%s): make sure no other run uses this directory",
                         path, error.strerror)
             return RunLock(path, None, tuple(created))
+    if waited_for is not None:
+        log.warning("hvdbert: %s released after %.1f s of waiting", path, time.monotonic() - started)
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())

@@ -393,3 +393,28 @@ def test_a_checkpoint_pruned_while_read_gives_way_to_the_newer_one(tmp_path, mon
     for name, tensor in checkpoint.model_weights(model).items():
         assert torch.equal(weights[name], tensor), name
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # nothing "damaged"
+
+
+def test_a_lock_wait_says_whom_it_waits_for_and_takes_the_lock_once_released(tmp_path, caplog):
+    """An elastic job's new rank 0 waits (elastic.lock_wait_seconds) for its predecessor's lock: it
+    says whom it waits for, takes the lock when released, and refuses naming the wait when not."""
+    import threading
+
+    from hvdbert.errors import UsageError
+    from hvdbert.runlock import lock_run_dir
+
+    predecessor = lock_run_dir(tmp_path / "run")
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    with pytest.raises(UsageError, match=r"in use by another run \(" + holder + r".*\) after waiting 0.3 s "
+                                         r"\(elastic.lock_wait_seconds\)"):
+        lock_run_dir(tmp_path / "run", wait_seconds=0.3)
+    release = threading.Timer(0.5, predecessor.release)
+    release.start()
+    with caplog.at_level(logging.WARNING, logger="hvdbert"):
+        successor = lock_run_dir(tmp_path / "run", wait_seconds=60)
+    release.join()
+    said = [record.getMessage() for record in caplog.records]
+    assert any(f"run/lock is held by {holder}" in line and "waiting up to 60 s" in line for line in said), said
+    assert any("released after" in line for line in said), said
+    assert successor.exclusive
+    successor.release()

@@ -13,8 +13,10 @@ after a failure.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,13 +33,14 @@ pytestmark = pytest.mark.multiprocess
 
 HOSTS = ["host-a", "host-b", "host-c"]  # host-c joins the elastic test only
 STEPS = 8
+BUILTIN_DOCUMENTS = 1500  # of the embedded corpus: enough for every job here
 STALL_SECONDS = 10  # dist.stall_timeout_seconds in the fault tests: far above a tiny step's waits
 FAULT_STEPS, FAULT_CHECKPOINT_EVERY = 40, 5
 
 
 def pretrain_args(output: Path, steps: int = STEPS, *extra: str) -> list[str]:
     return ["--recipe", "recipes/tiny.toml", "--output", str(output), "--set", "train.progress_bar=false",
-            "--set", "data.builtin_max_documents=1500", "--set", "train.log_every=1",
+            "--set", f"data.builtin_max_documents={BUILTIN_DOCUMENTS}", "--set", "train.log_every=1",
             "--set", f"train.max_steps={steps}", *extra]
 
 
@@ -280,6 +283,47 @@ def write_hosts(path: Path, hosts: list[str]) -> None:
     os.replace(temporary, path)
 
 
+def elastic_launcher(run_dir: Path, *extra: str, min_np: int = 2, max_np: int = 3) -> list[str]:
+    """multinode.sh --elastic for 2 one-slot hosts at first, on the training network."""
+    return ["launch/multinode.sh", "--elastic", "-n", "2", "--min-np", str(min_np), "--max-np", str(max_np),
+            "--nic", "eth1",
+            *pretrain_args(run_dir, ELASTIC_STEPS, "--set", f"batch.global_batch_size={ELASTIC_GLOBAL_BATCH}",
+                           "--set", f"batch.micro_batch_size={ELASTIC_MICRO}",
+                           "--set", f"elastic.commit_every={ELASTIC_COMMIT_EVERY}", *extra)]
+
+
+class ElasticJob:
+    """An elastic job started over SSH on host `on` (host-a unless said), its output in a log file."""
+
+    def __init__(self, cluster: Cluster, launcher: list[str], hosts_file: Path, log_path: Path, on: str = "host-a",
+                 env: dict[str, str] | None = None):
+        env = {**launcher_env(cluster), "HVDBERT_HOSTS_FILE": str(hosts_file), **(env or {})}
+        self.log_path = log_path
+        self.started = time.monotonic()
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(on_host_command(cluster, on, launcher, env), stdout=log,
+                                            stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, condition, what: str, seconds: float = 240) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert condition(), f"{what}: job exit {self.process.poll()}\n{self.output()[-4000:]}"
+
+    def say(self, what: str) -> None:
+        print(f"{time.monotonic() - self.started:.0f} s: {what}")
+
+    def stop(self, cluster: Cluster) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for name in HOSTS:
+            cluster.kill_processes(name)
+
+
 def test_elastic_job_grows_to_a_third_host_and_shrinks_back(cluster, tmp_path):
     """multinode.sh --elastic on host-a and host-b; host-c is added to the hosts file once steps are
     logged (3 workers), then rank 0's host is removed (2 workers), and the job finishes."""
@@ -289,23 +333,10 @@ def test_elastic_job_grows_to_a_third_host_and_shrinks_back(cluster, tmp_path):
 
     run_dir, hosts_file = tmp_path / "run", tmp_path / "hosts"
     write_hosts(hosts_file, ["host-a", "host-b"])
-    launcher = ["launch/multinode.sh", "--elastic", "-n", "2", "--min-np", "2", "--max-np", "3", "--nic", "eth1",
-                *pretrain_args(run_dir, ELASTIC_STEPS, "--set", f"batch.global_batch_size={ELASTIC_GLOBAL_BATCH}",
-                               "--set", f"batch.micro_batch_size={ELASTIC_MICRO}",
-                               "--set", f"elastic.commit_every={ELASTIC_COMMIT_EVERY}",
-                               "--set", "checkpoint.every_steps=10", "--set", "checkpoint.keep=20",
-                               "--set", "data.record_sample_ids=true")]
-    env = {**launcher_env(cluster), "HVDBERT_HOSTS_FILE": str(hosts_file)}
-    log_path = tmp_path / "elastic.log"
-    started = time.monotonic()
-    with open(log_path, "w") as log:
-        job = subprocess.Popen(on_host_command(cluster, "host-a", launcher, env), stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_for(condition, what: str, seconds: float = 240) -> None:
-        deadline = time.monotonic() + seconds
-        while not condition() and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert condition(), f"{what}: job exit {job.poll()}\n{log_path.read_text()[-4000:]}"
+    launcher = elastic_launcher(run_dir, "--set", "checkpoint.every_steps=10", "--set", "checkpoint.keep=20",
+                                "--set", "data.record_sample_ids=true")
+    job = ElasticJob(cluster, launcher, hosts_file, tmp_path / "elastic.log")
+    started, wait_for = job.started, job.wait_for
 
     def workers_at_last_step() -> int:
         records = last_record_per_step(run_dir)
@@ -313,12 +344,12 @@ def test_elastic_job_grows_to_a_third_host_and_shrinks_back(cluster, tmp_path):
 
     try:
         wait_for(lambda: len(last_record_per_step(run_dir)) >= 4, "4 steps on two hosts")
-        print(f"{time.monotonic() - started:.0f} s: {len(last_record_per_step(run_dir))} steps on two hosts")
+        job.say(f"{len(last_record_per_step(run_dir))} steps on two hosts")
         write_hosts(hosts_file, ["host-a", "host-b", "host-c"])
         grown_at = max(last_record_per_step(run_dir))
-        print(f"{time.monotonic() - started:.0f} s: host-c added after step {grown_at}")
+        job.say(f"host-c added after step {grown_at}")
         wait_for(lambda: workers_at_last_step() == 3, "the job grows to host-c")
-        print(f"{time.monotonic() - started:.0f} s: 3 workers")
+        job.say("3 workers")
         wait_for(lambda: sum(r["workers"] == 3 for r in last_record_per_step(run_dir).values()) >= 4,
                  "steps on three hosts")
         # Horovod orders the first hosts as it likes: find rank 0's host (it holds the lock) and remove it.
@@ -326,22 +357,18 @@ def test_elastic_job_grows_to_a_third_host_and_shrinks_back(cluster, tmp_path):
         assert leaving in ("host-a", "host-b"), leaving
         write_hosts(hosts_file, [name for name in HOSTS if name != leaving])
         shrunk_at = max(last_record_per_step(run_dir))
-        print(f"{time.monotonic() - started:.0f} s: {leaving} removed after step {shrunk_at}")
+        job.say(f"{leaving} removed after step {shrunk_at}")
         wait_for(lambda: workers_at_last_step() == 2, f"the job shrinks without {leaving}")
-        print(f"{time.monotonic() - started:.0f} s: 2 workers")
+        job.say("2 workers")
         # The new rank 0, on another host, holds the run directory's lock: another run is refused.
         with pytest.raises(UsageError, match="in use by another run"):
             check_free(run_dir)
-        assert job.poll() is None  # (the job had many steps left: the lock was held while it ran)
-        status = job.wait(timeout=300)
+        assert job.process.poll() is None  # (the job had many steps left: the lock was held while it ran)
+        status = job.process.wait(timeout=300)
     finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-        for name in HOSTS:
-            cluster.kill_processes(name)
+        job.stop(cluster)
     seconds = time.monotonic() - started
-    output = log_path.read_text()
+    output = job.output()
     assert status == 0, output[-4000:]
 
     records = read_metrics(run_dir)
@@ -378,3 +405,73 @@ def test_elastic_job_grows_to_a_third_host_and_shrinks_back(cluster, tmp_path):
     print(f"sample ids: {len(ids)} read over {ELASTIC_STEPS} steps, {len(set(ids))} distinct, "
           f"{len(data)} samples in the data, read per epoch {per_epoch}")
     assert len(ids) == ELASTIC_STEPS * ELASTIC_GLOBAL_BATCH
+
+
+
+def test_elastic_job_outwaits_a_frozen_rank_0_then_refuses_a_joiner_with_other_data(cluster, tmp_path):
+    """One elastic job, launched from host-c on host-a and host-b, meets two hazards in turn.
+
+    Rank 0's process freezes (SIGSTOP: a hung file system, a swapping host) and its host is taken out
+    of the job. Horovod's elastic driver re-forms the job only once every worker of the old one has
+    ended, so the other worker, past Gloo's timeout, waits without training. When the frozen
+    process ends (kill -9), the job re-forms on one worker, which becomes rank 0 and takes the run
+    directory's lock over (it would wait elastic.lock_wait_seconds for a lock not yet released).
+
+    Then host-c joins, but its cache holds another preparation of the embedded corpus under the
+    name the recipe asks for (a stale or hand-copied cache): the agreement check before the state
+    sync stops every worker with rank 0's one line naming host-c, horovodrun's elastic driver ends
+    without waiting for hosts, and the run directory keeps its checkpoints for a --resume auto."""
+    from hvdbert.checkpoint import latest_checkpoint
+    from hvdbert.prepare import builtin_cache_dir, prepare_builtin
+
+    run_dir, hosts_file = tmp_path / "run", tmp_path / "hosts"
+    # the name under which the tiny recipe (vocabulary 4096, sequence 64) looks for its documents
+    other = builtin_cache_dir(Path(cluster.workdir) / "cache-host-c" / "data", 4096, 64, BUILTIN_DOCUMENTS)
+    shutil.rmtree(other, ignore_errors=True)  # (the elastic test's host-c prepared the right one there)
+    prepare_builtin(other, 4096, 64, max_documents=BUILTIN_DOCUMENTS - 100)
+    write_hosts(hosts_file, ["host-a", "host-b"])
+    # A collective that waits for the frozen rank ends at Gloo's timeout (HOROVOD_GLOO_TIMEOUT_SECONDS,
+    # 30 s by default: shortened here; it also bounds the rendezvous of a joining worker).
+    job = ElasticJob(cluster, elastic_launcher(run_dir, "--set", "checkpoint.every_steps=4", min_np=1, max_np=2),
+                     hosts_file, tmp_path / "elastic.log", on="host-c", env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "20"})
+    frozen = None
+    try:
+        job.wait_for(lambda: steps_logged(run_dir) >= 4, "4 steps on two hosts")
+        holder = (run_dir / "lock").read_text().split()  # pid N on HOST since ...
+        frozen, leaving = int(holder[1]), holder[3]
+        staying = "host-b" if leaving == "host-a" else "host-a"
+        os.kill(frozen, signal.SIGSTOP)
+        write_hosts(hosts_file, [staying])
+        frozen_at = steps_logged(run_dir)
+        job.say(f"rank 0 (pid {frozen} on {leaving}) frozen and its host removed after step {frozen_at}")
+        job.wait_for(lambda: "Timed out waiting" in job.output(), "Gloo's timeout on the other worker")
+        time.sleep(5)
+        assert job.process.poll() is None and steps_logged(run_dir) <= frozen_at + ELASTIC_COMMIT_EVERY
+        assert "elastic reset" not in job.output()
+        job.say(f"no reset while the frozen process lives: {steps_logged(run_dir)} steps logged")
+        os.kill(frozen, signal.SIGKILL)
+        job.wait_for(lambda: "hvdbert: rank 0 is now pid" in job.output() and steps_logged(run_dir) >= frozen_at + 4,
+                     "the job goes on with one worker")
+        job.say(f"one worker, rank 0 on {staying}, after step {steps_logged(run_dir)}")
+        write_hosts(hosts_file, [staying, "host-c"])
+        status = job.process.wait(timeout=240)
+        job.say(f"host-c joined; the job ended with status {status}")
+    finally:
+        if frozen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGKILL)
+        job.stop(cluster)
+    output = job.output()
+    assert "hvdbert: rank 0 is now pid" in output and f"on {staying}; it holds {run_dir}/lock" in output
+    assert "hvdbert: elastic reset: now 1 workers, accumulation 6" in output
+    refusals = [line for line in output.splitlines() if "hvdbert.pretrain: error:" in line]
+    assert status != 0 and len(refusals) == 1, output[-4000:]
+    assert "rank 1 (host host-c) has another prepared data (manifest.json" in refusals[0], refusals[0]
+    # Both workers exit 2 at once; horovodrun's elastic driver then ends (status 1) with a report and
+    # a traceback of its own, at once: it does not wait for other hosts (HOROVOD_ELASTIC_TIMEOUT, 600 s).
+    assert "exit with status code 2" in output and "Exit code: 2" in output, output[-4000:]
+    assert not any("Traceback" in line for line in output.splitlines() if line.startswith(("[0]<", "[1]<")))
+    assert latest_checkpoint(run_dir).step >= frozen_at + 4
+    committed = last_record_per_step(run_dir)
+    assert sorted(committed) == list(range(1, max(committed) + 1))
+    assert {committed[step]["workers"] for step in committed if step > frozen_at + ELASTIC_COMMIT_EVERY} == {1}
