@@ -27,7 +27,8 @@ def rows(out: Path) -> list[str]:
         row = next(r for r in result["rows"] if r["system"] == "hvdbert")
         seq_len = row["seq_len"]
         batch, tf32, amp = NVIDIA_A100.get(seq_len, ("-", "-", "-"))
-        lines.append(f"| {path.stem.split('-')[1]} (BERT-large, {seq_len} tokens) | {row['precision']} | "
+        model = f"{result.get('shape') or 'BERT-large'}, {row['parameters'] / 1e6:.0f}M parameters"
+        lines.append(f"| {path.stem.split('-')[1]} ({model}, {seq_len} tokens) | {row['precision']} | "
                      f"{row['micro_batch_size']} | {row['seq_per_s']:.1f} | {row['mfu']:.1%} | "
                      f"{row['peak_memory_bytes'] / 2**30:.1f} | {tf32} / {amp} ({batch}) |")
     return lines
