@@ -3,7 +3,9 @@
 # in the CUDA variant) and hvdbert, with SSH for multi-node runs, running as the non-root user hvdbert.
 #
 #   docker build -t hvdbert .
-#   docker run --rm --gpus all --ipc=host hvdbert launch/local.sh -n 8
+#   docker run --rm --gpus all --ipc=host hvdbert launch/local.sh -n 8 --recipe recipes/bert-base-phase1.toml
+#
+# (8 workers split BERT-base phase 1's global batch; the default tiny recipe takes 1 or 2.)
 #
 # VARIANT picks the build: `cuda` (the default) is the GPU image (a CUDA base, PyTorch's CUDA
 # build, Horovod with NCCL); `cpu` is the same image for CPUs (a Debian base, PyTorch's CPU build,
