@@ -18,8 +18,9 @@
 #   PIP_FROM_HOST 1 (default, with podman or buildah, when this machine's pip has a configuration):
 #                 the build's pip gets this machine's pip configuration (`pip config list`: indexes,
 #                 find-links, constraints, CA bundle), with every local file or directory it names
-#                 mounted read-only into the build; and torch then comes from it (TORCH_INDEX_URL=pip)
-#                 unless TORCH_INDEX_URL is set. 0: the build reaches the package indexes by itself.
+#                 mounted read-only into the build; and the cpu variant's torch then comes from it
+#                 (TORCH_INDEX_URL=pip) unless TORCH_INDEX_URL is set (the cuda variant's comes from
+#                 PyTorch's CUDA index as before). 0: the build reaches the package indexes by itself.
 #   HVDBERT_CACHE where compiled Horovod wheels are kept (default ~/.cache/hvdbert; `wheels/` below
 #                 it, shared with tools/setup.sh): podman and buildah mount it into the build, so a
 #                 Horovod compiled once (by either) is installed by later builds without compiling.
@@ -189,7 +190,7 @@ EOF
         done <<<"$stage_out"
         volumes+=(--volume "$stage:/run/hvdbert-build/pip:ro")
         build_args+=(--build-arg PIP_CONFIG_FILE=/run/hvdbert-build/pip/pip.conf)
-        if [ -z "${TORCH_INDEX_URL:-}" ]; then
+        if [ -z "${TORCH_INDEX_URL:-}" ] && [ "$variant" = cpu ]; then
             build_args+=(--build-arg TORCH_INDEX_URL=pip)
         fi
         log "the build's pip uses this machine's pip configuration ($(grep -c = "$stage/pip.conf") settings)"
