@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 HOROVODRUN := $(VENV)/bin/horovodrun
 NP ?= 2
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint image image-test
 
 setup:
 	VENV="$(abspath $(VENV))" bash tools/setup.sh
@@ -21,4 +21,14 @@ lint:
 
 test: setup
 	bash tools/lint.sh --install
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest tests -m "not image"
+
+# The container image (tools/build-image.sh: docker, podman or buildah; VARIANT=cpu or cuda), and
+# the tests that run it: check-build, plan, a pretrain, two containers over SSH, a kill and a resume.
+VARIANT ?= cpu
+IMAGE ?= hvdbert:$(VARIANT)
+image:
+	VARIANT=$(VARIANT) IMAGE=$(IMAGE) bash tools/build-image.sh
+
+image-test: setup image
+	HVDBERT_IMAGE=$(IMAGE) $(PYTHON) -m pytest tests/test_image.py -m image

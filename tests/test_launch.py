@@ -122,7 +122,11 @@ def test_image_gpu_check_and_setup_run_the_same_horovod_build():
     # One script holds the Horovod build's commands; each caller only says which build it wants.
     runs = [args for instruction, args in dockerfile_instructions() if instruction == "RUN"]
     build = re.compile(r"tools/build-horovod\.sh\"?\s+(cpu|nccl)\b")
-    assert [m.group(1) for args in runs for m in build.finditer(args)] == ["nccl"]
+    # The Dockerfile builds once, in the mode its VARIANT selects: nccl for cuda (the default), cpu.
+    builds = [args for args in runs if re.search(r"tools/build-horovod\.sh \"\$\{horovod_mode\}\"", args)]
+    assert len(builds) == 1 and not build.search(builds[0])
+    assert re.search(r"cuda\) horovod_mode=nccl ;; \*\) horovod_mode=cpu ;;", builds[0]), builds[0]
+    assert re.search(r"^ARG VARIANT=cuda$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
     assert [m.group(1) for m in build.finditer((REPO / "tools" / "check-gpu-build.sh").read_text())] == ["nccl"]
     assert [m.group(1) for m in build.finditer((REPO / "tools" / "setup.sh").read_text())] == ["cpu"]
     # ... and nobody else builds Horovod with pip behind its back.

@@ -12,8 +12,10 @@
 # cannot drift apart. The wheel goes to WHEEL_DIR; when WHEEL_DIR already holds a Horovod wheel it
 # is installed without compiling (tools/setup.sh caches it that way; the others pass a fresh one).
 #
-# Settings (environment): CUDA_HOME (default /usr/local/cuda) and HOROVOD_CUDA_CC_LIST (compute
-# capabilities, comma-separated; default: the GPU generations below that this nvcc can compile for).
+# Settings (environment): CUDA_HOME (default /usr/local/cuda), HOROVOD_CUDA_CC_LIST (compute
+# capabilities, comma-separated; default: the GPU generations below that this nvcc can compile for)
+# and HVDBERT_HOROVOD_MPI (1, the default: with the MPI controller, which needs Open MPI's mpicxx;
+# 0: Gloo alone, for a machine without Open MPI, as tools/gpu-check.sh does there).
 set -euo pipefail
 
 usage="usage: tools/build-horovod.sh cpu|nccl PYTHON WHEEL_DIR, or tools/build-horovod.sh cc-list"
@@ -82,11 +84,16 @@ EOF
 chmod +x "$work/cxx"
 build_env=(
     CXX="$work/cxx"
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1
     HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
     MAKEFLAGS="-j$(nproc)"
 )
-needed=(PyTorch MPI Gloo)
+needed=(PyTorch Gloo)
+case "${HVDBERT_HOROVOD_MPI:-1}" in
+    1) build_env+=(HOROVOD_WITH_MPI=1); needed+=(MPI) ;;
+    0) build_env+=(HOROVOD_WITHOUT_MPI=1) ;;
+    *) die "HVDBERT_HOROVOD_MPI=$HVDBERT_HOROVOD_MPI: 1 (with MPI) or 0 (Gloo alone)" ;;
+esac
 
 if [ "$mode" = nccl ]; then
     [ -n "$torch_cuda" ] || die "the torch in $py is a CPU build; mode nccl needs a CUDA build of torch==$torch_version"
@@ -99,9 +106,15 @@ if [ "$mode" = nccl ]; then
     # serves both. Horovod's FindNCCL looks for libnccl.so, the wheel ships only libnccl.so.2: a
     # link in the work directory provides the name without touching the installed package. The
     # extension records libnccl.so.2 (the soname), which `import torch` has loaded before Horovod.
-    site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    nccl_lib=$(find "$site/nvidia" -name libnccl.so.2 2>/dev/null | head -n 1)
-    [ -n "$nccl_lib" ] || die "torch brought no NCCL: no libnccl.so.2 under $site/nvidia (the nvidia-nccl wheel)"
+    # Every directory of the interpreter's path: a venv with --system-site-packages sees the
+    # system's torch and its nvidia wheels there.
+    sites=$("$py" -c 'import sys, os; print("\n".join(p for p in sys.path if os.path.isdir(os.path.join(p, "nvidia"))))')
+    nccl_lib=""
+    while IFS= read -r site; do
+        [ -n "$site" ] && [ -z "$nccl_lib" ] || continue
+        nccl_lib=$(find "$site/nvidia" -name libnccl.so.2 2>/dev/null | head -n 1)
+    done <<<"$sites"
+    [ -n "$nccl_lib" ] || die "torch brought no NCCL: no libnccl.so.2 under an nvidia/ directory of $py's path (the nvidia-nccl wheel)"
     nccl_home=$(dirname "$(dirname "$nccl_lib")")
     mkdir "$work/nccl-lib"
     ln -s "$nccl_lib" "$work/nccl-lib/libnccl.so"
