@@ -216,3 +216,24 @@ def test_encoder_and_head_learn_at_their_own_rates(tmp_path):
             trainer.lr_scheduler.step()
         rates = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
         assert rates["encoder"] == pytest.approx(rates["head"] / 10) and 0 < rates["head"] < 1e-3
+
+
+def test_the_probe_table_states_each_seed_the_means_and_whether_the_gap_beats_the_spread():
+    from bench.probe_table import summary, table
+
+    def run(setting, init, seed, accuracy):
+        return {"model": "demo", "setting": setting, "init": init, "seed": seed, "dev_accuracy": accuracy,
+                "dev_examples": 215, "dev_majority_accuracy": 0.2047, "lr": 1e-3, "encoder_lr": 1e-4, "pooling": "mean"}
+
+    rows = [run("defaults", "pretrained", s, a) for s, a in ((1, 0.50), (2, 0.54), (3, 0.52))]
+    rows += [run("defaults", "scratch", s, a) for s, a in ((1, 0.30), (2, 0.36), (3, 0.33))]
+    rows += [run("few-shot", "pretrained", s, a) for s, a in ((1, 0.40), (2, 0.44), (3, 0.42))]
+    rows += [run("few-shot", "scratch", s, a) for s, a in ((1, 0.35), (2, 0.41), (3, 0.38))]
+    defaults, few = summary(rows)
+    assert defaults["pretrained"]["per_seed"] == [0.50, 0.54, 0.52] and defaults["scratch"]["mean"] == pytest.approx(0.33)
+    assert defaults["gap"] == pytest.approx(0.19) and defaults["spread"] == pytest.approx(0.06) and defaults["beats_spread"]
+    assert few["gap"] == pytest.approx(0.04) and few["spread"] == pytest.approx(0.06) and not few["beats_spread"]
+    text = table([defaults, few], rows, "python -m bench.probe_table --model demo=runs/demo --output out")
+    assert "| demo | defaults | 0.5200 (0.5000-0.5400) | 0.3300 (0.3000-0.3600) | +0.1900 | 0.0600 | yes | " \
+           "0.5000, 0.5400, 0.5200 | 0.3000, 0.3600, 0.3300 |" in text
+    assert "| demo | few-shot | 0.4200 (0.4000-0.4400) | 0.3800 (0.3500-0.4100) | +0.0400 | 0.0600 | no |" in text
