@@ -3,7 +3,7 @@ several seeds, at finetune's defaults and few-shot, in one table.
 
     python -m bench.probe_table --model demo=RUN_DIR [--model NAME=RUN_DIR|HF_DIR ...] --output DIR
         [--seeds 3] [--few-shot-per-class 16] [--few-shot-epochs 20] [--task builtin] [--workdir DIR]
-        [--jobs 1] [--threads 1]
+        [--settings defaults,few-shot] [--jobs 1] [--threads 1]
 
 For each model, each setting (`defaults`: finetune's own; `few-shot`: --train-per-class N and
 --epochs E, the rates finetune's defaults) and seeds 1..--seeds, `python -m hvdbert.finetune --task
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 1..N for each model and setting")
     parser.add_argument("--few-shot-per-class", type=int, default=16, help="the few-shot setting's --train-per-class")
     parser.add_argument("--few-shot-epochs", type=float, default=20.0, help="the few-shot setting's --epochs")
+    parser.add_argument("--settings", default="defaults,few-shot", help="which settings, comma-separated")
     parser.add_argument("--jobs", type=int, default=1, help="fine-tunings at a time")
     parser.add_argument("--threads", type=int, default=1, help="threads per fine-tuning (OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
@@ -53,12 +54,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         models[name] = Path(path)
     args.models = models
     args.workdir = args.workdir or args.output / "runs"
+    args.settings = args.settings.split(",")
+    unknown = set(args.settings) - {"defaults", "few-shot"}
+    if unknown:
+        parser.error(f"--settings {','.join(sorted(unknown))}: choose from defaults, few-shot")
     return args
 
 
 def settings(args) -> dict[str, list[str]]:
-    return {"defaults": [],
-            "few-shot": ["--train-per-class", str(args.few_shot_per_class), "--epochs", format(args.few_shot_epochs, "g")]}
+    every = {"defaults": [],
+             "few-shot": ["--train-per-class", str(args.few_shot_per_class), "--epochs", format(args.few_shot_epochs, "g")]}
+    return {name: flags for name, flags in every.items() if name in args.settings}
 
 
 def finetune_once(args, model: Path, flags: list[str], seed: int, init: str, result: Path) -> dict:
