@@ -285,9 +285,13 @@ def test_export_loads_in_fill_mask_offline_with_the_checkpoints_logits(runs, hvd
 def test_the_probe_fine_tunes_a_mean_pooled_modernbert(runs, cli, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
+    task = tmp_path / "task.csv"  # two classes, three documents each
+    task.write_text("text,label\n" + "".join(f"{text},{label}\n" for label, texts in (
+        ("loop", ("Stop the event loop.", "Run until the future is done.", "Schedule a callback soon.")),
+        ("mail", ("Parse a message from a string.", "Return the header value.", "Set the payload of a message.")))
+        for text in texts))
     out = tmp_path / "probe"
-    result = cli("hvdbert.finetune", ["--model", runs["np1"], "--task", "builtin", "--output", out, "--epochs", "1",
-                                      "--train-per-class", "2"])
+    result = cli("hvdbert.finetune", ["--model", runs["np1"], "--task", task, "--output", out, "--epochs", "1"])
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert (results["pooling"], results["max_length"]) == ("mean", 64)  # the base recipe's sequence, not 128
