@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
 import sys
 import tomllib
@@ -177,6 +176,31 @@ class EvalConfig:
     @property
     def requested(self) -> bool:
         return self.every_steps > 0 or self.at_end
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """hvdbert.finetune's settings (its flags of the same names): a probe made for an encoder that
+    masked LM alone pretrained. Not a recipe section."""
+
+    seed: int = counted(42, 0, MAX_SEED)  # the head's initialisation (from scratch: every weight's) and shuffling
+    split_seed: int = counted(0, 0, MAX_SEED)  # which documents form the dev part, and the few-shot draw
+    dev_fraction: float = bounded(0.2, lambda v: 0.0 < v < 1.0, "must be in (0, 1), e.g. 0.2")  # of documents
+    train_per_class: int = bounded(0, lambda v: v >= 0, "must be 0 (every example) or more, e.g. 16")
+    epochs: float = positive(5.0)
+    # Two rates: the new head learns from nothing, while the encoder should keep what pretraining gave
+    # it; one high rate for both overwrites a young encoder, one low rate leaves the head untrained.
+    lr: float = positive(1e-3)  # the head's peak rate (AdamW, linear decay after warmup)
+    encoder_lr: float = positive(1e-4)  # the encoder's peak rate
+    batch_size: int = positive(32)
+    # tokens per example, longer ones cut; never more than the sequence length the encoder was pretrained
+    # at (where it is known) nor its max_position_embeddings: positions past those are untrained
+    max_length: int = positive(128)
+    # mean: the average of the last layer over the non-padding tokens, which masked LM trains at every
+    # position; cls: the first token's vector, which masked LM never trains (nothing masks [CLS])
+    pooling: str = choice("mean", "cls")
+    weight_decay: float = at_least_zero(0.01)  # AdamW's, on every weight but biases and LayerNorms
+    warmup_ratio: float = fraction_below_one(0.1)  # of the steps, linear warmup
 
 
 @dataclass

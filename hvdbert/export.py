@@ -7,7 +7,9 @@ offline with `AutoModelForMaskedLM.from_pretrained(HF_DIR)`, `pipeline("fill-mas
 and, when the run trained next-sentence prediction, `BertForPreTraining.from_pretrained(HF_DIR)`.
 MLM-only runs are written as BertForMaskedLM: their pooler and NSP head were never trained.
 ModernBERT runs (model.architecture = modernbert) are written as ModernBertForMaskedLM, the class
-they trained as, with the config naming their tokenizer's special token ids.
+they trained as, with the config naming their tokenizer's special token ids and
+`classifier_pooling = "mean"` (masked LM alone never trains the first token's output). Every export's
+config records `pretraining_max_seq_len`, the sequence length the run trained at.
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.files import check_output_location
 
 
+# The config.json key every export writes: the sequence length the run trained at. Positions past it
+# are untrained, so hvdbert.finetune cuts its examples there.
+PRETRAINING_LENGTH = "pretraining_max_seq_len"
+
+
 def build_exported(found: checkpoint.Checkpoint):
     """The transformers model holding `found`'s weights: what its family exports (BertForPreTraining,
     BertForMaskedLM or ModernBertForMaskedLM)."""
@@ -35,6 +42,7 @@ def build_exported(found: checkpoint.Checkpoint):
     checkpoint.load_weights(model, found.weights(), found.path / checkpoint.WEIGHTS)
     model = families.family_of(fields).hooks.exported(model, found.recipe.get("with_nsp", False), found.path)
     model.config.architectures = [type(model).__name__]
+    setattr(model.config, PRETRAINING_LENGTH, found.recipe.get("data", {}).get("max_seq_len"))
     return model.eval()
 
 

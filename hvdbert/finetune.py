@@ -2,14 +2,20 @@
 
     python -m hvdbert.finetune --model RUN_DIR|HF_DIR --task builtin|FILE [--text-field text]
                                [--label-field label] --output DIR [--json FILE] [--from-scratch]
-                               [--seed 42] [--split-seed 0] [--train-per-class N] [--epochs 5] [--lr 1e-4]
-                               [--max-length 128]
+                               [--seed 42] [--split-seed 0] [--train-per-class N] [--epochs 5] [--lr 1e-3]
+                               [--encoder-lr 1e-4] [--max-length 128] [--pooling mean|cls]
 
 --model is an hvdbert run directory (its newest checkpoint, exported as `hvdbert.export` does) or a
-transformers model directory. The encoder gets a classification head (transformers'
-AutoModelForSequenceClassification) and is fine-tuned with transformers' Trainer on the task's
-training part; dev accuracy and macro-F1 are reported. --from-scratch trains the same shape from a
-random initialisation instead: the difference between the two is what pretraining bought.
+transformers model directory. The encoder gets a classification head and is fine-tuned with
+transformers' Trainer on the task's training part; dev accuracy and macro-F1 are reported.
+--from-scratch trains the same shape from a random initialisation instead: the difference between
+the two is what pretraining bought.
+
+The probe suits an encoder that masked LM alone pretrained: the head classifies the mean of the last
+layer over the non-padding tokens (--pooling mean; masked LM never trains [CLS]'s output, nor BERT's
+pooler), the encoder learns at --encoder-lr, below the new head's --lr, and examples are cut at the
+sequence length the encoder was pretrained at (positions past it are untrained). The defaults are
+hvdbert.config.FinetuneConfig's.
 
 A task FILE is CSV (with a header) or JSON lines, one labelled example per row; each row is a
 document. `builtin` is the embedded task: docstrings of the standard library labelled by the package
@@ -26,7 +32,6 @@ if __name__ == "__main__":  # the program: a Ctrl-C while torch imports is one l
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hvdbert.config import FinetuneConfig
 from hvdbert.data.corpus import docstrings
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.files import check_output_file
@@ -157,13 +163,22 @@ def macro_f1(truth: np.ndarray, predicted: np.ndarray, classes: int) -> float:
     return float(np.mean(scores))
 
 
-def resolve_model(model: Path, work: Path) -> Path:
-    """A transformers model directory for --model: itself, or an hvdbert run exported into `work`."""
-    from hvdbert import checkpoint
-    from hvdbert.export import export
+def resolve_model(args, work: Path) -> tuple[Path, int]:
+    """A transformers model directory for --model: itself, or an hvdbert run exported into `work`; and
+    the tokens per example (length_cap), found before anything is exported."""
+    from hvdbert import checkpoint, families
+    from hvdbert.export import PRETRAINING_LENGTH, export
 
+    model = args.model
     if (model / "config.json").is_file():
-        return model
+        try:
+            config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"--model {model}: config.json is not valid JSON ({error}); give a directory "
+                             "hvdbert.export or save_pretrained wrote") from None
+        config = config if isinstance(config, dict) else {}  # transformers refuses it, when it loads it
+        positions = config.get("max_position_embeddings")
+        return model, length_cap(args, positions or FinetuneConfig.max_length, config.get(PRETRAINING_LENGTH))
     found = None
     if (model / checkpoint.STATE).is_file():
         found = checkpoint.open_checkpoint(model)
@@ -172,12 +187,14 @@ def resolve_model(model: Path, work: Path) -> Path:
     if found is None:
         raise UsageError(f"--model {model}: neither a transformers model directory (config.json) nor an hvdbert "
                          "run with a complete checkpoint (checkpoints/step-<N>)")
+    max_length = length_cap(args, families.build_config(found.recipe["model"]).max_position_embeddings,
+                            found.recipe.get("data", {}).get("max_seq_len"))
     exported = work / "pretrained"
     # finetune has no --tokenizer: another tokenizer comes with a model directory that export wrote
     export(found, Path(found.recipe.get("data_dir", "")) / "tokenizer", exported,
            choose=f"export the run with `python -m hvdbert.export --run {model} --tokenizer DIR --output HF_DIR` "
                   "and pass --model HF_DIR")
-    return exported
+    return exported, max_length
 
 
 class _Encoded:
@@ -194,10 +211,79 @@ class _Encoded:
         return {**{k: v[i] for k, v in self.features.items()}, "labels": self.labels[i]}
 
 
-def finetune(model_dir: Path, train: list[Example], dev: list[Example], labels: list[str], args, work: Path) -> dict:
+def length_cap(args, positions: int, pretrained: int | None) -> int:
+    """--max-length, at most the pretraining sequence length (where known) and the model's positions. An
+    explicit --max-length above that is refused: the positions past it are untrained."""
+    limits = [(positions, "positions the model has (max_position_embeddings)")]
+    if pretrained:
+        limits.append((pretrained, "tokens it was pretrained on"))
+    cap, why = min(limits)
+    if args.max_length is None:
+        return min(FinetuneConfig.max_length, cap)
+    if args.max_length > cap:
+        raise UsageError(f"--max-length {args.max_length}: more than the {cap} {why} by --model {args.model}, so "
+                         f"positions past {cap} are untrained; give at most {cap}, or leave it out")
+    return args.max_length
+
+
+def classifier_class(config, pooling: str, model: Path):
+    """The sequence-classification class for `config` with `pooling`: transformers' own, with ModernBERT's
+    config.classifier_pooling, or for BERT with mean pooling hvdbert's (families/bert_pooled.py)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config.classifier_pooling = pooling  # recorded in the saved config.json either way
+    if config.model_type == "bert" and pooling == "mean":
+        from hvdbert.families.bert_pooled import BertMeanPooledForSequenceClassification
+
+        return BertMeanPooledForSequenceClassification
+    if config.model_type not in ("bert", "modernbert") and pooling != "cls":
+        raise UsageError(f"--pooling {pooling}: not available for --model {model} (model_type {config.model_type!r}; "
+                         "mean pooling is for bert and modernbert); pass --pooling cls")
+    return AutoModelForSequenceClassification
+
+
+def parameter_groups(model, decay_names, encoder_lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: the encoder (the model's base model: what pretraining gave) at encoder_lr,
+    everything else (the head) at head_lr; weight decay on `decay_names` only. Each group is named."""
+    encoder = {f"{model.base_model_prefix}.{name}" for name, _ in model.base_model.named_parameters()}
+    groups = []
+    for part, lr in (("encoder", encoder_lr), ("head", head_lr)):
+        for decay in (True, False):
+            params = [p for n, p in model.named_parameters()
+                      if p.requires_grad and (n in encoder) == (part == "encoder") and (n in decay_names) == decay]
+            if params:
+                groups.append({"name": part, "params": params, "lr": lr, "weight_decay": weight_decay if decay else 0.0})
+    return groups
+
+
+def probe_trainer(**kwargs):
+    """transformers' Trainer with the encoder and the head at their own rates (its AdamW, schedule and
+    everything else as usual). `encoder_lr` joins Trainer's own keyword arguments."""
     import torch
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import Trainer
+
+    class ProbeTrainer(Trainer):
+        def __init__(self, encoder_lr: float, **rest):
+            super().__init__(**rest)
+            self.encoder_lr = encoder_lr
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                model = self.model if model is None else model
+                groups = parameter_groups(model, set(self.get_decay_parameter_names(model)), self.encoder_lr,
+                                          self.args.learning_rate, self.args.weight_decay)
+                self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate,
+                                                   betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                                   eps=self.args.adam_epsilon)
+            return self.optimizer
+
+    return ProbeTrainer(**kwargs)
+
+
+def finetune(model_dir: Path, train: list[Example], dev: list[Example], labels: list[str], args, work: Path,
+             max_length: int) -> dict:
+    import torch
+    from transformers import AutoConfig, DataCollatorWithPadding, TrainingArguments, set_seed
 
     from hvdbert.data.tokenizer import load_any_tokenizer
 
@@ -206,37 +292,42 @@ def finetune(model_dir: Path, train: list[Example], dev: list[Example], labels: 
                                               "(hvdbert.export writes it)")
     config = AutoConfig.from_pretrained(str(model_dir), num_labels=len(labels), id2label=dict(enumerate(labels)),
                                         label2id=label_ids)
+    model_class = classifier_class(config, args.pooling, args.model)
     set_seed(args.seed)  # the head's (and, from scratch, every weight's) initialisation; shuffling
     if args.from_scratch:
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     else:
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), config=config)
+            model = model_class.from_pretrained(str(model_dir), config=config)
         except OSError as error:
             if error.errno is not None:  # the machine's (a full disk, a permission): reported as such
                 raise
             first_line = (str(error).strip().splitlines() or ["no weights"])[0]  # transformers: a file is missing
             raise UsageError(f"--model {model_dir}: cannot load its weights ({first_line}); give a directory "
                              "hvdbert.export or save_pretrained wrote, or pass --from-scratch") from None
-    max_length = min(args.max_length, config.max_position_embeddings)
+    defaults = FinetuneConfig()
     training = TrainingArguments(
         output_dir=str(work / "trainer"), num_train_epochs=args.epochs, learning_rate=args.lr,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, weight_decay=0.01,
-        warmup_steps=0.1, seed=args.seed, save_strategy="no", logging_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
+        weight_decay=defaults.weight_decay, warmup_steps=defaults.warmup_ratio, seed=args.seed, save_strategy="no",
+        logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(model=model, args=training, train_dataset=_Encoded(tokenizer, train, label_ids, max_length),
-                      data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = probe_trainer(model=model, args=training, encoder_lr=args.encoder_lr,
+                            train_dataset=_Encoded(tokenizer, train, label_ids, max_length),
+                            data_collator=DataCollatorWithPadding(tokenizer))
     trainer.train()
     predictions = trainer.predict(_Encoded(tokenizer, dev, label_ids, max_length))
     predicted = np.asarray(predictions.predictions).argmax(-1)
     truth = np.asarray([label_ids[e.label] for e in dev])
     majority = max(sum(e.label == label for e in dev) for label in labels) / len(dev)
     return {"dev_accuracy": float((predicted == truth).mean()), "dev_macro_f1": macro_f1(truth, predicted, len(labels)),
-            "dev_majority_accuracy": majority}, trainer.model, tokenizer
+            "dev_majority_accuracy": majority, "max_length": max_length}, trainer.model, tokenizer
 
 
 def parse_args(argv):
+    from dataclasses import fields
+
+    defaults = FinetuneConfig()
     parser = ArgumentParser(prog="python -m hvdbert.finetune", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="hvdbert run directory or transformers model directory")
     parser.add_argument("--task", required=True, help="`builtin` or a labelled CSV / JSON-lines file")
@@ -245,24 +336,31 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, type=Path, help="new directory: the fine-tuned model and results.json")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--from-scratch", action="store_true", help="random initialisation of the same shape (baseline)")
-    parser.add_argument("--seed", type=int, default=42, help="initialisation and shuffling")
-    parser.add_argument("--split-seed", type=int, default=0, help="which documents form the dev part")
-    parser.add_argument("--dev-fraction", type=float, default=0.2, help="of documents")
-    parser.add_argument("--train-per-class", type=int, default=0,
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and shuffling")
+    parser.add_argument("--split-seed", type=int, default=defaults.split_seed, help="which documents form the dev part")
+    parser.add_argument("--dev-fraction", type=float, default=defaults.dev_fraction, help="of documents")
+    parser.add_argument("--train-per-class", type=int, default=defaults.train_per_class,
                         help="fine-tune on at most N examples of each class, drawn by --split-seed (0: all)")
-    # Small BERTs fine-tune well at 1e-4, batch 32, a few epochs (Turc et al. 2019 sweep 3e-5..1e-4).
-    parser.add_argument("--epochs", type=float, default=5.0)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (longer are cut)")
+    parser.add_argument("--epochs", type=float, default=defaults.epochs)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="the classification head's peak learning rate")
+    parser.add_argument("--encoder-lr", type=float, default=defaults.encoder_lr,
+                        help="the encoder's peak learning rate (below --lr: it keeps what pretraining gave)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help=f"tokens per example, longer are cut (default {defaults.max_length}, at most the "
+                             "pretraining sequence length)")
+    parser.add_argument("--pooling", default=defaults.pooling, help="what the head classifies: mean (of the "
+                        "non-padding tokens' last layer) or cls (the first token, through BERT's pooler)")
     args = parser.parse_args(argv)
-    if not 0.0 < args.dev_fraction < 1.0:
-        raise UsageError(f"--dev-fraction {args.dev_fraction}: must be in (0, 1), e.g. 0.2")
-    if args.train_per_class < 0:
-        raise UsageError(f"--train-per-class {args.train_per_class}: must be 0 (every example) or more, e.g. 16")
-    for name in ("epochs", "lr", "batch_size", "max_length"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be greater than 0")
+    for spec in fields(FinetuneConfig):  # the ranges and choices FinetuneConfig declares, for the flags it names
+        value = getattr(args, spec.name, None)
+        flag = "--" + spec.name.replace("_", "-")
+        if value is None:
+            continue
+        if "choices" in spec.metadata and value not in spec.metadata["choices"]:
+            raise UsageError(f"{flag} {value}: choose one of {', '.join(spec.metadata['choices'])}")
+        if "valid" in spec.metadata and not spec.metadata["valid"](value):
+            raise UsageError(f"{flag} {value}: {spec.metadata['rule']}")
     return args
 
 
@@ -294,12 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".finetune-", dir=args.output.parent) as scratch:
         work = Path(scratch)
-        model_dir = resolve_model(args.model, work)
-        scores, model, tokenizer = finetune(model_dir, train, dev, labels, args, work)
+        model_dir, max_length = resolve_model(args, work)
+        scores, model, tokenizer = finetune(model_dir, train, dev, labels, args, work, max_length)
         result = {"task": where, "model": str(args.model), "from_scratch": args.from_scratch, "seed": args.seed,
                   "split_seed": args.split_seed, **scores, "classes": len(labels), "labels": labels,
                   "train_examples": len(train), "train_per_class": args.train_per_class,
-                  "dev_examples": len(dev), "epochs": args.epochs, "lr": args.lr}
+                  "dev_examples": len(dev), "epochs": args.epochs, "lr": args.lr,
+                  "encoder_lr": args.encoder_lr, "pooling": args.pooling}
         final = work / "result"
         model.save_pretrained(str(final))
         tokenizer.save_pretrained(str(final))

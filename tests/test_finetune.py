@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import TINY, run_module
 
-from hvdbert.finetune import Example, builtin_examples, few_per_class, file_examples, split_by_document
+from hvdbert.config import FinetuneConfig
+from hvdbert.finetune import Example, builtin_examples, few_per_class, file_examples, probe_trainer, split_by_document
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,15 @@ def task(tmp_path_factory) -> Path:
     return path
 
 
-def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task, cli):
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """transformers copies a model directory's own code (trust_remote_code) here, not to ~/.cache."""
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+
+
+def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task, cli, modules_cache):
     data = tmp_path / "data"
     run_module("hvdbert.prepare", ["--input", "builtin", "--builtin-max-documents", "80", "--seq-len", "64",
                                    "--vocab-size", "600", "--output", str(data)], hvdbert_env, timeout=300)
@@ -52,7 +61,7 @@ def test_finetune_a_run_end_to_end(tmp_path, hvdbert_env, task, cli):
                 for n, r in enumerate(map(json.loads, task.read_text().splitlines()), start=1)]
     _, dev = split_by_document(examples, 0.2, 0)
     assert len(dev) == pretrained["dev_examples"]
-    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "pretrained")).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "pretrained"), trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "pretrained"))
     with torch.no_grad():
         batch = tokenizer([e.text for e in dev], truncation=True, max_length=64, padding=True, return_tensors="pt")
@@ -109,7 +118,9 @@ def test_bad_task_files_are_one_line_and_write_nothing(tmp_path, cli):
     cases = [(tmp_path, *case) for case in cases] + [
         (no_tokenizer, two_each, f"{no_tokenizer} is not a tokenizer directory: it has neither tokenizer.json nor "
                                  "vocab.txt; a transformers model directory needs its tokenizer beside config.json", []),
-        (no_weights, two_each, f"--model {no_weights}: cannot load its weights", [])]
+        (no_weights, two_each, f"--model {no_weights}: cannot load its weights", []),
+        (no_weights, two_each, "--pooling max: choose one of mean, cls", ["--pooling", "max"]),
+        (no_weights, two_each, "--encoder-lr 0.0: must be greater than 0", ["--encoder-lr", "0"])]
     for model, path, message, extra in cases:
         out = tmp_path / "out"
         status, err = cli("hvdbert.finetune", ["--model", model, "--task", path, "--output", out,
@@ -136,3 +147,93 @@ def test_a_json_path_that_is_a_directory_is_refused_before_fine_tuning(tmp_path,
     assert status == 2 and err == [f"hvdbert.finetune: error: --json {taken} is a directory; name a file, "
                                    f"e.g. --json {taken / 'results.json'}"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "task.csv"]
+
+
+def test_the_probe_pools_the_mean_and_cuts_at_the_pretraining_length(finished_run, task, cli, tmp_path,
+                                                                      modules_cache):
+    """finished_run pretrained on 64-token sequences with masked LM alone (tiny recipe)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "probe"
+    result = cli("hvdbert.finetune", ["--model", finished_run, "--task", task, "--output", out, "--epochs", "1",
+                                      "--train-per-class", "4", "--seed", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((out / "config.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert saved["classifier_pooling"] == "mean" and saved["pretraining_max_seq_len"] == 64
+    assert saved["auto_map"] == {"AutoModelForSequenceClassification": "bert_pooled.BertMeanPooledForSequenceClassification"}
+    defaults = FinetuneConfig()
+    assert (results["pooling"], results["max_length"]) == ("mean", 64)  # not the default 128: positions past 64 are untrained
+    assert (results["lr"], results["encoder_lr"]) == (defaults.lr, defaults.encoder_lr)
+
+    # transformers loads it with the code saved beside it, and it classifies the tokens' mean
+    model = AutoModelForSequenceClassification.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert type(model).__name__ == "BertMeanPooledForSequenceClassification" and model.config.classifier_pooling == "mean"
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    batch = tokenizer(["Stop the event loop.", "Parse a message from a string of headers and a body."],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.bert(**batch).last_hidden_state
+        first = hidden[0, : int(batch["attention_mask"][0].sum())].mean(0)  # its non-padding tokens
+        assert torch.allclose(model(**batch).logits[0], model.classifier(first), atol=1e-5)
+
+    # a longer --max-length than the pretraining's is refused, in one line, before anything is written
+    status, err = cli("hvdbert.finetune", ["--model", finished_run, "--task", task, "--output", tmp_path / "long",
+                                           "--max-length", "65"]).exit_and_stderr_lines()
+    assert status == 2 and err == [
+        f"hvdbert.finetune: error: --max-length 65: more than the 64 tokens it was pretrained on by --model "
+        f"{finished_run}, so positions past 64 are untrained; give at most 64, or leave it out"], err
+    assert not (tmp_path / "long").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".finetune-")]
+
+
+def test_encoder_and_head_learn_at_their_own_rates(tmp_path):
+    from transformers import BertConfig, ModernBertConfig, ModernBertForSequenceClassification, TrainingArguments
+
+    from hvdbert.families.bert_pooled import BertMeanPooledForSequenceClassification
+
+    shape = dict(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                 num_labels=3)
+    models = [BertMeanPooledForSequenceClassification(BertConfig(**shape)),
+              ModernBertForSequenceClassification(ModernBertConfig(**shape, classifier_pooling="mean", pad_token_id=0,
+                                                                   bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                                                   sep_token_id=2))]
+    for model in models:
+        args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, warmup_steps=0.1,
+                                 report_to=[], use_cpu=True)
+        trainer = probe_trainer(model=model, args=args, encoder_lr=1e-4)
+        trainer.create_optimizer_and_scheduler(num_training_steps=10)
+        group_of = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
+        assert len(group_of) == len(list(model.parameters()))  # every parameter, once
+        for name, parameter in model.named_parameters():
+            encoder = name.startswith(model.base_model_prefix + ".")  # model.bert / model.model: what pretraining gave
+            group = group_of[id(parameter)]
+            assert (group["name"], group["initial_lr"]) == (("encoder", 1e-4) if encoder else ("head", 1e-3)), name
+            no_decay = name.endswith("bias") or "norm" in name.lower()
+            assert group["weight_decay"] == (0.0 if no_decay else 0.01), name
+        for _ in range(5):  # the schedule (warmup, linear decay) keeps the ratio
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+        rates = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+        assert rates["encoder"] == pytest.approx(rates["head"] / 10) and 0 < rates["head"] < 1e-3
+
+
+def test_the_probe_table_states_each_seed_the_means_and_whether_the_gap_beats_the_spread():
+    from bench.probe_table import summary, table
+
+    def run(setting, init, seed, accuracy):
+        return {"model": "demo", "setting": setting, "init": init, "seed": seed, "dev_accuracy": accuracy,
+                "dev_examples": 215, "dev_majority_accuracy": 0.2047, "lr": 1e-3, "encoder_lr": 1e-4, "pooling": "mean"}
+
+    rows = [run("defaults", "pretrained", s, a) for s, a in ((1, 0.50), (2, 0.54), (3, 0.52))]
+    rows += [run("defaults", "scratch", s, a) for s, a in ((1, 0.30), (2, 0.36), (3, 0.33))]
+    rows += [run("few-shot", "pretrained", s, a) for s, a in ((1, 0.40), (2, 0.44), (3, 0.42))]
+    rows += [run("few-shot", "scratch", s, a) for s, a in ((1, 0.35), (2, 0.41), (3, 0.38))]
+    defaults, few = summary(rows)
+    assert defaults["pretrained"]["per_seed"] == [0.50, 0.54, 0.52] and defaults["scratch"]["mean"] == pytest.approx(0.33)
+    assert defaults["gap"] == pytest.approx(0.19) and defaults["spread"] == pytest.approx(0.06) and defaults["beats_spread"]
+    assert few["gap"] == pytest.approx(0.04) and few["spread"] == pytest.approx(0.06) and not few["beats_spread"]
+    text = table([defaults, few], rows, "python -m bench.probe_table --model demo=runs/demo --output out")
+    assert "| demo | defaults | 0.5200 (0.5000-0.5400) | 0.3300 (0.3000-0.3600) | +0.1900 | 0.0600 | yes | " \
+           "0.5000, 0.5400, 0.5200 | 0.3000, 0.3600, 0.3300 |" in text
+    assert "| demo | few-shot | 0.4200 (0.4000-0.4400) | 0.3800 (0.3500-0.4100) | +0.0400 | 0.0600 | no |" in text

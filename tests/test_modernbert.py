@@ -255,18 +255,23 @@ def test_export_loads_in_fill_mask_offline_with_the_checkpoints_logits(runs, hvd
     assert "step 8" in result.stdout and "ModernBertForMaskedLM" in result.stdout
     script = (
         "import json, sys, torch\n"
-        "from transformers import AutoModelForMaskedLM, pipeline\n"
+        "from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, pipeline\n"
         "model = AutoModelForMaskedLM.from_pretrained(sys.argv[1]).eval()\n"
+        "pooling = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=2).config.classifier_pooling\n"
         "out = pipeline('fill-mask', model=sys.argv[1])('the history of the [MASK] is long .')\n"
         "ids = torch.arange(5, 5 + 2 * 64).view(2, 64)\n"
         "with torch.no_grad():\n"
         "    logits = model(input_ids=ids).logits\n"
-        "print(json.dumps({'class': type(model).__name__, 'n': len(out), 'logits': logits[:, ::7, ::97].tolist()}))\n"
+        "print(json.dumps({'class': type(model).__name__, 'n': len(out), 'logits': logits[:, ::7, ::97].tolist(),\n"
+        "                  'pooling': pooling}))\n"
     )
     loaded = subprocess.run([sys.executable, "-c", script, str(hf_dir)], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300, check=True)
     report = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert report["class"] == "ModernBertForMaskedLM" and report["n"] == 5
+    # a classifier fine-tuned from the export pools the mean: masked LM never trained [CLS]'s output
+    assert report["pooling"] == "mean"
+    assert json.loads((hf_dir / "config.json").read_text())["pretraining_max_seq_len"] == 64
 
     found = checkpoint.latest_checkpoint(runs["np2"])
     model = build_model(found.recipe["model"], with_nsp=False)
@@ -274,3 +279,21 @@ def test_export_loads_in_fill_mask_offline_with_the_checkpoints_logits(runs, hvd
     with torch.no_grad():
         ours = model.eval()(input_ids=torch.arange(5, 5 + 2 * 64).view(2, 64)).logits[:, ::7, ::97]
     assert torch.equal(ours, torch.tensor(report["logits"]))
+
+
+@pytest.mark.multiprocess
+def test_the_probe_fine_tunes_a_mean_pooled_modernbert(runs, cli, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    task = tmp_path / "task.csv"  # two classes, three documents each
+    task.write_text("text,label\n" + "".join(f"{text},{label}\n" for label, texts in (
+        ("loop", ("Stop the event loop.", "Run until the future is done.", "Schedule a callback soon.")),
+        ("mail", ("Parse a message from a string.", "Return the header value.", "Set the payload of a message.")))
+        for text in texts))
+    out = tmp_path / "probe"
+    result = cli("hvdbert.finetune", ["--model", runs["np1"], "--task", task, "--output", out, "--epochs", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["pooling"], results["max_length"]) == ("mean", 64)  # the base recipe's sequence, not 128
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))  # transformers' own class
+    assert type(model).__name__ == "ModernBertForSequenceClassification" and model.config.classifier_pooling == "mean"

@@ -39,7 +39,10 @@ def prepare_for_training(model, with_nsp: bool) -> None:
 
 
 def exported(model, with_nsp: bool, source: Path):
-    return model  # trained as ModernBertForMaskedLM itself
+    # Trained as ModernBertForMaskedLM itself. A classifier fine-tuned from it pools the mean of the
+    # tokens: masked LM alone never trains the first token's output, which "cls" pooling classifies.
+    model.config.classifier_pooling = "mean"
+    return model
 
 
 def training_flops_per_sequence(model_fields: dict, seq_len: int, head_positions: int) -> float:
