@@ -91,19 +91,11 @@ class Cluster:
         for dev in NETWORKS:
             run("ip", "-n", self.switch, "link", "add", f"br-{dev}", "type", "bridge")
             run("ip", "-n", self.switch, "link", "set", f"br-{dev}", "up")
-        hosts_file = "127.0.0.1 localhost\n" + "".join(
-            f"{self.address[name]['eth0']} {name}\n" for name in self.names)
-        client_config = (f"Host *\n  IdentityFile {key}\n  StrictHostKeyChecking no\n"
-                         "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
-                         "  ConnectTimeout 10\n")
         for name in self.names:
             ns = self.ns(name)
             run("ip", "netns", "add", ns)
             self.namespaces.append(ns)
-            etc = Path("/etc/netns") / ns
-            (etc / "ssh").mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text(hosts_file)
-            (etc / "ssh" / "ssh_config").write_text(client_config)
+            self.write_etc(name)
             run("ip", "-n", ns, "link", "set", "lo", "up")
             for dev in NETWORKS:
                 port = f"{name[-1]}-{dev}"  # the switch's end, e.g. a-eth1
@@ -116,6 +108,17 @@ class Cluster:
             self._start_sshd(name)
         for name in self.names:
             self._wait_for_ssh(name)
+
+    def write_etc(self, name: str) -> None:
+        """Host `name`'s hosts file and SSH client settings under /etc/netns (again, if something
+        removed them: `ip netns exec` reads them at every call)."""
+        etc = Path("/etc/netns") / self.ns(name)
+        (etc / "ssh").mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
+            f"{self.address[host]['eth0']} {host}\n" for host in self.names))
+        (etc / "ssh" / "ssh_config").write_text(
+            f"Host *\n  IdentityFile {self.workdir / 'id_ed25519'}\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n  ConnectTimeout 10\n")
 
     def _start_sshd(self, name: str) -> None:
         config = self.workdir / f"sshd-{name}.conf"

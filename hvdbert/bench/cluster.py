@@ -11,13 +11,14 @@ the DDP peer (hvdbert's model and step under DistributedDataParallel, Gloo) runs
 torch.distributed.run on every host with MASTER_ADDR = host-a. Each worker keeps its micro-batch, so
 N hosts train N times the sequences of one (the global batch grows with the hosts).
 
-Per host count, measured in the same run before its links are shaped:
+Per host count and link rate, the references first (the load of a shared machine drifts within
+minutes, so each rate gets its own, measured right before it):
 - one host alone (the reference of the scaling efficiency);
 - every host at once, each alone (no communication): the compute rate one worker gets while N
   share this machine's cores, the scaling model's compute input for N hosts (on a cluster each
   node has its own; here N workers share the cores).
-Then per link rate (both ends of every link shaped with tc's tbf): hvdbert, the DDP peer, and the
---vary variants (the DDP peer runs dist.fp16_allreduce variants too, with its fp16 compress hook).
+Then, every link shaped at the rate (tc's tbf on both ends): hvdbert, the DDP peer, and the --vary
+variants (the DDP peer runs dist.fp16_allreduce variants too, with its fp16 compress hook).
 
 Reported per configuration: step time, the wait on the allreduce after backward (hvdbert's
 gradient_sync), the exposed communication (step time minus the step of the same hosts without
@@ -48,7 +49,9 @@ from hvdbert.scaling import COMPRESSION_BYTES, compression_of, predict, rate_bit
 log = logging.getLogger("hvdbert.bench")
 
 HOST_NAMES = [f"host-{letter}" for letter in "abcdefgh"]
-MTU = 1500  # the veth links' MTU: TCP's framing on the wire, as the scaling model counts it
+# The scaling model's framing for these links: none. veth with tbf's 256 KiB bucket passes TCP's
+# 64 KiB GSO segments whole, so tx_bytes (and tbf's rate) count one header per 64 KiB (0.1%).
+MTU = 0
 DDP_PORT = 29517
 CONFIG_TIMEOUT_SECONDS = 900
 
@@ -107,9 +110,21 @@ class ShapedBench:
                                               + " ".join(shlex.quote(w) for w in words))
 
     def run(self, system: str, hosts: int, sets: list[str] = (), alone: bool = False) -> dict | list[dict]:
+        """`attempt`, once more after a failure: the machine's /etc/netns (the hosts' names and SSH
+        settings) is shared with other clusters made on it, and one removing it at its end (as this
+        module did once) breaks the next SSH session into a host; the files are written again first."""
+        try:
+            return self.attempt(system, hosts, sets, alone)
+        except RuntimeError as error:
+            log.warning("bench: %s; trying once more", str(error).splitlines()[0])
+            return self.attempt(system, hosts, sets, alone)
+
+    def attempt(self, system: str, hosts: int, sets: list[str] = (), alone: bool = False) -> dict | list[dict]:
         """One configuration: `system` (hvdbert | ddp-hvdbert-model) on the first `hosts` hosts; with
         `alone`, every host runs one worker by itself at the same time (no communication)."""
         names = self.cluster.names[:hosts]
+        for name in self.cluster.names:
+            self.cluster.write_etc(name)
         self.count += 1
         results = [self.workdir / f"result-{self.count}-{k}.json" for k in range(hosts)]
         if alone:
@@ -206,20 +221,22 @@ def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
             (Path(workdir) / f"hosts-{hosts}").mkdir()
             bench = ShapedBench(Path(workdir) / f"hosts-{hosts}", hosts, args, recipe, data_dir)
             try:
-                bench.cluster.shape(None)
-                log.info("bench: %d hosts: one host alone, then all %d at once without communication", hosts, hosts)
-                alone = bench.run("hvdbert", 1, alone=True)[0]
-                concurrent = bench.run("hvdbert", hosts, alone=True)
-                concurrent_seq = statistics.mean(r["seq_per_s"] for r in concurrent)
-                concurrent_step = statistics.mean(r["step_seconds"] for r in concurrent)
-                baselines.append({"hosts": hosts, "alone_seq_per_s": alone["seq_per_s"],
-                                  "alone_step_seconds": alone["step_seconds"],
-                                  "concurrent_seq_per_s_per_host": concurrent_seq,
-                                  "concurrent_step_seconds": concurrent_step,
-                                  "load_average": alone["load_average"] + concurrent[0]["load_average"]})
-                log.info("bench: 1 host %.2f seq/s; %d at once %.2f seq/s each", alone["seq_per_s"], hosts,
-                         concurrent_seq)
                 for rate in args.links:
+                    # The references first, right before the configurations they are the reference
+                    # of: on a shared machine the load drifts within minutes.
+                    log.info("bench: %d hosts, %s: one host alone, then all %d at once without communication",
+                             hosts, rate, hosts)
+                    alone = bench.run("hvdbert", 1, alone=True)[0]
+                    concurrent = bench.run("hvdbert", hosts, alone=True)
+                    concurrent_seq = statistics.mean(r["seq_per_s"] for r in concurrent)
+                    concurrent_step = statistics.mean(r["step_seconds"] for r in concurrent)
+                    baselines.append({"hosts": hosts, "link": rate, "alone_seq_per_s": alone["seq_per_s"],
+                                      "alone_step_seconds": alone["step_seconds"],
+                                      "concurrent_seq_per_s_per_host": concurrent_seq,
+                                      "concurrent_step_seconds": concurrent_step,
+                                      "load_average": alone["load_average"] + concurrent[0]["load_average"]})
+                    log.info("bench: 1 host %.2f seq/s; %d at once %.2f seq/s each", alone["seq_per_s"], hosts,
+                             concurrent_seq)
                     bench.cluster.shape(rate)
                     configs = [("hvdbert", []), ("ddp-hvdbert-model", [])]
                     configs += [("hvdbert", sets) for sets in variants]
@@ -236,6 +253,7 @@ def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
                                  record["predicted_scaling_efficiency"])
                         rows.append(record)
                         (output / "rows.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+                    bench.cluster.shape(None)
             finally:
                 bench.close()
     return {"rows": rows, "baselines": baselines, "model_overlap": overlap,

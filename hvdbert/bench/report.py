@@ -73,11 +73,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def shaped_table(rows: list[dict], baselines: list[dict]) -> str:
     """The shaped-cluster benchmark's table (bench/cluster.py): measured figures and the model's."""
-    lines = ["| hosts | 1 host alone seq/s | each of N at once, no communication: seq/s | load (1 min) |",
-             "|---:|---:|---:|---|"]
+    lines = ["| hosts | before link | 1 host alone seq/s | each of N at once, no communication: seq/s | "
+             "load (1 min) |", "|---:|---|---:|---:|---|"]
     for b in baselines:
-        lines.append(f"| {b['hosts']} | {b['alone_seq_per_s']:.2f} | {b['concurrent_seq_per_s_per_host']:.2f} | "
-                     f"{', '.join(f'{v:.2f}' for v in b['load_average'])} |")
+        lines.append(f"| {b['hosts']} | {b.get('link', '–')} | {b['alone_seq_per_s']:.2f} | "
+                     f"{b['concurrent_seq_per_s_per_host']:.2f} | {', '.join(f'{v:.2f}' for v in b['load_average'])} |")
     lines += ["", "| link | hosts | system | step s | seq/s | allreduce wait s | exposed comm. s | wire s | "
               "overlapped | wire MB/host/step (model) | scaling eff. | model eff. | model error (points) | vs DDP |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
