@@ -135,6 +135,15 @@ class Cluster:
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
+    def ensure_sshd(self) -> list[str]:
+        """Start again the sshd of every host whose sshd has ended; returns those hosts' names."""
+        restarted = [name for name, process in self.sshd.items() if process.poll() is not None]
+        for name in restarted:
+            self._start_sshd(name)
+        for name in restarted:
+            self._wait_for_ssh(name)
+        return restarted
+
     def _wait_for_ssh(self, name: str) -> None:
         deadline = time.monotonic() + 30
         while True:

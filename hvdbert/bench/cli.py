@@ -273,6 +273,7 @@ def shaped_main(args, argv, recipe, data_dir: Path) -> int:
                "machine": machine_description(), "started": started.isoformat(timespec="seconds"),
                "minutes": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60, **result}
     (output / "bench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (output / "rows.json").unlink(missing_ok=True)  # the rows so far, kept while the benchmark ran
     table = shaped_table(result["rows"], result["baselines"])
     (output / "bench.md").write_text(table, encoding="utf-8")
     shaped_plot(result["rows"], output / "bench.png",

@@ -112,11 +112,15 @@ class ShapedBench:
     def run(self, system: str, hosts: int, sets: list[str] = (), alone: bool = False) -> dict | list[dict]:
         """`attempt`, once more after a failure: the machine's /etc/netns (the hosts' names and SSH
         settings) is shared with other clusters made on it, and one removing it at its end (as this
-        module did once) breaks the next SSH session into a host; the files are written again first."""
+        module did once) breaks the next SSH session into a host; the files are written again first,
+        and an sshd that ended is started again."""
         try:
             return self.attempt(system, hosts, sets, alone)
         except RuntimeError as error:
-            log.warning("bench: %s; trying once more", str(error).splitlines()[0])
+            log.warning("bench: %s; trying once more", " ".join(str(error).split())[:300])
+            restarted = self.cluster.ensure_sshd()
+            if restarted:
+                log.warning("bench: sshd had ended on %s: started again", ", ".join(restarted))
             return self.attempt(system, hosts, sets, alone)
 
     def attempt(self, system: str, hosts: int, sets: list[str] = (), alone: bool = False) -> dict | list[dict]:
