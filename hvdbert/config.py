@@ -140,10 +140,40 @@ class DistConfig:
     fusion_threshold_mb: int = counted(64, 0, 65536)  # HOROVOD_FUSION_THRESHOLD; 0 fuses nothing
     # HOROVOD_CYCLE_TIME; 0 = by device: 10 on CPU/Gloo, 1 with CUDA
     cycle_time_ms: float = at_least_zero(0.0, "by device")
+    # HOROVOD_CACHE_CAPACITY: responses Horovod caches so that a step's known tensors skip negotiation;
+    # 1024 is Horovod's own default, 0 turns the cache off
+    cache_capacity: int = counted(1024, 0, 2**20)
+    # HOROVOD_AUTOTUNE: Horovod searches fusion threshold, cycle time and the cache itself (Bayesian
+    # optimisation over the first steps), so fusion_threshold_mb and cycle_time_ms are not set
+    autotune: bool = False
+    autotune_log: str = ""  # HOROVOD_AUTOTUNE_LOG: a CSV of the autotuner's trials (dist.autotune only)
     # A worker that waits this long in one collective ends itself, and so the job (a frozen or cut-off
     # peer; docs/clusters.md). Above the longest legitimate wait: rank 0 writing a BERT-large
     # checkpoint while the others wait at a barrier. 0: wait forever.
     stall_timeout_seconds: float = at_least_zero(600.0, "wait forever")
+
+
+@dataclass
+class ClusterConfig:
+    """A cluster for the scaling model (hvdbert/scaling.py; `python -m hvdbert.plan --cluster`), not a
+    recipe section: the topology, the links and the overlap the model assumes."""
+
+    nodes: int = counted(1, 1, MAX_WORKERS)
+    gpus_per_node: int = counted(1, 1, 1024)
+    link: str = ""  # inter-node rate per node, tc's notation: 100mbit, 25gbit, 1600gbit (8 x 200 Gbit/s HDR)
+    latency_us: float = at_least_zero(10.0)  # one message's inter-node latency, microseconds
+    intra: str = "2400gbit"  # rate between the GPUs of a node, per GPU and direction (A100 NVLink: 300 GB/s)
+    algorithm: str = choice("auto", "ring", "hierarchical")  # auto: hierarchical with several GPUs per node
+    # The fraction of one micro-batch's compute time that hides the allreduce (it starts during the
+    # last backward). 0.1: the median over hvdbert's points on the shaped hosts at load 12-17 (0.09;
+    # 0.00 at load 3-8; docs/performance.md): on CPUs Gloo's copies compete with backward for the cores.
+    overlap: float = bounded(0.1, lambda v: 0.0 <= v <= 1.0, "must be from 0 to 1")
+    # The compute of one GPU when no measured rate is given: peak FLOP/s x MFU over the family's FLOPs
+    # per sequence. 312: A100's dense fp16/bf16 tensor-core peak, TFLOP/s.
+    peak_tflops: float = positive(312.0)
+    mfu: float = bounded(0.4, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+    # 0: no framing counted (RDMA); an MTU: Ethernet/IPv4/TCP headers on the wire, as tx_bytes counts
+    mtu: int = bounded(0, lambda v: v == 0 or 576 <= v <= 65536, "must be 0 (no framing) or from 576 to 65536")
 
 
 @dataclass
@@ -453,6 +483,9 @@ def _check_ranges(recipe: Recipe, at) -> None:
                                  f"choose one of {', '.join(spec.metadata['choices'])}")
             if "valid" in spec.metadata and not spec.metadata["valid"](value):
                 raise UsageError(f"{at(dotted)}: {dotted} = {value} {spec.metadata['rule']}")
+    if recipe.dist.autotune_log and not recipe.dist.autotune:
+        raise UsageError(f"{at('dist.autotune_log')}: dist.autotune_log = {recipe.dist.autotune_log!r} logs the "
+                         "autotuner's trials, and dist.autotune is false; set dist.autotune = true or drop it")
     optim = recipe.optim
     if optim.schedule == "wsd" and optim.warmup_proportion + optim.decay_proportion > 1.0:
         raise UsageError(f"{at('optim.decay_proportion')}: optim.warmup_proportion + optim.decay_proportion = "

@@ -179,18 +179,34 @@ def cycle_time_ms(cfg: DistConfig) -> float:
     return 1.0 if torch.cuda.is_available() else 10.0
 
 
+def horovod_knobs(cfg: DistConfig, elastic: bool) -> dict[str, str]:
+    """The environment Horovod reads its tuning knobs from when hvd.init starts its background thread
+    (set where the environment does not already). Under dist.autotune, Horovod searches the fusion
+    threshold and cycle time itself: a value set here would fix it and take it out of the search."""
+    knobs: dict[str, str] = {}
+    if cfg.autotune:
+        knobs["HOROVOD_AUTOTUNE"] = "1"
+        if cfg.autotune_log:
+            knobs["HOROVOD_AUTOTUNE_LOG"] = cfg.autotune_log
+    else:
+        knobs["HOROVOD_FUSION_THRESHOLD"] = str(cfg.fusion_threshold_mb * 1024 * 1024)
+        if not elastic:
+            # Not under elastic: with both the cycle time and the fusion threshold fixed, Horovod
+            # 0.28.1 crashed (SIGSEGV in hvd.init) re-initialising after a lost worker, on every try here.
+            knobs["HOROVOD_CYCLE_TIME"] = str(cycle_time_ms(cfg))
+    if cfg.cache_capacity != DistConfig.cache_capacity:  # the default is Horovod's own: left to Horovod
+        knobs["HOROVOD_CACHE_CAPACITY"] = str(cfg.cache_capacity)
+    return knobs
+
+
 class HorovodDistributed(SingleProcess):
     """Horovod over Gloo or MPI (NCCL for GPU tensors when Horovod was built with it)."""
 
     def __init__(self, cfg: DistConfig):
         import horovod.torch as hvd
 
-        # Horovod reads its tuning knobs from the environment when it starts its background thread.
-        os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(cfg.fusion_threshold_mb * 1024 * 1024))
-        if not elastic_launch():
-            # Not under elastic: with both the cycle time and the fusion threshold fixed, Horovod
-            # 0.28.1 crashed (SIGSEGV in hvd.init) re-initialising after a lost worker, on every try here.
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cycle_time_ms(cfg)))
+        for name, value in horovod_knobs(cfg, elastic_launch()).items():
+            os.environ.setdefault(name, value)
         for name, value in FAILURE_TIMEOUTS.items():
             os.environ.setdefault(name, value)
         hvd.init()

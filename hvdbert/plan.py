@@ -1,6 +1,8 @@
 """Resolve a recipe's batch size, accumulation, learning rate and schedule for a worker count.
 
     python -m hvdbert.plan --recipe recipes/bert-large-phase1.toml --workers 8 [--json] [--set KEY=VALUE]
+    python -m hvdbert.plan --recipe R --workers 16 --cluster nodes=2,gpus-per-node=8,link=200gbit \
+                           [--measured-seq-per-s X] [--json]   (the scaling model, hvdbert/scaling.py)
     python -m hvdbert.plan --workers 8 -- PRETRAIN ARGS   (the launchers' pre-flight: also refuses what
                                                            `hvdbert.pretrain PRETRAIN ARGS` would)
 
@@ -192,6 +194,36 @@ def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, st
     )
 
 
+def trainable_parameters(recipe: Recipe) -> int:
+    """The parameters Horovod reduces: the family's model as hvdbert trains it (the heads the data
+    format leaves without gradients frozen), built on the meta device (no memory, no weights)."""
+    import torch
+
+    from hvdbert import families
+
+    with torch.device("meta"):
+        model = families.model_class(recipe.model)(families.build_config(recipe.model))
+    families.family_of(recipe.model).hooks.prepare_for_training(model, recipe.data.format == "nsp")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def predict_cluster(recipe: Recipe, plan: Plan, cluster, measured_seq_per_s: float | None):
+    """The scaling model's prediction (hvdbert/scaling.py) for this plan on `cluster`."""
+    from hvdbert import families
+    from hvdbert.scaling import compression_of, predict
+
+    workers = cluster.nodes * cluster.gpus_per_node
+    if workers != plan.workers:
+        raise UsageError(f"--cluster has nodes x gpus-per-node = {cluster.nodes} x {cluster.gpus_per_node} = "
+                         f"{workers} workers, --workers {plan.workers}; make them agree")
+    if measured_seq_per_s is None:
+        flops = families.family_of(recipe.model).hooks.training_flops_per_sequence(
+            recipe.model, plan.max_seq_len, plan.max_predictions_per_seq)
+        measured_seq_per_s = cluster.peak_tflops * 1e12 * cluster.mfu / flops
+    return predict(cluster, trainable_parameters(recipe), compression_of(recipe.dist), plan.micro_batch_size,
+                   plan.accumulation_steps, measured_seq_per_s)
+
+
 def format_plan(plan: Plan) -> str:
     rows = plan.to_dict()
     rows["tokens_per_step"] = plan.tokens_per_step
@@ -213,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe key (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--cluster", metavar="nodes=N,gpus-per-node=G,link=RATE[,...]",
+                        help="also predict step time, communication and scaling efficiency on this cluster "
+                             "(keys: nodes, gpus-per-node, link, latency-us, intra, algorithm, overlap, "
+                             "peak-tflops, mfu, mtu; docs/performance.md)")
+    parser.add_argument("--measured-seq-per-s", type=float, metavar="X",
+                        help="with --cluster: one worker's measured sequences/s alone (else peak-tflops x mfu)")
     # The launchers' pre-flight: what `hvdbert.pretrain` with these arguments would refuse, found
     # before horovodrun starts any worker.
     parser.add_argument("--output", type=Path, help="also check pretrain's run directory (writable, not in "
@@ -233,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         args.resume, args.eval_data = run.resume, run.eval_data
     elif args.recipe is None:
         parser.error("the following arguments are required: --recipe")
+    cluster = None
+    if args.cluster is not None:
+        from hvdbert.scaling import parse_cluster
+
+        cluster = parse_cluster(args.cluster)
+    elif args.measured_seq_per_s is not None:
+        raise UsageError("--measured-seq-per-s is an input of the scaling model: give --cluster as well")
     recipe = load_recipe(args.recipe, args.set)
     plan = make_plan(recipe, args.workers)
     if plan.lr_warning:
@@ -241,7 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         from hvdbert.preflight import preflight  # torch and the checkpoint reader: only when asked
 
         preflight(recipe, args.output, args.data, args.resume, args.eval_data)
-    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    result = plan.to_dict()
+    if cluster is not None:
+        prediction = predict_cluster(recipe, plan, cluster, args.measured_seq_per_s).to_dict()
+        result.update(prediction, cluster=dataclasses.asdict(cluster))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_plan(plan))
+        if cluster is not None:
+            width = max(len(k) for k in prediction)
+            print("\n".join(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}"
+                            for key, value in prediction.items()))
     return 0
 
 

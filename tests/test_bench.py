@@ -122,6 +122,14 @@ def test_flops_formula_counts_the_gathered_head_only():
     (["--vary", "nosuch.key=1"], "--vary nosuch.key=1: unknown key nosuch"),
     (["--vary", "dist.cycle_time_ms=1"], "--vary dist.cycle_time_ms=1: variants run hvdbert at more than 1 worker, "
                                          "and --workers 1 has none; add one, e.g. --workers 1,2"),
+    # the shaped-cluster benchmark (bench/cluster.py): refused before any host is made
+    (["--hosts", "2"], "--hosts and --link go together"),
+    (["--hosts", "1", "--link", "1gbit"], "--hosts '1': host counts must be from 2 to 8"),
+    (["--hosts", "2", "--link", "fast"], "link rate 'fast': expected a positive number and a unit"),
+    (["--hosts", "2", "--link", "1gbit", "--peers", "hf"], "--hosts runs one worker per host"),
+    (["--hosts", "2", "--link", "1gbit", "--overlap", "2"], "--overlap 2.0: must be from 0 to 1"),
+    (["--hosts", "2", "--link", "1gbit", "--vary", "dist.cache_capacity=-1"],
+     "--vary dist.cache_capacity=-1: dist.cache_capacity = -1 must be from 0 to"),
 ])
 def test_bad_flags_are_one_line_errors(cli, args, expected):
     status, err = cli("hvdbert.bench.cli", ["--recipe", TINY, *args]).exit_and_stderr_lines()

@@ -162,6 +162,42 @@ def test_mpirun_sh_with_a_hostfile_equals_one_host(cluster, one_host, tmp_path):
     assert losses(tmp_path / "run") == one_host["short"]
 
 
+def test_bytes_on_a_shaped_link_match_the_scaling_model(cluster, tmp_path):
+    """The benchmark's measured loop on two hosts whose links run at 200 Mbit/s (tbf, both ends): the
+    bytes each host's interfaces sent per timed step are the scaling model's ring allreduce of the
+    model's fp32 gradients, 2 (N - 1) / N x 4 bytes x trainable parameters, and at most that with
+    every frame's Ethernet/IP/TCP headers (veth counts a 64 KiB GSO segment's headers once)."""
+    from hvdbert.bench.orchestrate import bench_overrides
+    from hvdbert.config import ClusterConfig
+    from hvdbert.scaling import predict
+
+    steps, warmup = 3, 1
+    result = tmp_path / "bench.json"
+    overrides = bench_overrides(None, 2, steps + warmup, ["data.builtin_max_documents=1500"], "recipes/tiny.toml")
+    cluster.shape("200mbit")
+    try:
+        before = cluster.bytes_sent("host-b", "eth0")
+        run = on_host(cluster, "host-a", [
+            str(BIN / "horovodrun"), "--gloo", "-np", "2", "-H", "host-a:1,host-b:1", cluster.python, "-m",
+            "hvdbert.bench", "--recipe", "recipes/tiny.toml", "--steps", str(steps), "--warmup-steps", str(warmup),
+            "--worker", str(result), *(a for s in overrides for a in ("--set", s))])
+        sent = cluster.bytes_sent("host-b", "eth0") - before
+    finally:
+        cluster.shape(None)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(result.read_text())
+    payload, framed = (predict(ClusterConfig(nodes=2, link="200mbit", mtu=mtu), record["trainable_parameters"], "none",
+                               record["micro_batch_size"], 1, record["seq_per_s_per_worker"]).wire_bytes_per_worker
+                       for mtu in (0, 1500))
+    assert payload == record["trainable_parameters"] * 4  # 2 hosts: each sends 2 x 1/2 of the gradients
+    counted = record["wire_tx_bytes_per_rank_per_step"]
+    print(f"wire bytes per host and step: counted {counted:,.0f}, model {payload:,.0f} ({framed:,.0f} with every "
+          f"frame's headers); host-b sent {sent:,} over the whole job")
+    assert 0.99 * payload <= counted <= 1.01 * framed
+    # seen from outside the job too: host-b sent at least the timed steps' allreduces
+    assert sent > steps * payload
+
+
 # --- faults ---------------------------------------------------------------------------------------
 
 def steps_logged(run_dir: Path) -> int:

@@ -4,6 +4,8 @@
                             [--steps S] [--warmup-steps W] [--set section.key=value ...]
                             [--vary section.key=V1,V2 ...] [--peers hf,ddp,ddp-hvdbert-model] [--repeats R]
                             [--output DIR] [--json FILE] [--find-max-batch]
+    python -m hvdbert.bench --recipe RECIPE.toml --hosts 2,4 --link 1gbit,200mbit,100mbit [...]
+        (the shaped-cluster benchmark: one worker per namespaced host, links of a set rate; bench/cluster.py)
 
 Each configuration runs in its own processes (one plain process for 1 worker, `horovodrun --gloo -np N`
 for more), on the recipe's corpus (the embedded one unless --data is given), for W warm-up steps
@@ -80,6 +82,10 @@ def parse_args(argv: list[str] | None):
                         help="torch.compile the encoder and the MLM head (nn.Module.compile, in place)")
     parser.add_argument("--find-max-batch", action="store_true",
                         help="report the largest micro-batch that fits (CUDA only) instead of timing")
+    parser.add_argument("--hosts", help="shaped-cluster benchmark (root): host counts, e.g. 2,4 (bench/cluster.py)")
+    parser.add_argument("--link", help="with --hosts: link rates, e.g. 1gbit,200mbit,100mbit")
+    parser.add_argument("--overlap", type=float, help="with --hosts: the scaling model's overlap for its "
+                        "predictions (default: ClusterConfig's)")
     parser.add_argument("--worker", type=Path, help=argparse_hidden())
     args = parser.parse_args(argv)
     try:
@@ -98,6 +104,17 @@ def parse_args(argv: list[str] | None):
     if args.data and run_mlm_peers:
         raise UsageError(f"--peers {run_mlm_peers[0]} reads the embedded corpus through run_mlm.py's data path, "
                          "not --data; drop --data, or compare with --peers ddp-hvdbert-model")
+    if (args.hosts is None) != (args.link is None):
+        raise UsageError("--hosts and --link go together: e.g. --hosts 2,4 --link 1gbit,100mbit")
+    if args.hosts is not None:
+        from hvdbert.bench.cluster import parse_hosts, parse_links
+
+        args.host_counts, args.links = parse_hosts(args.hosts), parse_links(args.link)
+        if args.peer_names or args.workers != "1" or args.repeats != 1 or args.find_max_batch or args.compile:
+            raise UsageError("--hosts runs one worker per host, hvdbert and the DDP peer on hvdbert's model; "
+                             "drop --workers, --peers, --repeats, --find-max-batch and --compile")
+    if args.overlap is not None and not 0 <= args.overlap <= 1:
+        raise UsageError(f"--overlap {args.overlap}: must be from 0 to 1")
     for vary in args.vary:
         if "=" not in vary or "." not in vary.split("=", 1)[0]:
             raise UsageError(f"--vary {vary!r}: expected section.key=V1,V2, e.g. --vary dist.cycle_time_ms=1,10")
@@ -167,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         make_plan(load_recipe(args.recipe, bench_overrides(args.shape, workers, 1, args.set, args.recipe)),
                   workers)
     multi = [w for w in args.worker_counts if w > 1]
+    if args.hosts is not None:
+        multi = args.host_counts
     check_variants(args, multi)
     data = open_data(args.data, recipe, SingleProcess())  # prepared once, before any worker starts
+    if args.hosts is not None:
+        return shaped_main(args, argv, recipe, data.directory)
     if args.find_max_batch:
         result = find_max_batch(recipe, data.directory, init_distributed(recipe.dist))
         print(json.dumps(result))
@@ -232,6 +253,32 @@ def main(argv: list[str] | None = None) -> int:
     shape = args.shape or Path(args.recipe).stem
     plot(rows, output / "bench.png", f"{shape}, micro-batch {recipe.batch.micro_batch_size}, seq "
          f"{recipe.data.max_seq_len}, {recipe.train.precision}, {summary['machine']['device']}")
+    print(table, end="")
+    print(f"bench: wrote {output}/bench.json, bench.md, bench.png")
+    return 0
+
+
+def shaped_main(args, argv, recipe, data_dir: Path) -> int:
+    """--hosts: the shaped-cluster benchmark (bench/cluster.py), its table and plot."""
+    from hvdbert.bench.cluster import run_shaped
+    from hvdbert.bench.report import shaped_plot, shaped_table
+
+    output = args.output or Path("runs") / f"bench-hosts-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    output.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, terminated)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    result = run_shaped(args, recipe, data_dir, output)
+    command = "python -m hvdbert.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = {"command": command, "recipe": args.recipe, "shape": args.shape, "model": recipe.model,
+               "machine": machine_description(), "started": started.isoformat(timespec="seconds"),
+               "minutes": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60, **result}
+    (output / "bench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (output / "rows.json").unlink(missing_ok=True)  # the rows so far, kept while the benchmark ran
+    table = shaped_table(result["rows"], result["baselines"])
+    (output / "bench.md").write_text(table, encoding="utf-8")
+    shaped_plot(result["rows"], output / "bench.png",
+                f"{args.shape or Path(args.recipe).stem}, micro-batch {recipe.batch.micro_batch_size} per host, "
+                f"seq {recipe.data.max_seq_len}, one thread per host, tbf-shaped links")
     print(table, end="")
     print(f"bench: wrote {output}/bench.json, bench.md, bench.png")
     return 0

@@ -71,6 +71,59 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def shaped_table(rows: list[dict], baselines: list[dict]) -> str:
+    """The shaped-cluster benchmark's table (bench/cluster.py): measured figures and the model's."""
+    lines = ["| hosts | before link | 1 host alone seq/s | each of N at once, no communication: seq/s | "
+             "load (1 min) |", "|---:|---|---:|---:|---|"]
+    for b in baselines:
+        lines.append(f"| {b['hosts']} | {b.get('link', '–')} | {b['alone_seq_per_s']:.2f} | "
+                     f"{b['concurrent_seq_per_s_per_host']:.2f} | {', '.join(f'{v:.2f}' for v in b['load_average'])} |")
+    lines += ["", "| link | hosts | system | step s | seq/s | allreduce wait s | exposed comm. s | wire s | "
+              "overlapped | wire MB/host/step (model) | scaling eff. | model eff. | model error (points) | vs DDP |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        peer = next((p for p in rows if p["label"].startswith("ddp-hvdbert-model") and p["hosts"] == r["hosts"]
+                     and p["link"] == r["link"] and p["fp16_allreduce"] == r["fp16_allreduce"]), None)
+        versus = (f"{r['seq_per_s'] / peer['seq_per_s']:.2f}x" if peer and r["system"] == "hvdbert"
+                  and (r["label"] == "hvdbert" or "fp16_allreduce" in r["label"]) else "–")
+        name = SYSTEM_NAMES[r["system"]] + r["label"][len(r["system"]):]
+        lines.append(
+            f"| {r['link']} | {r['hosts']} | {name} | {r['step_seconds']:.2f} | {r['seq_per_s']:.2f} | "
+            f"{r['gradient_wait_seconds']:.2f} | {r['exposed_communication_seconds']:.2f} | {r['wire_seconds']:.2f} | "
+            f"{_fmt(r['overlapped_fraction'], '.2f')} | {r['wire_bytes_per_host_per_step'] / 1e6:.1f} "
+            f"({r['predicted_wire_bytes_per_host_per_step'] / 1e6:.1f}) | {r['scaling_efficiency']:.2f} | "
+            f"{r['predicted_scaling_efficiency']:.2f} | {r['model_error_points']:+.1f} | {versus} |")
+    return "\n".join(lines) + "\n"
+
+
+def shaped_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Scaling efficiency against link rate, measured (markers) and the model's (lines), per host count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hvdbert.scaling import rate_bits_per_s
+
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        for hosts in sorted({r["hosts"] for r in rows if r["label"] == label}):
+            series = sorted((r for r in rows if r["label"] == label and r["hosts"] == hosts),
+                            key=lambda r: rate_bits_per_s(r["link"]))
+            rates = [rate_bits_per_s(r["link"]) / 1e6 for r in series]
+            line, = axis.plot(rates, [r["scaling_efficiency"] for r in series], marker="o", linestyle="",
+                              label=f"{label}, {hosts} hosts")
+            if label == "hvdbert":
+                axis.plot(rates, [r["predicted_scaling_efficiency"] for r in series], color=line.get_color(),
+                          linestyle="--", label=f"model, {hosts} hosts")
+    axis.set(xscale="log", xlabel="link rate, Mbit/s (tbf, both ends)", ylabel="scaling efficiency vs 1 host",
+             ylim=(0, 1.05), title=title)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def machine_description() -> dict:
     return {
         "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

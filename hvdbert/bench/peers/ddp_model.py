@@ -34,16 +34,21 @@ class TorchDDP:
         self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         self.backend = f"torch-ddp-{torch_dist.get_backend()}"
         self.elastic = False  # a fixed set of workers: start-up may use collectives
+        self.fp16_allreduce = False
 
     def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module:
         # DDP: broadcasts rank 0's weights now, then averages gradients during every backward through
         # this module (each micro-batch's; with loss / accumulation_steps the sum is the average).
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        return torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
+        wrapped = torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
+        if self.fp16_allreduce:  # DDP's counterpart of hvd.Compression.fp16: buckets sent as fp16
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+            wrapped.register_comm_hook(None, fp16_compress_hook)
+        return wrapped
 
     def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool):
-        if fp16_allreduce:
-            raise UsageError("the ddp-hvdbert-model peer has no fp16 allreduce; drop dist.fp16_allreduce")
+        self.fp16_allreduce = fp16_allreduce  # run.build_run wraps the optimizer before the forward
         return optimizer
 
     def broadcast_model_and_optimizer(self, model: torch.nn.Module, optimizer) -> None:

@@ -1,0 +1,264 @@
+"""The shaped-cluster benchmark: hosts made of network namespaces, links of a set rate, hvdbert and
+the DDP peer across them, and the scaling model's prediction beside every measurement.
+
+    python -m hvdbert.bench --recipe R --hosts 2,4 --link 1gbit,200mbit,100mbit [--steps S]
+                            [--warmup-steps W] [--vary section.key=V1,V2 ...] [--output DIR]
+
+Needs root (hvdbert/netcluster.py makes the hosts: one network namespace, hostname and sshd each,
+joined by a switch). Every host runs one worker of one thread (dist.threads_per_worker), started as
+users start them: an SSH session into host-a runs horovodrun, which reaches the other hosts over SSH;
+the DDP peer (hvdbert's model and step under DistributedDataParallel, Gloo) runs
+torch.distributed.run on every host with MASTER_ADDR = host-a. Each worker keeps its micro-batch, so
+N hosts train N times the sequences of one (the global batch grows with the hosts).
+
+Per host count and link rate, the references first (the load of a shared machine drifts within
+minutes, so each rate gets its own, measured right before it):
+- one host alone (the reference of the scaling efficiency);
+- every host at once, each alone (no communication): the compute rate one worker gets while N
+  share this machine's cores, the scaling model's compute input for N hosts (on a cluster each
+  node has its own; here N workers share the cores).
+Then, every link shaped at the rate (tc's tbf on both ends): hvdbert, the DDP peer, and the --vary
+variants (the DDP peer runs dist.fp16_allreduce variants too, with its fp16 compress hook).
+
+Reported per configuration: step time, the wait on the allreduce after backward (hvdbert's
+gradient_sync), the exposed communication (step time minus the step of the same hosts without
+communication), the wire time of the bytes sent (tx_bytes of the hosts' interfaces / link rate),
+how much of it overlapped backward (1 - exposed / wire time), scaling efficiency against one host,
+and the scaling model's predicted efficiency and its error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hvdbert
+from hvdbert.bench.orchestrate import bench_overrides
+from hvdbert.config import ClusterConfig, Recipe
+from hvdbert.errors import UsageError
+from hvdbert.netcluster import Cluster, unavailable
+from hvdbert.scaling import COMPRESSION_BYTES, compression_of, predict, rate_bits_per_s
+
+log = logging.getLogger("hvdbert.bench")
+
+HOST_NAMES = [f"host-{letter}" for letter in "abcdefgh"]
+# The scaling model's framing for these links: none. veth with tbf's 256 KiB bucket passes TCP's
+# 64 KiB GSO segments whole, so tx_bytes (and tbf's rate) count one header per 64 KiB (0.1%).
+MTU = 0
+DDP_PORT = 29517
+CONFIG_TIMEOUT_SECONDS = 900
+
+
+def parse_hosts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(h) for h in text.split(",")})
+    except ValueError:
+        raise UsageError(f"--hosts {text!r}: expected host counts like 2 or 2,4") from None
+    if not counts or min(counts) < 2 or max(counts) > len(HOST_NAMES):
+        raise UsageError(f"--hosts {text!r}: host counts must be from 2 to {len(HOST_NAMES)}")
+    return counts
+
+
+def parse_links(text: str) -> list[str]:
+    links = [link.strip() for link in text.split(",") if link.strip()]
+    if not links:
+        raise UsageError("--link: expected link rates like 1gbit,100mbit")
+    for link in links:
+        rate_bits_per_s(link)
+    return links
+
+
+class ShapedBench:
+    """The hosts, and one configuration at a time on them."""
+
+    def __init__(self, workdir: Path, hosts: int, args, recipe: Recipe, data_dir: Path):
+        self.workdir, self.args, self.recipe, self.data_dir = workdir, args, recipe, data_dir
+        self.cluster = Cluster(workdir, HOST_NAMES[:hosts])
+        repo = Path(hvdbert.__file__).resolve().parents[1]
+        self.python = workdir / "python"  # every worker's interpreter: this hvdbert, one thread
+        threads = recipe.dist.threads_per_worker
+        self.python.write_text(
+            "#!/bin/sh\n"
+            f"export PYTHONPATH={shlex.quote(str(repo))} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false\n"
+            f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}\n"
+            f'exec {shlex.quote(sys.executable)} "$@"\n')
+        self.python.chmod(0o755)
+        self.bin = Path(sys.executable).parent
+        self.count = 0
+
+    def close(self) -> None:
+        self.cluster.close()
+
+    def worker_args(self, hosts: int, sets: list[str], result: Path) -> list[str]:
+        args = self.args
+        overrides = bench_overrides(args.shape, hosts, args.warmup_steps + args.steps, [*args.set, *sets],
+                                    args.recipe)
+        return ["--recipe", str(Path(args.recipe).resolve()), "--data", str(self.data_dir), "--steps",
+                str(args.steps), "--warmup-steps", str(args.warmup_steps), "--worker", str(result),
+                *(a for s in overrides for a in ("--set", s))]
+
+    def on_host(self, name: str, words: list[str]) -> list[str]:
+        path = f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin"
+        return self.cluster.ssh_command(name, f"cd {shlex.quote(os.getcwd())} && PATH={shlex.quote(path)} "
+                                              + " ".join(shlex.quote(w) for w in words))
+
+    def run(self, system: str, hosts: int, sets: list[str] = (), alone: bool = False) -> dict | list[dict]:
+        """`attempt`, once more after a failure: the machine's /etc/netns (the hosts' names and SSH
+        settings) is shared with other clusters made on it, and one removing it at its end (as this
+        module did once) breaks the next SSH session into a host; the files are written again first,
+        and an sshd that ended is started again."""
+        try:
+            return self.attempt(system, hosts, sets, alone)
+        except RuntimeError as error:
+            log.warning("bench: %s; trying once more", " ".join(str(error).split())[:300])
+            restarted = self.cluster.ensure_sshd()
+            if restarted:
+                log.warning("bench: sshd had ended on %s: started again", ", ".join(restarted))
+            return self.attempt(system, hosts, sets, alone)
+
+    def attempt(self, system: str, hosts: int, sets: list[str] = (), alone: bool = False) -> dict | list[dict]:
+        """One configuration: `system` (hvdbert | ddp-hvdbert-model) on the first `hosts` hosts; with
+        `alone`, every host runs one worker by itself at the same time (no communication)."""
+        names = self.cluster.names[:hosts]
+        for name in self.cluster.names:
+            self.cluster.write_etc(name)
+        self.count += 1
+        results = [self.workdir / f"result-{self.count}-{k}.json" for k in range(hosts)]
+        if alone:
+            commands = [self.on_host(name, [str(self.python), "-m", "hvdbert.bench",
+                                            *self.worker_args(1, list(sets), results[k])])
+                        for k, name in enumerate(names)]
+        elif system == "hvdbert":
+            commands = [self.on_host(names[0], [
+                str(self.bin / "horovodrun"), "--gloo", "-np", str(hosts), "-H", ",".join(f"{n}:1" for n in names),
+                str(self.python), "-m", "hvdbert.bench", *self.worker_args(hosts, list(sets), results[0])])]
+        else:
+            master = self.cluster.address[names[0]]["eth0"]
+            commands = [self.on_host(name, [
+                "env", "GLOO_SOCKET_IFNAME=eth0", str(self.python), "-m", "torch.distributed.run",
+                "--nnodes", str(hosts), "--node-rank", str(k), "--nproc-per-node", "1", "--master-addr", master,
+                "--master-port", str(DDP_PORT), "-m", "hvdbert.bench.peers.ddp_model",
+                *self.worker_args(hosts, list(sets), results[0])]) for k, name in enumerate(names)]
+        logs = [self.workdir / f"log-{self.count}-{k}.txt" for k in range(len(commands))]
+        started = time.perf_counter()
+        load_before = os.getloadavg()[0]
+        processes = []
+        try:
+            for command, path in zip(commands, logs):
+                with open(path, "w") as out:
+                    processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
+            deadline = time.monotonic() + CONFIG_TIMEOUT_SECONDS
+            for process in processes:
+                process.wait(timeout=max(1, deadline - time.monotonic()))
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            for name in names:
+                self.cluster.kill_processes(name)  # whatever a failed configuration left behind
+        wanted = results if alone else results[:1]
+        if any(p.returncode != 0 for p in processes) or not all(r.is_file() for r in wanted):
+            tail = "\n".join(path.read_text()[-2000:] for path in logs)
+            raise RuntimeError(f"bench: {system} on {hosts} hosts {' '.join(sets)} failed:\n{tail}")
+        records = [json.loads(r.read_text()) for r in wanted]
+        for record in records:
+            record.update(wall_seconds=time.perf_counter() - started,
+                          load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+        return records if alone else records[0]
+
+
+def fp16_variant(sets: list[str]) -> bool:
+    return any(s.replace(" ", "").lower() == "dist.fp16_allreduce=true" for s in sets)
+
+
+def model_row(row: dict, alone_seq_per_s: float, concurrent_seq_per_s: float, concurrent_step: float,
+              rate: str, overlap: float) -> dict:
+    """The measured figures of one configuration and the scaling model's prediction for it."""
+    hosts = row["workers"]
+    wire = row["wire_tx_bytes_per_rank_per_step"]
+    wire_seconds = wire / (rate_bits_per_s(rate) / 8)
+    exposed = max(0.0, row["step_seconds"] - concurrent_step)
+    cluster = ClusterConfig(nodes=hosts, gpus_per_node=1, link=rate, latency_us=50.0, overlap=overlap, mtu=MTU)
+    compression = "fp16" if row["fp16_allreduce"] else "none"
+    predicted = predict(cluster, row["trainable_parameters"], compression, row["micro_batch_size"], 1,
+                        concurrent_seq_per_s, reference_seq_per_s=alone_seq_per_s)
+    efficiency = row["seq_per_s"] / (hosts * alone_seq_per_s)
+    micro_seconds = row["micro_batch_size"] / concurrent_seq_per_s
+    return {
+        "link": rate,
+        "hosts": hosts,
+        "scaling_efficiency": efficiency,
+        "gradient_wait_seconds": row["breakdown_seconds"]["gradient_sync"],
+        "exposed_communication_seconds": exposed,
+        "wire_seconds": wire_seconds,
+        "overlapped_fraction": min(1.0, max(0.0, 1 - exposed / wire_seconds)) if wire_seconds > 0 else None,
+        "overlap_window": (wire_seconds - exposed) / micro_seconds,  # the model's `overlap`, as measured here
+        "wire_bytes_per_host_per_step": wire,
+        "predicted_wire_bytes_per_host_per_step": predicted.wire_bytes_per_worker,
+        "predicted_step_seconds": predicted.step_seconds,
+        "predicted_scaling_efficiency": predicted.scaling_efficiency,
+        "model_error_points": 100 * (predicted.scaling_efficiency - efficiency),
+        "model_overlap": overlap,
+        "compression": compression,
+    }
+
+
+def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
+    """Every host count, every link rate: the rows of the shaped-cluster benchmark."""
+    reason = unavailable()
+    if reason:
+        raise UsageError(f"--hosts: {reason}")
+    compression_of(recipe.dist)  # a compression the model cannot count is refused before anything runs
+    overlap = ClusterConfig.overlap if args.overlap is None else args.overlap
+    variants = [[f"{vary.split('=', 1)[0]}={value}"] for vary in args.vary for value in vary.split("=", 1)[1].split(",")]
+    rows, baselines = [], []
+    with tempfile.TemporaryDirectory(prefix="hvdbert-hosts-") as workdir:
+        for hosts in args.host_counts:
+            (Path(workdir) / f"hosts-{hosts}").mkdir()
+            bench = ShapedBench(Path(workdir) / f"hosts-{hosts}", hosts, args, recipe, data_dir)
+            try:
+                for rate in args.links:
+                    # The references first, right before the configurations they are the reference
+                    # of: on a shared machine the load drifts within minutes.
+                    log.info("bench: %d hosts, %s: one host alone, then all %d at once without communication",
+                             hosts, rate, hosts)
+                    alone = bench.run("hvdbert", 1, alone=True)[0]
+                    concurrent = bench.run("hvdbert", hosts, alone=True)
+                    concurrent_seq = statistics.mean(r["seq_per_s"] for r in concurrent)
+                    concurrent_step = statistics.mean(r["step_seconds"] for r in concurrent)
+                    baselines.append({"hosts": hosts, "link": rate, "alone_seq_per_s": alone["seq_per_s"],
+                                      "alone_step_seconds": alone["step_seconds"],
+                                      "concurrent_seq_per_s_per_host": concurrent_seq,
+                                      "concurrent_step_seconds": concurrent_step,
+                                      "load_average": alone["load_average"] + concurrent[0]["load_average"]})
+                    log.info("bench: 1 host %.2f seq/s; %d at once %.2f seq/s each", alone["seq_per_s"], hosts,
+                             concurrent_seq)
+                    bench.cluster.shape(rate)
+                    configs = [("hvdbert", []), ("ddp-hvdbert-model", [])]
+                    configs += [("hvdbert", sets) for sets in variants]
+                    configs += [("ddp-hvdbert-model", sets) for sets in variants if fp16_variant(sets)]
+                    for system, sets in configs:
+                        label = " ".join([system, *sets])
+                        log.info("bench: %s, %d hosts, %s ...", label, hosts, rate)
+                        record = bench.run(system, hosts, sets)
+                        record.update(label=label, hosts=hosts)
+                        record.update(model_row(record, alone["seq_per_s"], concurrent_seq, concurrent_step,
+                                                rate, overlap))
+                        log.info("bench: %s, %d hosts, %s: step %.2f s, efficiency %.2f (model %.2f)", label, hosts,
+                                 rate, record["step_seconds"], record["scaling_efficiency"],
+                                 record["predicted_scaling_efficiency"])
+                        rows.append(record)
+                        (output / "rows.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+                    bench.cluster.shape(None)
+            finally:
+                bench.close()
+    return {"rows": rows, "baselines": baselines, "model_overlap": overlap,
+            "compression_bytes": COMPRESSION_BYTES}
