@@ -41,9 +41,11 @@ class TorchDDP:
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         return torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
 
-    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool):
-        if fp16_allreduce:
-            raise UsageError("the ddp-hvdbert-model peer has no fp16 allreduce; drop dist.fp16_allreduce")
+    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool,
+                       compressor=None):
+        if fp16_allreduce or compressor is not None:
+            raise UsageError("the ddp-hvdbert-model peer compresses nothing; drop dist.fp16_allreduce "
+                             "and dist.compression")
         return optimizer
 
     def broadcast_model_and_optimizer(self, model: torch.nn.Module, optimizer) -> None:
