@@ -116,8 +116,8 @@ def main() -> int:
         tail = losses[-10:]
         row = {"candidate": label, "steps": args.steps,
                "loss_last10": sum(tail) / len(tail),
-               "bytes_ratio_vs_none_model": compressed_bytes(shapes, "none") / tiny_bytes,
-               "bytes_ratio_vs_none_bert_base": compressed_bytes(base_shapes, "none") / base_bytes,
+               "bytes_ratio_vs_none_model": compressed_bytes(shapes, "none", 0) / tiny_bytes,
+               "bytes_ratio_vs_none_bert_base": compressed_bytes(base_shapes, "none", 0) / base_bytes,
                "reduce_ms_per_step": 1000 * (dist.compressor.seconds if dist.compressor else 0.0) / args.steps,
                "step_ms": 1000 * seconds / args.steps}
         rows.append(row)

@@ -17,6 +17,7 @@ passes sum into `.grad`, and the step reduces once.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -77,16 +78,12 @@ class Bf16Wire:
             offset += g.numel()
 
 
-
 def low_rank(shape: torch.Size, rank: int) -> int | None:
     """The rank PowerSGD uses for a parameter of `shape` (a matrix viewed as shape[0] x the rest),
     or None when it is sent whole: a vector, or a matrix its two factors would not shrink."""
     if len(shape) < 2:
         return None
-    rows = shape[0]
-    cols = 1
-    for size in shape[1:]:
-        cols *= size
+    rows, cols = shape[0], math.prod(shape[1:])
     r = min(rank, rows, cols)
     return r if r * (rows + cols) < rows * cols else None
 
@@ -204,12 +201,12 @@ def build_compressor(compression: str, params: Iterable[torch.nn.Parameter], pow
     return None
 
 
-def compressed_bytes(shapes: Iterable[torch.Size], compression: str, powersgd_rank: int = 4) -> int:
+def compressed_bytes(shapes: Iterable[torch.Size], compression: str, powersgd_rank: int) -> int:
     """Bytes each worker submits per optimizer step for trainable parameters of `shapes` (after
-    powersgd's start_step): what a ring allreduce moves 2 (N-1)/N times per worker, or, for bf16
+    powersgd's start_step; `powersgd_rank` is read for powersgd only): what a ring allreduce moves 2 (N-1)/N times per worker, or, for bf16
     (an allgather), N-1 times (`wire_bytes_per_worker`)."""
     shapes = [torch.Size(s) for s in shapes]
-    if compression in ("none",):
+    if compression == "none":
         return FLOAT32_BYTES * sum(s.numel() for s in shapes)
     if compression in ("fp16", "bf16"):
         return HALF_BYTES * sum(s.numel() for s in shapes)
@@ -223,7 +220,7 @@ def compressed_bytes(shapes: Iterable[torch.Size], compression: str, powersgd_ra
 
 
 def wire_bytes_per_worker(shapes: Iterable[torch.Size], compression: str, workers: int,
-                          powersgd_rank: int = 4) -> float:
+                          powersgd_rank: int) -> float:
     """Bytes each worker sends per optimizer step over a ring: an allreduce sends 2 (N-1)/N of its
     payload, an allgather (bf16) N-1 times it; 0 on one worker."""
     payload = compressed_bytes(shapes, compression, powersgd_rank)

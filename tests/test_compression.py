@@ -59,15 +59,15 @@ def test_bytes_per_step_of_bert_base():
     with torch.device("meta"):  # shapes only
         model = build_model({"architecture": "bert"}, with_nsp=True)
     shapes = [p.shape for p in model.parameters() if p.requires_grad]
-    full = compressed_bytes(shapes, "none")
+    full = compressed_bytes(shapes, "none", 4)
     assert full == 4 * sum(s.numel() for s in shapes)
-    assert compressed_bytes(shapes, "fp16") == compressed_bytes(shapes, "bf16") == full // 2
+    assert compressed_bytes(shapes, "fp16", 4) == compressed_bytes(shapes, "bf16", 4) == full // 2
     # rank 4: each 768 x 768 matrix sends 4 x (768 + 768) floats instead of 768 x 768
-    assert full / compressed_bytes(shapes, "powersgd", 4) > 50
+    assert full / compressed_bytes(shapes, "powersgd", 4) > 100
     assert full / compressed_bytes(shapes, "powersgd", 32) > 8
-    assert wire_bytes_per_worker(shapes, "none", 2) == full  # a ring allreduce: 2 (N-1)/N x payload
-    assert wire_bytes_per_worker(shapes, "bf16", 4) == 3 * full / 2  # an allgather: (N-1) x payload
-    assert wire_bytes_per_worker(shapes, "powersgd", 1) == 0
+    assert wire_bytes_per_worker(shapes, "none", 2, 4) == full  # a ring allreduce: 2 (N-1)/N x payload
+    assert wire_bytes_per_worker(shapes, "bf16", 4, 4) == 3 * full / 2  # an allgather: (N-1) x payload
+    assert wire_bytes_per_worker(shapes, "powersgd", 1, 4) == 0
 
 
 def test_powersgd_error_feedback_loses_nothing_over_steps():
