@@ -77,8 +77,10 @@ def _scratch_name(directory: Path, kind: str) -> Path:
     return directory.parent / f".{directory.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
 
 
-def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, resolved_recipe: dict) -> Path:
-    """Write one complete checkpoint atomically to `directory`, replacing one already there."""
+def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, resolved_recipe: dict,
+                     compression: dict | None = None) -> Path:
+    """Write one complete checkpoint atomically to `directory`, replacing one already there.
+    `compression`: the gradient compressor's state, every worker's (compression.PowerSGD.combine)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = _scratch_name(directory, "partial")
@@ -92,7 +94,8 @@ def write_checkpoint(directory: Path, model, optimizer, scaler, progress: dict, 
         # No RNG state: dropout is seeded per micro-batch from samples_seen and masks are a pure
         # function of (seed, sample, epoch), so nothing random depends on where a process's RNG stood.
         torch.save({"optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, temporary / TRAINING)
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "compression": compression}, temporary / TRAINING)
         (temporary / RECIPE).write_text(json.dumps(resolved_recipe, indent=2) + "\n", encoding="utf-8")
         files = {name: file_sha256(temporary / name) for name in (WEIGHTS, TRAINING, RECIPE)}
         state = {"format_version": FORMAT_VERSION, **progress, "files": files}
@@ -369,8 +372,10 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         raise CorruptCheckpoint(f"{source}: missing tensors {', '.join(missing[:3])}")
 
 
-def restore_training(checkpoint: Checkpoint, model, optimizer, scaler) -> None:
-    """Model, optimizer and GradScaler state from `checkpoint` (rank 0; broadcast afterwards)."""
+def restore_training(checkpoint: Checkpoint, model, optimizer, scaler, compressor=None) -> None:
+    """Model, optimizer and GradScaler state from `checkpoint` (rank 0; broadcast afterwards). A
+    stateful gradient compressor gets the checkpoint's compression state (None if it held none) to
+    hand out in Run.broadcast_from_rank0, where each worker takes its part."""
     load_weights(model, checkpoint.weights(), checkpoint.path / WEIGHTS)
     training = checkpoint.training()
     try:
@@ -380,6 +385,8 @@ def restore_training(checkpoint: Checkpoint, model, optimizer, scaler) -> None:
                          f"({error}); resume with the optim.name it was trained with") from None
     if scaler is not None and training.get("scaler"):
         scaler.load_state_dict(training["scaler"])
+    if compressor is not None and compressor.stateful:
+        compressor.restored = (True, training.get("compression"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,24 +443,34 @@ class Checkpointer(StepHook):
                 "scaler_skipped_steps": self.run.precision.skipped_steps,
                 "tokenizer_sha256": self.resolved_recipe["tokenizer_sha256"]}
 
+    def _compression_state(self) -> dict | None:
+        """Every worker's compressor state, on rank 0 (a collective: every rank calls it)."""
+        compressor = self.run.compressor
+        if compressor is None or not compressor.stateful:
+            return None
+        parts = self.run.dist.allgather_object(compressor.state_dict(), name="compression_checkpoint")
+        return compressor.combine(parts) if self.run.dist.rank == 0 else None
+
     def _write(self, directory: Path, state, kind: str) -> Path:
         run = self.run
+        compression = self._compression_state()
         if run.dist.rank == 0:
             write_checkpoint(directory, run.model, run.optimizer, run.precision.scaler, self._progress(state, kind),
-                             {**self.resolved_recipe, "plan": run.plan.to_dict()})
+                             {**self.resolved_recipe, "plan": run.plan.to_dict()}, compression)
         run.dist.barrier()
         return directory
 
     def save(self, state) -> Path:
         directory = self.run_dir / CHECKPOINTS / f"step-{state.step}"
         run = self.run
+        compression = self._compression_state()
         if run.dist.rank == 0:
             if holds_state(directory, state):  # a resumed run that had nothing left to do
                 log.info("hvdbert: checkpoint %s is up to date", directory)
             else:
                 write_checkpoint(directory, run.model, run.optimizer, run.precision.scaler,
                                  self._progress(state, "regular"),
-                                 {**self.resolved_recipe, "plan": run.plan.to_dict()})
+                                 {**self.resolved_recipe, "plan": run.plan.to_dict()}, compression)
                 prune(self.run_dir, self.keep, sole_writer=self.lock is not None and self.lock.exclusive)
                 log.info("hvdbert: checkpoint %s (%d samples seen)", directory, state.samples_seen)
         run.dist.barrier()  # every rank waits: none exits (or is preempted) before the save is complete

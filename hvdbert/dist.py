@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from hvdbert.compression import SINGLE_PROCESS, Collectives
 from hvdbert.config import DistConfig
 from hvdbert.errors import UsageError
 from hvdbert.launcher import elastic_launch, launcher_marker
@@ -100,7 +101,9 @@ class Distributed(Protocol):
     elastic: bool
 
     def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module: ...
-    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool): ...
+    # compressor: compression.Bf16Wire or PowerSGD, which then reduces the gradients in synchronize()
+    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool,
+                       compressor=None): ...
     def broadcast_model_and_optimizer(self, model: torch.nn.Module, optimizer) -> None: ...
     def broadcast_object(self, obj: Any, name: str) -> Any: ...
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor: ...
@@ -128,7 +131,13 @@ class SingleProcess:
     def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module:
         return forward  # Horovod reduces through the optimizer's hooks, not the forward
 
-    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool):
+    compressor = None  # set by wrap_optimizer: hvdbert's own compression (hvdbert/compression.py)
+
+    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool,
+                       compressor=None):
+        # A compressor runs on one process too (its collectives are identities): the run then follows
+        # the recursion N workers' average follows (compression.PowerSGD).
+        self.compressor = compressor
         return optimizer
 
     def broadcast_model_and_optimizer(self, model: torch.nn.Module, optimizer) -> None:
@@ -153,7 +162,8 @@ class SingleProcess:
         pass
 
     def synchronize(self, optimizer) -> None:
-        pass
+        if self.compressor is not None:
+            self.compressor.reduce(SINGLE_PROCESS)
 
     @contextlib.contextmanager
     def skip_synchronize(self, optimizer) -> Iterator[None]:
@@ -229,8 +239,14 @@ class HorovodDistributed(SingleProcess):
         self.local_size = hvd.local_size()
         self.backend = "gloo" if hvd.gloo_enabled() and hvd.gloo_built() else "mpi"
 
-    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool):
+    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool,
+                       compressor=None):
         hvd = self.hvd
+        if compressor is not None:
+            # hvdbert's own compression: the plain optimizer, and every gradient reduced at once in
+            # synchronize() (the local passes of an accumulated step sum into .grad meanwhile).
+            self.compressor = compressor
+            return optimizer
         # Horovod: allreduce averages gradients across workers; backward_passes_per_step makes it sum
         # the local micro-batches first and reduce once per optimizer step (so the loss is divided by
         # accumulation_steps by the caller). fp16 compression halves the bytes on the wire.
@@ -282,10 +298,24 @@ class HorovodDistributed(SingleProcess):
     def synchronize(self, optimizer) -> None:
         # Horovod: wait for the gradient allreduces so they can be unscaled and clipped before step().
         with self._waiting("the gradient allreduce"):
-            optimizer.synchronize()
+            if self.compressor is not None:
+                self.compressor.reduce(self._collectives())
+            else:
+                optimizer.synchronize()
+
+    def _collectives(self) -> Collectives:
+        hvd = self.hvd
+        # Horovod: the compressor's tensors (one of each kind per step) are averaged or gathered
+        # whole; each call returns when its collective is done.
+        return Collectives(
+            allreduce_mean=lambda tensor, name: hvd.allreduce(tensor, op=hvd.Average, name=name),
+            allgather=lambda tensor, name: hvd.allgather(tensor, name=name))
 
     @contextlib.contextmanager
     def skip_synchronize(self, optimizer) -> Iterator[None]:
+        if self.compressor is not None:  # a plain optimizer: its step() reduces nothing
+            yield
+            return
         with optimizer.skip_synchronize():
             yield
 
@@ -322,7 +352,8 @@ class HorovodDistributed(SingleProcess):
 
     def set_accumulation_steps(self, optimizer, accumulation_steps: int) -> None:
         # Horovod: after an elastic resize the same global batch needs another number of local passes.
-        optimizer.set_backward_passes_per_step(accumulation_steps)
+        if self.compressor is None:  # a compressor reduces once per step, whatever the passes
+            optimizer.set_backward_passes_per_step(accumulation_steps)
 
 
 def horovod_available() -> bool:

@@ -60,7 +60,7 @@ def restore_on_rank0(args, run: Run) -> str:
             try:
                 found = checkpoint.open_checkpoint(path)
                 checkpoint.check_compatible(found, recipe.model, tokenizer)
-                checkpoint.restore_training(found, model, optimizer, precision.scaler)
+                checkpoint.restore_training(found, model, optimizer, precision.scaler, run.compressor)
             except checkpoint.CorruptCheckpoint as error:
                 if args.resume != "auto":
                     raise
@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # before Horovod starts: bad input fails fast, alike on every rank
         recipe = load_recipe(args.recipe, args.set)
+        if args.elastic and recipe.dist.wire_compression in ("bf16", "powersgd"):
+            # Horovod elastic re-forms the job around its DistributedOptimizer; hvdbert's own
+            # compression (and PowerSGD's per-worker errors) does not follow a resize.
+            raise UsageError(f"--elastic does not run with dist.compression = {recipe.dist.wire_compression}; "
+                             "use dist.compression = none or fp16 under --elastic")
         # Rank 0 checks the run directory for all (when it refuses, the launcher stops the others).
         # Under elastic a worker that joins later would find the run directory in use by its own job,
         # and nothing here tells it from the first workers: they run it in start() instead.

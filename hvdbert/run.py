@@ -7,6 +7,7 @@ loop, `Checkpointer` and the benchmark all take the `Run`; none assembles these 
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from hvdbert import families
+from hvdbert.compression import build_compressor
 from hvdbert.config import Recipe
 from hvdbert.data.loader import BatchStream, StreamLayout
 from hvdbert.data.masking import MaskingRule
@@ -26,6 +28,8 @@ from hvdbert.plan import Plan, make_plan
 from hvdbert.preflight import check_data
 from hvdbert.prepare import builtin_cache_dir, prepare_builtin
 from hvdbert.state import Precision, TrainState
+
+log = logging.getLogger("hvdbert")
 
 
 def cache_root() -> Path:
@@ -80,6 +84,8 @@ class Run:
     precision: Precision
     state: TrainState
     stream: BatchStream | None = None
+    # dist.compression's own state (compression.PowerSGD: error buffers, factors), or None
+    compressor: object | None = None
 
     def open_stream(self) -> BatchStream:
         """This worker's batches from the global sample position `state.samples_seen` on."""
@@ -112,6 +118,15 @@ class Run:
         if self.precision.scaler is not None:
             self.precision.scaler.load_state_dict(dist.broadcast_object(self.precision.scaler.state_dict(),
                                                                         name="scaler"))
+        if self.compressor is not None and self.compressor.stateful:
+            # Rank 0 read the checkpoint (restore_training kept its compression state aside); each
+            # worker takes its own part of it.
+            restored, saved = dist.broadcast_object(self.compressor.restored, name="compression_state")
+            if restored:
+                note = self.compressor.load_state(saved, dist.rank, dist.size)
+                if note is not None and dist.rank == 0:
+                    log.warning("hvdbert: %s", note)
+            self.compressor.restored = (False, None)
 
     def replan(self) -> Plan:
         """After an elastic resize: the plan (accumulation, LR) for the new worker count."""
@@ -135,9 +150,14 @@ def build_run(recipe: Recipe, data_dir: Path | None, dist: Distributed) -> Run:
     model = build_model(recipe.model, with_nsp=data.has_nsp, device_type=device.type).to(device)
     if recipe.train.compile:
         compile_model(model)
+    wire = recipe.dist.wire_compression
+    # Every worker draws PowerSGD's first factors from the same seed: they must start equal.
+    compressor = build_compressor(wire, model.parameters(), recipe.dist.powersgd_rank,
+                                  recipe.dist.powersgd_start_step, recipe.train.seed)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
-                                    plan.accumulation_steps, recipe.dist.fp16_allreduce)
+                                    plan.accumulation_steps, wire == "fp16", compressor)
     init_state(optimizer, recipe.optim.name)  # Horovod's wrapper is a new optimizer object: create its state here
     return Run(recipe=recipe, dist=dist, device=device, data=data, plan=plan, model=model,
                forward=dist.wrap_forward(PretrainingForward(model)), optimizer=optimizer,
-               precision=Precision.create(recipe.train.precision, device), state=TrainState())
+               precision=Precision.create(recipe.train.precision, device), state=TrainState(),
+               compressor=compressor)

@@ -48,6 +48,9 @@ CONFIGS = {
     "fp16": ["train.precision=fp16"],
     "fp16-fp16-allreduce": ["train.precision=fp16", *FP16_WIRE],
     "compiled": ["train.compile=true", "train.max_steps=4"],  # the encoder and head under torch.compile
+    # hvdbert's own compression (hvdbert/compression.py): bf16 on the wire, and PowerSGD under AdamW
+    "bf16-wire": ["dist.compression=bf16"],
+    "powersgd-adamw": ["dist.compression=powersgd", "optim.name=adamw", "optim.lr=2e-3"],
 }
 OVERFLOW_STEPS, OVERFLOW_STEP, OVERFLOW_RANK = 4, 2, 1
 

@@ -35,9 +35,9 @@ def reference_runs(tmp_path_factory, hvdbert_env):
 
 
 # What one worker checks needs one plain process; what two check, one horovodrun job.
-ONE_WORKER_CHECKS = ["bf16", "fp16", "compiled"]
+ONE_WORKER_CHECKS = ["bf16", "fp16", "compiled", "powersgd-adamw"]
 TWO_WORKER_CHECKS = ["broadcast", "overflow", "fp32-fp16-allreduce", "bf16", "bf16-fp16-allreduce", "fp16",
-                     "fp16-fp16-allreduce", "compiled"]
+                     "fp16-fp16-allreduce", "compiled", "bf16-wire", "powersgd-adamw"]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,28 @@ def test_fp16_allreduce_stays_close_to_full_precision(probe, reference_runs):
     differences = [abs(a["loss"] - b["loss"]) for a, b in zip(reference_runs["np2"], wire)]
     assert len(differences) == 8
     assert max(differences) <= 1e-3, differences
+
+
+def test_bf16_on_the_wire_stays_close_to_full_precision(probe, reference_runs):
+    # bf16 keeps 8 significant bits of each worker's gradient (fp16: 11), summed in float32.
+    wire = read_metrics(probe["np2"] / "bf16-wire")
+    differences = [abs(a["loss"] - b["loss"]) for a, b in zip(reference_runs["np2"], wire)]
+    assert len(differences) == 8
+    assert 0 < max(differences) <= 1e-3, differences  # rounded, and close
+
+
+# The bound docs/compression.md states for PowerSGD runs on different worker counts (per-step loss).
+POWERSGD_WORKER_COUNT_TOLERANCE = 1e-4
+
+
+def test_powersgd_with_adamw_two_workers_match_one_worker_within_the_stated_bound(probe):
+    # PowerSGD is linear in the gradient given the averaged factors, so N workers follow one worker's
+    # recursion up to float rounding (docs/compression.md states the bound this checks).
+    one, two = read_metrics(probe["np1"] / "powersgd-adamw"), read_metrics(probe["np2"] / "powersgd-adamw")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 9))
+    differences = [abs(a["loss"] - b["loss"]) for a, b in zip(one, two)]
+    assert max(differences) <= POWERSGD_WORKER_COUNT_TOLERANCE, differences
+    assert two[-1]["loss"] < two[0]["loss"]
 
 
 # Mixed precision on CPU (torch's CPU autocast; fp16 with torch.amp.GradScaler("cpu")). np=1 with

@@ -25,7 +25,8 @@ Reported per configuration (rank 0 writes it; the breakdown is averaged over ran
 - mfu = model FLOP/s / peak FLOP/s, with the peak measured by a matrix-multiply probe on every rank
   at the same time, on the same device, in the same run (see `training_flops_per_sequence`);
 - allreduce bytes per step: the counted gradient payload (fp32: 4 bytes per trainable parameter,
-  fp16 allreduce: 2) and the bytes each rank sends in a ring allreduce, 2 (N - 1) / N x payload.
+  fp16 or bf16: 2, powersgd: its factors; compression.compressed_bytes) and the bytes each rank sends
+  in a ring allreduce, 2 (N - 1) / N x payload (bf16, allgathered: N - 1 x payload).
 
 --peers runs, in the same invocation and on the same corpus, model shape, micro-batch, sequence length
 and thread count: `hf` = transformers' Trainer with run_mlm.py's data path (peers/hf_trainer.py),

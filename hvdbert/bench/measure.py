@@ -14,6 +14,7 @@ import torch
 
 from hvdbert.bench.flops import (cpu_record, device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
                                  synchronize, training_flops_per_sequence)
+from hvdbert.compression import compressed_bytes, wire_bytes_per_worker
 from hvdbert.config import Recipe
 from hvdbert.dist import Distributed
 from hvdbert.model import STAT_NAMES, count_parameters
@@ -146,7 +147,9 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
     seq_per_s = steps * plan.global_batch_size / elapsed
     model_flops_per_seq = training_flops_per_sequence(recipe.model, plan.max_seq_len, plan.max_predictions_per_seq)
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    payload = trainable * (2 if recipe.dist.fp16_allreduce else 4) if dist.size > 1 else 0
+    shapes = [p.shape for p in run.model.parameters() if p.requires_grad]
+    payload = (compressed_bytes(shapes, recipe.dist.wire_compression, recipe.dist.powersgd_rank)
+               if dist.size > 1 else 0)
     memory, memory_kind = peak_memory_bytes(device)
     return {
         "system": system,
@@ -182,7 +185,9 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
         "cycle_time_ms": recipe.dist.cycle_time_ms,
         "fusion_threshold_mb": recipe.dist.fusion_threshold_mb,
         "allreduce_payload_bytes_per_step": payload,
-        "allreduce_wire_bytes_per_rank_per_step": payload * 2 * (dist.size - 1) / dist.size,
+        "compression": recipe.dist.wire_compression,
+        "allreduce_wire_bytes_per_rank_per_step": wire_bytes_per_worker(
+            shapes, recipe.dist.wire_compression, dist.size, recipe.dist.powersgd_rank),
         # counted by the hosts' interfaces (0 on one host, where ranks talk over loopback): per rank
         # and timed step, a host's count shared among the ranks it runs
         "wire_tx_bytes_per_rank_per_step": total_wire / dist.size / steps,

@@ -47,7 +47,11 @@ class TorchDDP:
             wrapped.register_comm_hook(None, fp16_compress_hook)
         return wrapped
 
-    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool):
+    def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool,
+                       compressor=None):
+        if compressor is not None:
+            raise UsageError("the ddp-hvdbert-model peer sends fp32 or, with dist.fp16_allreduce, fp16 (DDP's "
+                             "fp16 compression hook); drop dist.compression = bf16 or powersgd")
         self.fp16_allreduce = fp16_allreduce  # run.build_run wraps the optimizer before the forward
         return optimizer
 
