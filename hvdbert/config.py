@@ -190,6 +190,10 @@ class ClusterConfig:
     mfu: float = bounded(0.4, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
     # 0: no framing counted (RDMA); an MTU: Ethernet/IPv4/TCP headers on the wire, as tx_bytes counts
     mtu: int = bounded(0, lambda v: v == 0 or 576 <= v <= 65536, "must be 0 (no framing) or from 576 to 65536")
+    # dist.compression = bf16 | powersgd: the compressor's own compute per step, seconds (bf16's rounding
+    # and summing, PowerSGD's factor products and QR), measured on the cluster's workers or given;
+    # added to their exposed communication. 0: not counted (docs/compression.md has measured figures).
+    compressor_seconds: float = at_least_zero(0.0)
 
 
 @dataclass

@@ -194,9 +194,9 @@ def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, st
     )
 
 
-def trainable_parameters(recipe: Recipe) -> int:
-    """The parameters Horovod reduces: the family's model as hvdbert trains it (the heads the data
-    format leaves without gradients frozen), built on the meta device (no memory, no weights)."""
+def trainable_shapes(recipe: Recipe) -> list:
+    """The shapes of the parameters Horovod reduces: the family's model as hvdbert trains it (the heads
+    the data format leaves without gradients frozen), built on the meta device (no memory, no weights)."""
     import torch
 
     from hvdbert import families
@@ -204,13 +204,20 @@ def trainable_parameters(recipe: Recipe) -> int:
     with torch.device("meta"):
         model = families.model_class(recipe.model)(families.build_config(recipe.model))
     families.family_of(recipe.model).hooks.prepare_for_training(model, recipe.data.format == "nsp")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return [p.shape for p in model.parameters() if p.requires_grad]
 
 
-def predict_cluster(recipe: Recipe, plan: Plan, cluster, measured_seq_per_s: float | None):
-    """The scaling model's prediction (hvdbert/scaling.py) for this plan on `cluster`."""
+def trainable_parameters(recipe: Recipe) -> int:
+    """How many parameters Horovod reduces (`trainable_shapes`)."""
+    return sum(shape.numel() for shape in trainable_shapes(recipe))
+
+
+def predict_cluster(recipe: Recipe, plan: Plan, cluster, measured_seq_per_s: float | None) -> dict:
+    """The scaling model's prediction (hvdbert/scaling.py) for this plan on `cluster`, and the same step
+    under every compression (`compare_compressions`: does the recipe's pay off, below which rate)."""
     from hvdbert import families
-    from hvdbert.scaling import compression_of, predict
+    from hvdbert.compression import compressed_bytes
+    from hvdbert.scaling import COMPRESSIONS, compare_compressions, compression_of, predict
 
     workers = cluster.nodes * cluster.gpus_per_node
     if workers != plan.workers:
@@ -220,8 +227,13 @@ def predict_cluster(recipe: Recipe, plan: Plan, cluster, measured_seq_per_s: flo
         flops = families.family_of(recipe.model).hooks.training_flops_per_sequence(
             recipe.model, plan.max_seq_len, plan.max_predictions_per_seq)
         measured_seq_per_s = cluster.peak_tflops * 1e12 * cluster.mfu / flops
-    return predict(cluster, trainable_parameters(recipe), compression_of(recipe.dist), plan.micro_batch_size,
-                   plan.accumulation_steps, measured_seq_per_s)
+    shapes = trainable_shapes(recipe)
+    chosen = compression_of(recipe.dist)
+    payloads = {name: compressed_bytes(shapes, name, recipe.dist.powersgd_rank) for name in COMPRESSIONS}
+    step = dict(trainable_parameters=sum(s.numel() for s in shapes), micro_batch_size=plan.micro_batch_size,
+                accumulation_steps=plan.accumulation_steps, seq_per_s_per_worker=measured_seq_per_s)
+    prediction = predict(cluster, compression=chosen, payload_bytes=payloads[chosen], **step).to_dict()
+    return {**prediction, **compare_compressions(cluster, payloads, chosen, **step)}
 
 
 def format_plan(plan: Plan) -> str:
@@ -248,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", metavar="nodes=N,gpus-per-node=G,link=RATE[,...]",
                         help="also predict step time, communication and scaling efficiency on this cluster "
                              "(keys: nodes, gpus-per-node, link, latency-us, intra, algorithm, overlap, "
-                             "peak-tflops, mfu, mtu; docs/performance.md)")
+                             "peak-tflops, mfu, mtu, compressor-seconds; docs/performance.md, docs/compression.md)")
     parser.add_argument("--measured-seq-per-s", type=float, metavar="X",
                         help="with --cluster: one worker's measured sequences/s alone (else peak-tflops x mfu)")
     # The launchers' pre-flight: what `hvdbert.pretrain` with these arguments would refuse, found
@@ -288,16 +300,21 @@ def main(argv: list[str] | None = None) -> int:
         preflight(recipe, args.output, args.data, args.resume, args.eval_data)
     result = plan.to_dict()
     if cluster is not None:
-        prediction = predict_cluster(recipe, plan, cluster, args.measured_seq_per_s).to_dict()
+        prediction = predict_cluster(recipe, plan, cluster, args.measured_seq_per_s)
         result.update(prediction, cluster=dataclasses.asdict(cluster))
     if args.json:
         print(json.dumps(result))
     else:
         print(format_plan(plan))
         if cluster is not None:
+            table = prediction.pop("compression_table")
             width = max(len(k) for k in prediction)
             print("\n".join(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}"
                             for key, value in prediction.items()))
+            print(f"{'compression':<11}  {'step s':>9}  {'efficiency':>10}  {'vs none':>7}  beats none below")
+            for name, row in table.items():
+                print(f"{name:<11}  {row['step_seconds']:>9.4g}  {row['scaling_efficiency']:>10.3f}  "
+                      f"{row['speedup_over_none']:>6.2f}x  {row['breakeven_link'] or '-'}")
     return 0
 
 

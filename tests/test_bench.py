@@ -303,3 +303,37 @@ def test_sigterm_ends_the_benchmarks_processes_and_its_temporary_directory(hvdbe
             except (OSError, ProcessLookupError):
                 pass
         bench.wait()
+
+
+def test_ddp_peer_registers_powersgd_and_refuses_bf16_on_gloo(monkeypatch):
+    """The DDP peer on one Gloo process: dist.compression = powersgd registers DDP's PowerSGD hook at
+    hvdbert's rank (the step runs through it: two plain iterations, then compressed), bf16 is refused
+    in one line (DDP's bf16 hook needs NCCL)."""
+    import socket
+
+    import torch
+
+    from hvdbert.bench.peers.ddp_model import TorchDDP
+    from hvdbert.compression import Bf16Wire, PowerSGD
+    from hvdbert.errors import UsageError
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    dist = TorchDDP()
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+        with pytest.raises(UsageError, match="bf16_compress_hook, which needs NCCL") as error:
+            dist.wrap_optimizer(None, model, 1, False, Bf16Wire(model.parameters()))
+        assert "\n" not in str(error.value)
+        dist.wrap_optimizer(None, model, 1, False, PowerSGD(model.parameters(), rank=2, start_step=0, seed=1))
+        wrapped = dist.wrap_forward(model)
+        for _ in range(3):  # iterations 0 and 1 plain, then the rank-2 factors (one worker: rank-2 of the gradient)
+            model.zero_grad()
+            wrapped(torch.randn(8, 32)).square().sum().backward()
+        assert wrapped._get_ddp_logging_data().get("comm_hook") == "powerSGD_hook"
+        assert torch.linalg.matrix_rank(model[0].weight.grad) <= 2
+    finally:
+        dist.shutdown()

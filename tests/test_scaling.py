@@ -4,6 +4,7 @@ cases, its refusals, and Horovod's knobs as recipe keys (dist.py sets them befor
 The model's bytes against bytes counted on a shaped link: tests/test_multihost.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from conftest import TINY
 from hvdbert.config import ClusterConfig, DistConfig, load_recipe
 from hvdbert.errors import UsageError
-from hvdbert.scaling import allreduce_cost, compression_of, framing, parse_cluster, predict, rate_bits_per_s
+from hvdbert.scaling import (allgather_cost, allreduce_cost, breakeven_link, compare_compressions, compression_of,
+                             framing, parse_cluster, predict, rate_bits_per_s)
 
 
 def test_rates_and_framing_by_hand():
@@ -72,6 +74,54 @@ def test_hierarchical_and_flat_ring_on_gpu_nodes_by_hand():
 def test_compression_bytes_follow_the_recipe():
     assert compression_of(load_recipe(TINY).dist) == "none"
     assert compression_of(load_recipe(TINY, ["dist.fp16_allreduce=true"]).dist) == "fp16"
+    assert compression_of(load_recipe(TINY, ["dist.compression=powersgd"]).dist) == "powersgd"
+
+
+def test_compressions_that_reduce_after_backward_by_hand():
+    # 2 hosts at 100 Mbit/s (12.5 MB/s), 50 us latency, backward hides 0.25 of a 2 s micro-batch
+    cluster = ClusterConfig(nodes=2, link="100mbit", latency_us=50.0, overlap=0.25, compressor_seconds=0.1)
+    # bf16, 2.5M parameters: 5 MB each, allgathered: each host sends (2 - 1) x 5 MB = 0.4 s + 1 latency;
+    # after backward nothing hides it, and the compressor's 0.1 s adds to it
+    gather = allgather_cost(5e6, cluster)
+    assert gather.seconds == pytest.approx(0.4 + 50e-6) and gather.wire_bytes_per_worker == pytest.approx(5e6)
+    bf16 = predict(cluster, 2_500_000, "bf16", 32, 1, 16.0)
+    assert bf16.gradient_bytes == 5e6 and bf16.overlap == 0.0
+    assert bf16.exposed_communication_seconds == pytest.approx(0.5 + 50e-6)
+    assert bf16.step_seconds == pytest.approx(2.5 + 50e-6)
+    # 4 hosts: each sends 3 x 5 MB
+    assert allgather_cost(5e6, ClusterConfig(nodes=4, link="100mbit", latency_us=0.0)).seconds == pytest.approx(1.2)
+    # powersgd: its payload given (1 MB of factors and vectors), one allreduce of 2 x 1/2 x 1 MB
+    # = 0.08 s + 2 latencies, not hidden, + 0.1 s
+    low = predict(cluster, 2_500_000, "powersgd", 32, 1, 16.0, payload_bytes=1e6)
+    assert low.step_seconds == pytest.approx(2.0 + 0.08 + 100e-6 + 0.1) and low.gradient_bytes == 1e6
+    with pytest.raises(ValueError, match="give payload_bytes"):
+        predict(cluster, 2_500_000, "powersgd", 32, 1, 16.0)
+    # one worker reduces nothing: no communication, no compressor
+    alone = predict(ClusterConfig(nodes=1, link="1gbit", compressor_seconds=0.1), 2_500_000, "powersgd", 32, 1,
+                    16.0, payload_bytes=1e6)
+    assert alone.step_seconds == pytest.approx(2.0)
+
+
+def test_breakeven_rate_by_hand():
+    # none 10 MB against powersgd's 1 MB, no latency, 0.25 x 2 s of overlap, 0.1 s of compressor:
+    # none exposes 80e6 / B - 0.5 s (B in bit/s), powersgd 8e6 / B + 0.1 s: equal at B = 72e6 / 0.6 = 120 Mbit/s
+    cluster = ClusterConfig(nodes=2, link="1gbit", latency_us=0.0, overlap=0.25, compressor_seconds=0.1)
+    step = dict(trainable_parameters=2_500_000, micro_batch_size=32, accumulation_steps=1, seq_per_s_per_worker=16.0)
+    compared = compare_compressions(cluster, {"none": 10e6, "powersgd": 1e6}, "powersgd", **step)
+    assert compared["compression_breakeven_link"] == "120mbit"
+    # at 1 Gbit/s none is hidden (0.08 s < 0.5 s): powersgd's 0.108 s make it slower
+    assert compared["compression_pays_off"] is False and compared["compression_fastest"] == "none"
+    row = compared["compression_table"]["powersgd"]
+    assert row["step_seconds"] == pytest.approx(2.108) and row["speedup_over_none"] == pytest.approx(2.0 / 2.108)
+    slow = compare_compressions(dataclasses.replace(cluster, link="50mbit"), {"none": 10e6, "powersgd": 1e6},
+                                "powersgd", **step)
+    # at 50 Mbit/s: none 2 + 1.6 - 0.5 = 3.1 s, powersgd 2 + 0.16 + 0.1 = 2.26 s
+    assert slow["compression_pays_off"] is True and slow["compression_fastest"] == "powersgd"
+    assert slow["compression_table"]["powersgd"]["speedup_over_none"] == pytest.approx(3.1 / 2.26)
+    assert slow["compression_table"]["none"]["breakeven_link"] is None
+    # never better (more bytes than none) and always better (none never hidden, nothing added)
+    assert breakeven_link(lambda bits: (1.0, 2.0)) is None
+    assert breakeven_link(lambda bits: (2.0, 1.0)) == 1e15
 
 
 @pytest.mark.parametrize("text, message", [
@@ -82,6 +132,7 @@ def test_compression_bytes_follow_the_recipe():
     ("nodes=2,link=1gbit,overlap=1.5", "overlap = 1.5 must be from 0 to 1"),
     ("nodes=2,link=1gbit,algorithm=tree", "algorithm = 'tree' is not valid; choose one of auto, ring, hierarchical"),
     ("nodes=2,link=fast", "link rate 'fast'"),
+    ("nodes=2,link=1gbit,compressor-seconds=-1", "compressor-seconds = -1.0 must be 0 or more"),
 ])
 def test_bad_clusters_are_refused_in_one_line(text, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")) as error:
@@ -114,6 +165,32 @@ def test_plan_predicts_on_a_cluster_and_keeps_its_keys(cli):
     assert gpu.returncode == 0, gpu.stderr
     assert 0 < json.loads(gpu.stdout)["scaling_efficiency"] <= 1
     assert json.loads(gpu.stdout)["algorithm"] == "hierarchical"
+
+
+def test_plan_counts_powersgd_on_the_models_shapes_and_says_where_it_pays_off(cli):
+    from hvdbert.compression import compressed_bytes
+    from hvdbert.model import build_model
+
+    outcome = cli("hvdbert.plan", ["--recipe", str(TINY), "--workers", "2", "--json", "--set",
+                                   "dist.compression=powersgd", "--set", "dist.powersgd_rank=4", "--cluster",
+                                   "nodes=2,link=10mbit,latency-us=0,overlap=0,compressor-seconds=0.05",
+                                   "--measured-seq-per-s", "32"])
+    assert outcome.returncode == 0, outcome.stderr
+    result = json.loads(outcome.stdout)
+    shapes = [p.shape for p in build_model(load_recipe(TINY).model, with_nsp=False).parameters() if p.requires_grad]
+    payload = compressed_bytes(shapes, "powersgd", 4)
+    assert result["gradient_bytes"] == payload and result["compression"] == "powersgd"
+    # 2 hosts at 1.25 MB/s: the payload once each way, after backward, plus the compressor's 0.05 s
+    assert result["exposed_communication_seconds"] == pytest.approx(payload / 1.25e6 + 0.05)
+    table = result["compression_table"]
+    assert set(table) == {"none", "fp16", "bf16", "powersgd"} and "scaling_efficiency" in result
+    assert table["none"]["gradient_bytes"] == 4 * sum(s.numel() for s in shapes)
+    assert table["bf16"]["wire_bytes_per_worker"] == 2 * sum(s.numel() for s in shapes)  # (2 - 1) x its payload
+    assert result["compression_pays_off"] is True and result["compression_fastest"] == "powersgd"
+    # with overlap 0, none's step is compute + 8 x none's bytes / B and powersgd's compute + 8 x its
+    # payload / B + 0.05 s: equal at B = 8 (none's bytes - payload) / 0.05
+    breakeven = 8 * (table["none"]["gradient_bytes"] - payload) / 0.05
+    assert rate_bits_per_s(result["compression_breakeven_link"]) == pytest.approx(breakeven, rel=1e-3)
 
 
 @pytest.mark.parametrize("args, message", [

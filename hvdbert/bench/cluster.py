@@ -18,7 +18,8 @@ minutes, so each rate gets its own, measured right before it):
   share this machine's cores, the scaling model's compute input for N hosts (on a cluster each
   node has its own; here N workers share the cores).
 Then, every link shaped at the rate (tc's tbf on both ends): hvdbert, the DDP peer, and the --vary
-variants (the DDP peer runs dist.fp16_allreduce variants too, with its fp16 compress hook).
+variants (the DDP peer runs the compression variants too, dist.fp16_allreduce and dist.compression =
+fp16 | powersgd, with DDP's fp16 and PowerSGD communication hooks; its bf16 hook needs NCCL).
 
 Reported per configuration: step time, the wait on the allreduce after backward (hvdbert's
 gradient_sync), the exposed communication (step time minus the step of the same hosts without
@@ -175,8 +176,11 @@ class ShapedBench:
         return records if alone else records[0]
 
 
-def fp16_variant(sets: list[str]) -> bool:
-    return any(s.replace(" ", "").lower() == "dist.fp16_allreduce=true" for s in sets)
+def compression_variant(sets: list[str]) -> bool:
+    """A --vary variant the DDP peer runs too, with its communication hook: fp16 and powersgd (DDP's
+    bf16 hook needs NCCL; the hosts run Gloo)."""
+    flat = [s.replace(" ", "").lower() for s in sets]
+    return any(s in ("dist.fp16_allreduce=true", "dist.compression=fp16", "dist.compression=powersgd") for s in flat)
 
 
 def model_row(row: dict, alone_seq_per_s: float, concurrent_seq_per_s: float, concurrent_step: float,
@@ -187,9 +191,10 @@ def model_row(row: dict, alone_seq_per_s: float, concurrent_seq_per_s: float, co
     wire_seconds = wire / (rate_bits_per_s(rate) / 8)
     exposed = max(0.0, row["step_seconds"] - concurrent_step)
     cluster = ClusterConfig(nodes=hosts, gpus_per_node=1, link=rate, latency_us=50.0, overlap=overlap, mtu=MTU)
-    compression = "fp16" if row["fp16_allreduce"] else "none"
+    compression = row["compression"]
     predicted = predict(cluster, row["trainable_parameters"], compression, row["micro_batch_size"], 1,
-                        concurrent_seq_per_s, reference_seq_per_s=alone_seq_per_s)
+                        concurrent_seq_per_s, reference_seq_per_s=alone_seq_per_s,
+                        payload_bytes=row["allreduce_payload_bytes_per_step"])
     efficiency = row["seq_per_s"] / (hosts * alone_seq_per_s)
     micro_seconds = row["micro_batch_size"] / concurrent_seq_per_s
     return {
@@ -244,7 +249,7 @@ def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
                     bench.cluster.shape(rate)
                     configs = [("hvdbert", []), ("ddp-hvdbert-model", [])]
                     configs += [("hvdbert", sets) for sets in variants]
-                    configs += [("ddp-hvdbert-model", sets) for sets in variants if fp16_variant(sets)]
+                    configs += [("ddp-hvdbert-model", sets) for sets in variants if compression_variant(sets)]
                     for system, sets in configs:
                         label = " ".join([system, *sets])
                         log.info("bench: %s, %d hosts, %s ...", label, hosts, rate)

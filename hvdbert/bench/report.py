@@ -83,9 +83,8 @@ def shaped_table(rows: list[dict], baselines: list[dict]) -> str:
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         peer = next((p for p in rows if p["label"].startswith("ddp-hvdbert-model") and p["hosts"] == r["hosts"]
-                     and p["link"] == r["link"] and p["fp16_allreduce"] == r["fp16_allreduce"]), None)
-        versus = (f"{r['seq_per_s'] / peer['seq_per_s']:.2f}x" if peer and r["system"] == "hvdbert"
-                  and (r["label"] == "hvdbert" or "fp16_allreduce" in r["label"]) else "–")
+                     and p["link"] == r["link"] and p.get("compression") == r.get("compression")), None)
+        versus = f"{r['seq_per_s'] / peer['seq_per_s']:.2f}x" if peer and r["system"] == "hvdbert" else "–"
         name = SYSTEM_NAMES[r["system"]] + r["label"][len(r["system"]):]
         lines.append(
             f"| {r['link']} | {r['hosts']} | {name} | {r['step_seconds']:.2f} | {r['seq_per_s']:.2f} | "

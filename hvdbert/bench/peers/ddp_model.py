@@ -9,6 +9,13 @@ distributed layer differs: `TorchDDP` implements hvdbert's `Distributed` protoco
 torch.distributed, and gradients are averaged by DDP's bucketed allreduce, which overlaps backward
 (Horovod overlaps through its optimizer's gradient hooks). So the ratio of this peer to hvdbert at the
 same worker count is Horovod against DDP on the same work.
+
+Compression: dist.fp16_allreduce (or dist.compression = fp16) registers DDP's fp16_compress_hook,
+bf16 its bf16_compress_hook (NCCL only: on Gloo refused in one line), and powersgd its PowerSGD hook (torch.distributed.algorithms.ddp_comm_hooks.
+powerSGD_hook) at hvdbert's dist.powersgd_rank, with error feedback and warm start, compressing every
+matrix a rank-r pair shrinks (min_compression_rate 1, as hvdbert.compression.low_rank), from
+max(2, dist.powersgd_start_step) (DDP's hook needs two plain iterations first; it counts DDP's
+allreduces, one per backward). Unlike hvdbert's, DDP's hooks keep the overlap with backward.
 """
 from __future__ import annotations
 
@@ -35,24 +42,35 @@ class TorchDDP:
         self.backend = f"torch-ddp-{torch_dist.get_backend()}"
         self.elastic = False  # a fixed set of workers: start-up may use collectives
         self.fp16_allreduce = False
+        self.compressor = None  # hvdbert's compressor, read for its kind and PowerSGD's settings
 
     def wrap_forward(self, forward: torch.nn.Module) -> torch.nn.Module:
         # DDP: broadcasts rank 0's weights now, then averages gradients during every backward through
         # this module (each micro-batch's; with loss / accumulation_steps the sum is the average).
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         wrapped = torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
-        if self.fp16_allreduce:  # DDP's counterpart of hvd.Compression.fp16: buckets sent as fp16
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-            wrapped.register_comm_hook(None, fp16_compress_hook)
+        if self.fp16_allreduce:  # DDP's counterpart of hvd.Compression.fp16: buckets sent as fp16
+            wrapped.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif getattr(self.compressor, "name", None) == "bf16":
+            wrapped.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        elif getattr(self.compressor, "name", None) == "powersgd":
+            state = powerSGD_hook.PowerSGDState(
+                process_group=None, matrix_approximation_rank=self.compressor.rank,
+                start_powerSGD_iter=max(2, self.compressor.start_step), min_compression_rate=1,
+                use_error_feedback=True, warm_start=True, random_seed=self.compressor.seed)
+            wrapped.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         return wrapped
 
     def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool,
                        compressor=None):
-        if compressor is not None:
-            raise UsageError("the ddp-hvdbert-model peer sends fp32 or, with dist.fp16_allreduce, fp16 (DDP's "
-                             "fp16 compression hook); drop dist.compression = bf16 or powersgd")
-        self.fp16_allreduce = fp16_allreduce  # run.build_run wraps the optimizer before the forward
+        # run.build_run wraps the optimizer before the forward: wrap_forward registers the hook. hvdbert's
+        # compressor itself never runs here (DDP's hook compresses instead).
+        if getattr(compressor, "name", None) == "bf16" and not torch.cuda.is_available():
+            raise UsageError("the ddp-hvdbert-model peer runs dist.compression = bf16 with DDP's bf16_compress_hook, "
+                             "which needs NCCL (CUDA); on Gloo use none, fp16 or powersgd")
+        self.fp16_allreduce, self.compressor = fp16_allreduce, compressor
         return optimizer
 
     def broadcast_model_and_optimizer(self, model: torch.nn.Module, optimizer) -> None:
