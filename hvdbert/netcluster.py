@@ -64,7 +64,6 @@ class Cluster:
         self.switch = f"{self.tag}-sw"
         self.namespaces: list[str] = []
         self.sshd: dict[str, subprocess.Popen] = {}
-        self.made_run_sshd = False
         self.made_etc_netns = not Path("/etc/netns").exists()
         self.address = {name: {dev: f"{net}.{k + 1}" for dev, net in NETWORKS.items()}
                         for k, name in enumerate(names)}
@@ -83,8 +82,7 @@ class Cluster:
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.workdir / "host_key"))
         shutil.copy(f"{key}.pub", self.workdir / "authorized_keys")
         if not Path("/run/sshd").is_dir():  # sshd's privilege-separation directory
-            Path("/run/sshd").mkdir(mode=0o755)
-            self.made_run_sshd = True
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
 
         run("ip", "netns", "add", self.switch)
         self.namespaces.append(self.switch)
@@ -215,8 +213,8 @@ class Cluster:
             run("ip", "netns", "del", ns, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.namespaces = []
-        if self.made_run_sshd:
-            shutil.rmtree("/run/sshd", ignore_errors=True)
+        # /run/sshd stays, even when this cluster made it: every sshd on the machine needs it to accept
+        # a connection (without it they reset each one at the key exchange), another cluster's too.
         if self.made_etc_netns:  # only when empty: another cluster may have its hosts' files there
             try:
                 os.rmdir("/etc/netns")
