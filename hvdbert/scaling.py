@@ -71,10 +71,9 @@ def rate_bits_per_s(rate: str) -> float:
 
 
 def compression_of(dist) -> str:
-    """The allreduce's compression name for a recipe's [dist] section."""
-    name = getattr(dist, "compression", "none") or "none"
-    if name == "none" and dist.fp16_allreduce:
-        name = "fp16"
+    """The allreduce's compression name for a recipe's [dist] section (DistConfig.wire_compression),
+    refused in one line where the model cannot count it."""
+    name = dist.wire_compression
     if name not in COMPRESSIONS:
         raise UsageError(f"dist.compression = {name!r}: the scaling model counts {', '.join(COMPRESSIONS)}; "
                          "add the compressor to hvdbert.scaling.COMPRESSIONS")
