@@ -81,8 +81,7 @@ class Cluster:
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.workdir / "host_key"))
         shutil.copy(f"{key}.pub", self.workdir / "authorized_keys")
-        if not Path("/run/sshd").is_dir():  # sshd's privilege-separation directory
-            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
 
         run("ip", "netns", "add", self.switch)
         self.namespaces.append(self.switch)
