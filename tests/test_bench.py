@@ -337,3 +337,34 @@ def test_ddp_peer_registers_powersgd_and_refuses_bf16_on_gloo(monkeypatch):
         assert torch.linalg.matrix_rank(model[0].weight.grad) <= 2
     finally:
         dist.shutdown()
+
+
+def test_rounds_compare_each_configuration_with_plain_hvdbert_in_the_same_round():
+    """--hosts with --repeats: every round's speed-ups are taken within that round (hand-computed),
+    and the table gives them per round with their median."""
+    from hvdbert.bench.cluster import round_ratios
+    from hvdbert.bench.report import round_table
+
+    def record(system, label, step, compression="none"):
+        return {"system": system, "label": label, "step_seconds": step, "compression": compression}
+
+    first = round_ratios(2, "100mbit", 1, [
+        record("hvdbert", "hvdbert", 2.0), record("ddp-hvdbert-model", "ddp-hvdbert-model", 3.0),
+        record("hvdbert", "hvdbert dist.cycle_time_ms=1", 1.6),
+        record("hvdbert", "hvdbert dist.compression=fp16", 1.0, "fp16"),
+        record("ddp-hvdbert-model", "ddp-hvdbert-model dist.compression=fp16", 1.5, "fp16")])
+    assert first["speedup_vs_hvdbert"] == {"hvdbert": 1.0, "ddp-hvdbert-model": 2.0 / 3.0,
+                                           "hvdbert dist.cycle_time_ms=1": 1.25, "hvdbert dist.compression=fp16": 2.0,
+                                           "ddp-hvdbert-model dist.compression=fp16": 2.0 / 1.5}
+    assert first["hvdbert_vs_ddp"] == {"hvdbert": 1.5, "hvdbert dist.cycle_time_ms=1": 3.0 / 1.6,
+                                       "hvdbert dist.compression=fp16": 1.5}
+    # a later round under twice the load: the ratios, not the step times, are what compare
+    second = round_ratios(2, "100mbit", 2, [
+        record("hvdbert", "hvdbert", 4.0), record("ddp-hvdbert-model", "ddp-hvdbert-model", 5.0),
+        record("hvdbert", "hvdbert dist.cycle_time_ms=1", 4.4),
+        record("hvdbert", "hvdbert dist.compression=fp16", 2.5, "fp16"),
+        record("ddp-hvdbert-model", "ddp-hvdbert-model dist.compression=fp16", 2.5, "fp16")])
+    table = round_table([first, second])
+    row = next(line for line in table.splitlines() if "cycle_time_ms=1" in line)
+    assert row == ("| 100mbit | 2 | hvdbert (Horovod) dist.cycle_time_ms=1 | 1.60, 4.40 | 1.25x, 0.91x | 0.91x | "
+                   "1.88x, 1.14x |")

@@ -34,7 +34,9 @@ and thread count: `hf` = transformers' Trainer with run_mlm.py's data path (peer
 (peers/ddp.py), `ddp-hvdbert-model` = DDP over Gloo on hvdbert's own model, data and step
 (peers/ddp_model.py): its ratio to hvdbert is Horovod against DDP, nothing else. The DDP peers run
 at every worker count, the Trainer on one process.
---repeats interleaves the whole set R times (a shared machine is noisy); the median is reported.
+--repeats interleaves the whole set R times (a shared machine is noisy); the median is reported. With
+--hosts, each round measures its own references and runs the configurations in alternate order
+(forward, then backward: ABBA), so a drifting load falls on every configuration alike.
 Output: OUTPUT/bench.json, bench.md (the table) and bench.png (throughput and scaling efficiency).
 """
 from __future__ import annotations
@@ -111,9 +113,9 @@ def parse_args(argv: list[str] | None):
         from hvdbert.bench.cluster import parse_hosts, parse_links
 
         args.host_counts, args.links = parse_hosts(args.hosts), parse_links(args.link)
-        if args.peer_names or args.workers != "1" or args.repeats != 1 or args.find_max_batch or args.compile:
+        if args.peer_names or args.workers != "1" or args.find_max_batch or args.compile:
             raise UsageError("--hosts runs one worker per host, hvdbert and the DDP peer on hvdbert's model; "
-                             "drop --workers, --peers, --repeats, --find-max-batch and --compile")
+                             "drop --workers, --peers, --find-max-batch and --compile")
     if args.overlap is not None and not 0 <= args.overlap <= 1:
         raise UsageError(f"--overlap {args.overlap}: must be from 0 to 1")
     for vary in args.vary:
@@ -275,7 +277,7 @@ def shaped_main(args, argv, recipe, data_dir: Path) -> int:
                "minutes": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60, **result}
     (output / "bench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (output / "rows.json").unlink(missing_ok=True)  # the rows so far, kept while the benchmark ran
-    table = shaped_table(result["rows"], result["baselines"])
+    table = shaped_table(result["rows"], result["baselines"], result["rounds"])
     (output / "bench.md").write_text(table, encoding="utf-8")
     shaped_plot(result["rows"], output / "bench.png",
                 f"{args.shape or Path(args.recipe).stem}, micro-batch {recipe.batch.micro_batch_size} per host, "

@@ -25,7 +25,10 @@ Reported per configuration: step time, the wait on the allreduce after backward 
 gradient_sync), the exposed communication (step time minus the step of the same hosts without
 communication), the wire time of the bytes sent (tx_bytes of the hosts' interfaces / link rate),
 how much of it overlapped backward (1 - exposed / wire time), scaling efficiency against one host,
-and the scaling model's predicted efficiency and its error.
+and the scaling model's predicted efficiency and its error. With --repeats R each rate runs R rounds
+(references included, configurations in alternate order); the table gives the median round's row
+and, per round, every configuration's speed-up over plain hvdbert and hvdbert's over DDP: the fair
+comparison of the --vary knobs on a machine whose load drifts.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import time
 from pathlib import Path
 
 import hvdbert
-from hvdbert.bench.orchestrate import bench_overrides
+from hvdbert.bench.orchestrate import bench_overrides, median_record
 from hvdbert.config import ClusterConfig, Recipe
 from hvdbert.errors import UsageError
 from hvdbert.netcluster import Cluster, unavailable
@@ -217,53 +220,82 @@ def model_row(row: dict, alone_seq_per_s: float, concurrent_seq_per_s: float, co
 
 
 def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
-    """Every host count, every link rate: the rows of the shaped-cluster benchmark."""
+    """Every host count, every link rate: the rows of the shaped-cluster benchmark. With --repeats R,
+    every rate runs R rounds, each with its own references, the configurations in alternate order
+    (ABBA); a row is the median round's (by seq/s), and `rounds` keeps every round's step time with
+    its ratios to plain hvdbert and to DDP in that round."""
     reason = unavailable()
     if reason:
         raise UsageError(f"--hosts: {reason}")
     compression_of(recipe.dist)  # a compression the model cannot count is refused before anything runs
     overlap = ClusterConfig.overlap if args.overlap is None else args.overlap
     variants = [[f"{vary.split('=', 1)[0]}={value}"] for vary in args.vary for value in vary.split("=", 1)[1].split(",")]
-    rows, baselines = [], []
+    configs = [("hvdbert", []), ("ddp-hvdbert-model", [])]
+    configs += [("hvdbert", sets) for sets in variants]
+    configs += [("ddp-hvdbert-model", sets) for sets in variants if compression_variant(sets)]
+    rows, baselines, rounds = [], [], []
     with tempfile.TemporaryDirectory(prefix="hvdbert-hosts-") as workdir:
         for hosts in args.host_counts:
             (Path(workdir) / f"hosts-{hosts}").mkdir()
             bench = ShapedBench(Path(workdir) / f"hosts-{hosts}", hosts, args, recipe, data_dir)
             try:
                 for rate in args.links:
-                    # The references first, right before the configurations they are the reference
-                    # of: on a shared machine the load drifts within minutes.
-                    log.info("bench: %d hosts, %s: one host alone, then all %d at once without communication",
-                             hosts, rate, hosts)
-                    alone = bench.run("hvdbert", 1, alone=True)[0]
-                    concurrent = bench.run("hvdbert", hosts, alone=True)
-                    concurrent_seq = statistics.mean(r["seq_per_s"] for r in concurrent)
-                    concurrent_step = statistics.mean(r["step_seconds"] for r in concurrent)
-                    baselines.append({"hosts": hosts, "link": rate, "alone_seq_per_s": alone["seq_per_s"],
-                                      "alone_step_seconds": alone["step_seconds"],
-                                      "concurrent_seq_per_s_per_host": concurrent_seq,
-                                      "concurrent_step_seconds": concurrent_step,
-                                      "load_average": alone["load_average"] + concurrent[0]["load_average"]})
-                    log.info("bench: 1 host %.2f seq/s; %d at once %.2f seq/s each", alone["seq_per_s"], hosts,
-                             concurrent_seq)
-                    bench.cluster.shape(rate)
-                    configs = [("hvdbert", []), ("ddp-hvdbert-model", [])]
-                    configs += [("hvdbert", sets) for sets in variants]
-                    configs += [("ddp-hvdbert-model", sets) for sets in variants if compression_variant(sets)]
-                    for system, sets in configs:
-                        label = " ".join([system, *sets])
-                        log.info("bench: %s, %d hosts, %s ...", label, hosts, rate)
-                        record = bench.run(system, hosts, sets)
-                        record.update(label=label, hosts=hosts)
-                        record.update(model_row(record, alone["seq_per_s"], concurrent_seq, concurrent_step,
-                                                rate, overlap))
-                        log.info("bench: %s, %d hosts, %s: step %.2f s, efficiency %.2f (model %.2f)", label, hosts,
-                                 rate, record["step_seconds"], record["scaling_efficiency"],
-                                 record["predicted_scaling_efficiency"])
-                        rows.append(record)
-                        (output / "rows.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-                    bench.cluster.shape(None)
+                    measured: dict[str, list[dict]] = {}
+                    for number in range(args.repeats):
+                        order = configs if number % 2 == 0 else configs[::-1]
+                        records = measure_round(bench, hosts, rate, order, overlap, baselines)
+                        rounds.append(round_ratios(hosts, rate, number + 1, records))
+                        for record in records:
+                            measured.setdefault(record["label"], []).append(record)
+                        (output / "rows.json").write_text(json.dumps(rows + [r for rs in measured.values() for r in rs],
+                                                                     indent=2) + "\n", encoding="utf-8")
+                    rows += [median_record(found) for found in measured.values()]
             finally:
                 bench.close()
-    return {"rows": rows, "baselines": baselines, "model_overlap": overlap,
-            "compression_bytes": COMPRESSION_BYTES}
+    return {"rows": rows, "baselines": baselines, "rounds": rounds, "repeats": args.repeats,
+            "model_overlap": overlap, "compression_bytes": COMPRESSION_BYTES}
+
+
+def measure_round(bench: ShapedBench, hosts: int, rate: str, configs: list[tuple[str, list[str]]],
+                  overlap: float, baselines: list[dict]) -> list[dict]:
+    """One round at one rate: the references first, right before the configurations they are the
+    reference of (on a shared machine the load drifts within minutes), then every configuration on
+    links shaped at `rate`."""
+    log.info("bench: %d hosts, %s: one host alone, then all %d at once without communication", hosts, rate, hosts)
+    alone = bench.run("hvdbert", 1, alone=True)[0]
+    concurrent = bench.run("hvdbert", hosts, alone=True)
+    concurrent_seq = statistics.mean(r["seq_per_s"] for r in concurrent)
+    concurrent_step = statistics.mean(r["step_seconds"] for r in concurrent)
+    baselines.append({"hosts": hosts, "link": rate, "alone_seq_per_s": alone["seq_per_s"],
+                      "alone_step_seconds": alone["step_seconds"],
+                      "concurrent_seq_per_s_per_host": concurrent_seq, "concurrent_step_seconds": concurrent_step,
+                      "load_average": alone["load_average"] + concurrent[0]["load_average"]})
+    log.info("bench: 1 host %.2f seq/s; %d at once %.2f seq/s each", alone["seq_per_s"], hosts, concurrent_seq)
+    bench.cluster.shape(rate)
+    records = []
+    for system, sets in configs:
+        label = " ".join([system, *sets])
+        log.info("bench: %s, %d hosts, %s ...", label, hosts, rate)
+        record = bench.run(system, hosts, sets)
+        record.update(label=label, hosts=hosts)
+        record.update(model_row(record, alone["seq_per_s"], concurrent_seq, concurrent_step, rate, overlap))
+        log.info("bench: %s, %d hosts, %s: step %.2f s, efficiency %.2f (model %.2f)", label, hosts, rate,
+                 record["step_seconds"], record["scaling_efficiency"], record["predicted_scaling_efficiency"])
+        records.append(record)
+    bench.cluster.shape(None)
+    return records
+
+
+def round_ratios(hosts: int, rate: str, number: int, records: list[dict]) -> dict:
+    """One round's step times, each configuration's against plain hvdbert's and hvdbert's against the
+    DDP peer's with the same compression: within a round the load is alike, so these compare fairly."""
+    step = {r["label"]: r["step_seconds"] for r in records}
+    versus_ddp = {}
+    for r in records:
+        peer = next((p for p in records if p["system"] == "ddp-hvdbert-model"
+                     and p.get("compression") == r.get("compression")), None)
+        if r["system"] == "hvdbert" and peer:
+            versus_ddp[r["label"]] = peer["step_seconds"] / r["step_seconds"]
+    return {"hosts": hosts, "link": rate, "round": number, "step_seconds": step,
+            "speedup_vs_hvdbert": {label: step["hvdbert"] / value for label, value in step.items()},
+            "hvdbert_vs_ddp": versus_ddp}

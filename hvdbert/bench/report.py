@@ -71,8 +71,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def shaped_table(rows: list[dict], baselines: list[dict]) -> str:
-    """The shaped-cluster benchmark's table (bench/cluster.py): measured figures and the model's."""
+def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = ()) -> str:
+    """The shaped-cluster benchmark's table (bench/cluster.py): measured figures and the model's, and
+    with more than one round per rate, each configuration's speed-ups within the rounds."""
     lines = ["| hosts | before link | 1 host alone seq/s | each of N at once, no communication: seq/s | "
              "load (1 min) |", "|---:|---|---:|---:|---|"]
     for b in baselines:
@@ -92,7 +93,27 @@ def shaped_table(rows: list[dict], baselines: list[dict]) -> str:
             f"{_fmt(r['overlapped_fraction'], '.2f')} | {r['wire_bytes_per_host_per_step'] / 1e6:.1f} "
             f"({r['predicted_wire_bytes_per_host_per_step'] / 1e6:.1f}) | {r['scaling_efficiency']:.2f} | "
             f"{r['predicted_scaling_efficiency']:.2f} | {r['model_error_points']:+.1f} | {versus} |")
+    if len({(r["hosts"], r["link"], r["round"]) for r in rounds}) > len({(r["hosts"], r["link"]) for r in rounds}):
+        lines += ["", round_table(rounds)]
     return "\n".join(lines) + "\n"
+
+
+def round_table(rounds: list[dict]) -> str:
+    """Per host count, rate and configuration: the speed-up over plain hvdbert in each round (step
+    time of plain hvdbert / this one's, same round), its median, and hvdbert's over DDP likewise."""
+    lines = ["| link | hosts | system | step s per round | speed-up over plain hvdbert per round | median | "
+             "vs DDP per round (same compression) |", "|---|---:|---|---|---|---:|---|"]
+    for hosts, link in dict.fromkeys((r["hosts"], r["link"]) for r in rounds):
+        mine = [r for r in rounds if r["hosts"] == hosts and r["link"] == link]
+        for label in mine[0]["step_seconds"]:
+            speedups = [r["speedup_vs_hvdbert"][label] for r in mine]
+            versus = [r["hvdbert_vs_ddp"][label] for r in mine if label in r["hvdbert_vs_ddp"]]
+            system = label.split(" ")[0]
+            lines.append(f"| {link} | {hosts} | {SYSTEM_NAMES[system] + label[len(system):]} | "
+                         f"{', '.join(format(r['step_seconds'][label], '.2f') for r in mine)} | "
+                         f"{', '.join(f'{v:.2f}x' for v in speedups)} | {sorted(speedups)[(len(speedups) - 1) // 2]:.2f}x | "
+                         f"{', '.join(f'{v:.2f}x' for v in versus) or '–'} |")
+    return "\n".join(lines)
 
 
 def shaped_plot(rows: list[dict], path: Path, title: str) -> None:
