@@ -147,6 +147,10 @@ class DistConfig:
     # optimisation over the first steps), so fusion_threshold_mb and cycle_time_ms are not set
     autotune: bool = False
     autotune_log: str = ""  # HOROVOD_AUTOTUNE_LOG: a CSV of the autotuner's trials (dist.autotune only)
+    # Waiting for an allreduce: poll it, sleeping up to this long between polls (from 0.05 ms,
+    # doubling), instead of Horovod's own wait, which spins a core at 100% for as long as the network
+    # takes: CPU time the workers that compute on the same cores lose (docs/performance.md). 0: Horovod's.
+    poll_interval_ms: float = at_least_zero(1.0, "Horovod's spinning wait")
     # A worker that waits this long in one collective ends itself, and so the job (a frozen or cut-off
     # peer; docs/clusters.md). Above the longest legitimate wait: rank 0 writing a BERT-large
     # checkpoint while the others wait at a barrier. 0: wait forever.

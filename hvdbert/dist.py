@@ -221,6 +221,7 @@ class HorovodDistributed(SingleProcess):
             os.environ.setdefault(name, value)
         hvd.init()
         self.hvd = hvd
+        self.poll_seconds = cfg.poll_interval_ms / 1000
         self.elastic = elastic_launch()
         self.refresh()
         host = socket.gethostname()
@@ -275,9 +276,29 @@ class HorovodDistributed(SingleProcess):
         with self._waiting(f"allgather {name}"):
             return self.hvd.allgather_object(obj, name=name)
 
+    def _settle(self, handles) -> None:
+        """Return when every one of `handles` is done, polling with sleeps that double from 0.05 ms
+        to dist.poll_interval_ms. Horovod's synchronize() spins (sched_yield in a loop) until its
+        handle is done, so a worker waiting on a slow link holds a core at 100%: measured on hosts
+        that share cores, 1.7x the CPU time per step of DDP at 100 Mbit/s (docs/performance.md).
+        After this, synchronize() returns at once. dist.poll_interval_ms = 0 leaves the wait to
+        Horovod."""
+        if self.poll_seconds <= 0:
+            return
+        for handle in handles:
+            pause = min(5e-5, self.poll_seconds)
+            while not self.hvd.poll(handle):
+                time.sleep(pause)
+                pause = min(2 * pause, self.poll_seconds)
+
+    def _reduce(self, tensor: torch.Tensor, op, name: str) -> torch.Tensor:
+        handle = self.hvd.allreduce_async(tensor, op=op, name=name)
+        self._settle([handle])
+        return self.hvd.synchronize(handle)
+
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         with self._waiting(f"allreduce {name}"):
-            return self.hvd.allreduce(tensor, op=self.hvd.Sum, name=name)
+            return self._reduce(tensor, self.hvd.Sum, name)
 
     def allreduce_sum_async(self, tensor: torch.Tensor, name: str) -> Any:
         # Horovod: submitted next to the gradient allreduces, it is fused with them (no extra round trip).
@@ -285,6 +306,7 @@ class HorovodDistributed(SingleProcess):
 
     def wait(self, handle: Any) -> torch.Tensor:
         with self._waiting("an allreduce"):
+            self._settle([handle])
             return self.hvd.synchronize(handle)
 
     def barrier(self, bounded: bool = True) -> None:
@@ -301,6 +323,9 @@ class HorovodDistributed(SingleProcess):
             if self.compressor is not None:
                 self.compressor.reduce(self._collectives())
             else:
+                # the allreduces backward started (DistributedOptimizer's handles by parameter; None
+                # for a parameter whose gradient was not produced, which synchronize() submits itself)
+                self._settle([handle for handle, _ in optimizer._handles.values() if isinstance(handle, int)])
                 optimizer.synchronize()
 
     def _collectives(self) -> Collectives:
@@ -308,8 +333,13 @@ class HorovodDistributed(SingleProcess):
         # Horovod: the compressor's tensors (one of each kind per step) are averaged or gathered
         # whole; each call returns when its collective is done.
         return Collectives(
-            allreduce_mean=lambda tensor, name: hvd.allreduce(tensor, op=hvd.Average, name=name),
-            allgather=lambda tensor, name: hvd.allgather(tensor, name=name))
+            allreduce_mean=lambda tensor, name: self._reduce(tensor, hvd.Average, name),
+            allgather=lambda tensor, name: self._gather(tensor, name))
+
+    def _gather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        handle = self.hvd.allgather_async(tensor, name=name)
+        self._settle([handle])
+        return self.hvd.synchronize(handle)
 
     @contextlib.contextmanager
     def skip_synchronize(self, optimizer) -> Iterator[None]:

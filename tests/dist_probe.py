@@ -12,6 +12,9 @@ Checks, each writing what it saw to OUT_DIR (per rank, or as a run directory wri
   out of the MLM head times 1e30: the loss stays finite, the backward overflows float16). After each
   step every rank writes a fingerprint, its GradScaler's scale and its count of skipped steps to
   OUT_DIR/overflow/rank-<r>.json.
+- `waiting`: rank 1 comes LATE_SECONDS late to a step's gradient allreduce and to a plain
+  allreduce; rank 0 writes the wall time and its own thread's CPU time of each wait to
+  OUT_DIR/waiting/rank-0.json (dist.poll_interval_ms: a wait that sleeps, not one that spins).
 - any name of CONFIGS: an 8-step (compiled: 4-step) run of the tiny recipe without dropout, as
   `train()` runs it, its metrics in OUT_DIR/<name>/metrics.jsonl (rank 0 writes them).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +57,7 @@ CONFIGS = {
     "powersgd-adamw": ["dist.compression=powersgd", "optim.name=adamw", "optim.lr=2e-3"],
 }
 OVERFLOW_STEPS, OVERFLOW_STEP, OVERFLOW_RANK = 4, 2, 1
+LATE_SECONDS = 1.5
 
 
 def fingerprint(model: torch.nn.Module) -> list[float]:
@@ -122,6 +127,36 @@ def check_overflow(recipe_path: str, out: Path, dist: Distributed) -> None:
     (out / f"rank-{dist.rank}.json").write_text(json.dumps(report))
 
 
+def check_waiting(recipe_path: str, out: Path, dist: Distributed) -> None:
+    recipe, plan, model, optimizer, stream, _ = tiny_training(recipe_path, SMALL, dist)
+    waits = {}
+
+    def timed(name: str, wait, *args):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        wait(*args)
+        waits[name] = {"wall_seconds": time.perf_counter() - wall, "cpu_seconds": time.thread_time() - cpu}
+
+    forward = PretrainingForward(model)
+
+    def late_forward(batch):
+        if dist.rank == 1:
+            time.sleep(LATE_SECONDS)
+        return forward(batch)
+
+    synchronize = dist.synchronize
+    dist.synchronize = lambda optimizer: timed("gradients", synchronize, optimizer)
+    try:
+        train_step(late_forward, optimizer, stream.next_step(), dist, Precision.create("fp32", torch.device("cpu")),
+                   recipe.train.grad_clip_norm)
+    finally:
+        del dist.synchronize
+    stream.close()
+    if dist.rank == 1:
+        time.sleep(LATE_SECONDS)
+    timed("allreduce", dist.allreduce_sum, torch.ones(4), "late")
+    (out / f"rank-{dist.rank}.json").write_text(json.dumps(waits))
+
+
 def train_config(recipe_path: str, out: Path, dist: Distributed, name: str) -> None:
     """The run pretrain would make of the tiny recipe with CONFIGS[name], from a random start."""
     run = build_run(load_recipe(recipe_path, EXACT + CONFIGS[name]), None, dist)
@@ -144,6 +179,8 @@ def main(recipe_path: str, out_dir: str, checks: list[str]) -> None:
             check_broadcast(recipe_path, out, dist)
         elif check == "overflow":
             check_overflow(recipe_path, out, dist)
+        elif check == "waiting":
+            check_waiting(recipe_path, out, dist)
         else:
             train_config(recipe_path, out, dist, check)
         dist.barrier()

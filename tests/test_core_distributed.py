@@ -36,7 +36,7 @@ def reference_runs(tmp_path_factory, hvdbert_env):
 
 # What one worker checks needs one plain process; what two check, one horovodrun job.
 ONE_WORKER_CHECKS = ["bf16", "fp16", "compiled", "powersgd-adamw"]
-TWO_WORKER_CHECKS = ["broadcast", "overflow", "fp32-fp16-allreduce", "bf16", "bf16-fp16-allreduce", "fp16",
+TWO_WORKER_CHECKS = ["broadcast", "overflow", "waiting", "fp32-fp16-allreduce", "bf16", "bf16-fp16-allreduce", "fp16",
                      "fp16-fp16-allreduce", "compiled", "bf16-wire", "powersgd-adamw"]
 
 
@@ -64,6 +64,16 @@ def test_parameters_identical_on_all_ranks_after_broadcast_and_steps(probe):
     assert rank0["after_steps"] == rank1["after_steps"]
     assert rank0["after_steps"] != rank0["after_broadcast"]  # the steps changed the weights
     assert set(rank0["optimizer_steps"]) == {4.0}  # no hidden extra step from the broadcast
+
+
+def test_a_worker_waiting_for_a_late_peer_sleeps_instead_of_spinning(probe):
+    # Horovod's own synchronize() spins a core for the whole wait; hvdbert polls and sleeps
+    # (dist.poll_interval_ms), so a worker on a slow link leaves the cores to those computing.
+    waits = json.loads((probe["np2"] / "waiting" / "rank-0.json").read_text())
+    for name in ("gradients", "allreduce"):
+        wait = waits[name]
+        assert wait["wall_seconds"] >= 1.0, waits  # rank 0 really waited for the late rank 1
+        assert wait["cpu_seconds"] <= 0.2 * wait["wall_seconds"], waits
 
 
 def test_two_workers_equal_one_worker_with_accumulation(reference_runs):
