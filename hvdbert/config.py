@@ -198,6 +198,10 @@ class ClusterConfig:
     # and summing, PowerSGD's factor products and QR), measured on the cluster's workers or given;
     # added to their exposed communication. 0: not counted (docs/compression.md has measured figures).
     compressor_seconds: float = at_least_zero(0.0)
+    # CPU seconds per GB a worker sends and receives (network stack, copies, the reduction), taken from
+    # compute where the same cores compute (CPU workers: the shaped hosts measure it per system); 0
+    # on GPU clusters, where the CPU does not compute
+    host_cpu_seconds_per_gb: float = at_least_zero(0.0)
 
 
 @dataclass

@@ -194,9 +194,10 @@ def _plan(recipe: Recipe, workers: int, global_batch: int, accumulation: int, st
     )
 
 
-def trainable_shapes(recipe: Recipe) -> list:
-    """The shapes of the parameters Horovod reduces: the family's model as hvdbert trains it (the heads
-    the data format leaves without gradients frozen), built on the meta device (no memory, no weights)."""
+def trainable_named_shapes(recipe: Recipe) -> list[tuple[str, object]]:
+    """The names and shapes of the parameters Horovod reduces: the family's model as hvdbert trains it
+    (the heads the data format leaves without gradients frozen), built on the meta device (no memory,
+    no weights)."""
     import torch
 
     from hvdbert import families
@@ -204,7 +205,23 @@ def trainable_shapes(recipe: Recipe) -> list:
     with torch.device("meta"):
         model = families.model_class(recipe.model)(families.build_config(recipe.model))
     families.family_of(recipe.model).hooks.prepare_for_training(model, recipe.data.format == "nsp")
-    return [p.shape for p in model.parameters() if p.requires_grad]
+    return [(name, p.shape) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_shapes(recipe: Recipe) -> list:
+    """The shapes of the parameters Horovod reduces (`trainable_named_shapes`)."""
+    return [shape for _, shape in trainable_named_shapes(recipe)]
+
+
+def last_gradient_fraction(recipe: Recipe) -> float:
+    """The share of the reduced elements whose gradients backward completes last: the input embeddings
+    (BERT's `embeddings.*`, ModernBERT's `embeddings.tok_embeddings` and norm), the first layer run
+    and so the last one reached; BERT's MLM decoder is the word-embedding matrix itself, so that
+    gradient too is complete only then. No overlap with backward can hide their allreduce."""
+    named = trainable_named_shapes(recipe)
+    total = sum(shape.numel() for _, shape in named)
+    last = sum(shape.numel() for name, shape in named if ".embeddings." in f".{name}")
+    return last / total
 
 
 def trainable_parameters(recipe: Recipe) -> int:
@@ -231,7 +248,8 @@ def predict_cluster(recipe: Recipe, plan: Plan, cluster, measured_seq_per_s: flo
     chosen = compression_of(recipe.dist)
     payloads = {name: compressed_bytes(shapes, name, recipe.dist.powersgd_rank) for name in COMPRESSIONS}
     step = dict(trainable_parameters=sum(s.numel() for s in shapes), micro_batch_size=plan.micro_batch_size,
-                accumulation_steps=plan.accumulation_steps, seq_per_s_per_worker=measured_seq_per_s)
+                accumulation_steps=plan.accumulation_steps, seq_per_s_per_worker=measured_seq_per_s,
+                last_fraction=last_gradient_fraction(recipe))
     prediction = predict(cluster, compression=chosen, payload_bytes=payloads[chosen], **step).to_dict()
     return {**prediction, **compare_compressions(cluster, payloads, chosen, **step)}
 
@@ -260,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", metavar="nodes=N,gpus-per-node=G,link=RATE[,...]",
                         help="also predict step time, communication and scaling efficiency on this cluster "
                              "(keys: nodes, gpus-per-node, link, latency-us, intra, algorithm, overlap, "
-                             "peak-tflops, mfu, mtu, compressor-seconds; docs/performance.md, docs/compression.md)")
+                             "peak-tflops, mfu, mtu, compressor-seconds, host-cpu-seconds-per-gb; docs/performance.md, docs/compression.md)")
     parser.add_argument("--measured-seq-per-s", type=float, metavar="X",
                         help="with --cluster: one worker's measured sequences/s alone (else peak-tflops x mfu)")
     # The launchers' pre-flight: what `hvdbert.pretrain` with these arguments would refuse, found

@@ -22,10 +22,16 @@ gradients are averaged once. What the model adds up:
   bytes in MTU + 14 frame bytes (what an interface's tx_bytes counts);
 - overlap: the allreduce runs during the last micro-batch's backward; `overlap` is the fraction of
   one micro-batch's compute time that hides it (measured by the shaped-cluster benchmark, see
-  docs/performance.md), and what does not fit is exposed: exposed = max(0, comm - overlap x micro).
-  bf16 and powersgd reduce once after the last backward: nothing overlaps (exposed = comm), and the
-  compressor's own compute per step (the cluster's compressor_seconds, measured or given; rounding,
-  factor products and QR) is added to it;
+  docs/performance.md). Backward produces the input embeddings' gradients last (and BERT's MLM
+  decoder shares the word embeddings, so that gradient is complete only then): their share of the
+  bytes (`last_fraction`, from the model's parameters) is sent after backward whatever the overlap.
+  exposed = max(last_fraction x comm, comm - overlap x micro). bf16 and powersgd reduce once after
+  the last backward: nothing overlaps (exposed = comm), and the compressor's own compute per step
+  (the cluster's compressor_seconds, measured or given; rounding, factor products and QR) is added;
+- the hosts' own work for the bytes (the cluster's host_cpu_seconds_per_gb: the kernel's network
+  stack, copies and the reduction, per GB each worker sends and receives): where the same cores
+  compute (CPU workers, the shaped hosts) it is taken from compute and added to the step; on GPU
+  clusters the CPU does not compute, and it is 0;
 Step time = compute + exposed; scaling efficiency = compute / step time (each worker adds its own
 micro-batches: the efficiency against one worker running the same step alone).
 
@@ -191,13 +197,15 @@ class Prediction:
 
 def predict(cluster: ClusterConfig, trainable_parameters: int, compression: str, micro_batch_size: int,
             accumulation_steps: int, seq_per_s_per_worker: float, optimizer_seconds: float = 0.0,
-            reference_seq_per_s: float | None = None, payload_bytes: float | None = None) -> Prediction:
+            reference_seq_per_s: float | None = None, payload_bytes: float | None = None,
+            last_fraction: float = 0.0) -> Prediction:
     """The step of one worker among nodes x gpus_per_node. seq_per_s_per_worker: its compute rate,
     its optimizer step included unless given apart (optimizer_seconds, added once per step); the
     efficiency is against one worker alone at reference_seq_per_s (default: the same rate; lower
     where workers share a machine's cores, as the shaped-cluster benchmark's hosts do).
     payload_bytes: what each worker submits per step (compressed_bytes); default trainable_parameters
-    x COMPRESSION_BYTES[compression] (powersgd needs it given)."""
+    x COMPRESSION_BYTES[compression] (powersgd needs it given). last_fraction: the share of the
+    gradient bytes backward produces last (`last_gradient_fraction`), which no overlap hides."""
     if seq_per_s_per_worker <= 0:
         raise UsageError(f"the compute rate {seq_per_s_per_worker:g} sequences/s must be greater than 0")
     workers = cluster.nodes * cluster.gpus_per_node
@@ -213,7 +221,9 @@ def predict(cluster: ClusterConfig, trainable_parameters: int, compression: str,
     if compression in AFTER_BACKWARD:  # one reduction after the last backward: nothing hides it
         exposed = reduce.seconds + (cluster.compressor_seconds if workers > 1 else 0.0)
     else:
-        exposed = max(0.0, reduce.seconds - cluster.overlap * micro_seconds)
+        exposed = max(last_fraction * reduce.seconds, reduce.seconds - cluster.overlap * micro_seconds)
+    # sent and received alike (ring and hierarchical): twice the link's bytes through each host's stack
+    exposed += cluster.host_cpu_seconds_per_gb * 2 * reduce.wire_bytes_per_worker / 1e9
     step = compute + exposed
     return Prediction(
         workers=workers, compute_seconds=compute, communication_seconds=reduce.seconds,

@@ -48,6 +48,7 @@ from hvdbert.bench.orchestrate import bench_overrides, median_record
 from hvdbert.config import ClusterConfig, Recipe
 from hvdbert.errors import UsageError
 from hvdbert.netcluster import Cluster, unavailable
+from hvdbert.plan import last_gradient_fraction
 from hvdbert.scaling import COMPRESSION_BYTES, compression_of, predict, rate_bits_per_s
 
 log = logging.getLogger("hvdbert.bench")
@@ -186,36 +187,67 @@ def compression_variant(sets: list[str]) -> bool:
     return any(s in ("dist.fp16_allreduce=true", "dist.compression=fp16", "dist.compression=powersgd") for s in flat)
 
 
-def model_row(row: dict, alone_seq_per_s: float, concurrent_seq_per_s: float, concurrent_step: float,
-              rate: str, overlap: float) -> dict:
-    """The measured figures of one configuration and the scaling model's prediction for it."""
+def measured_row(row: dict, reference: dict, rate: str) -> dict:
+    """What one configuration measured against the references of its round: efficiency, the exposed
+    communication, the wire time, and the hosts' own CPU for the bytes (the CPU time per step above
+    the same hosts computing without communicating, per worker, per GB sent and received)."""
     hosts = row["workers"]
     wire = row["wire_tx_bytes_per_rank_per_step"]
     wire_seconds = wire / (rate_bits_per_s(rate) / 8)
-    exposed = max(0.0, row["step_seconds"] - concurrent_step)
-    cluster = ClusterConfig(nodes=hosts, gpus_per_node=1, link=rate, latency_us=50.0, overlap=overlap, mtu=MTU)
-    compression = row["compression"]
-    predicted = predict(cluster, row["trainable_parameters"], compression, row["micro_batch_size"], 1,
-                        concurrent_seq_per_s, reference_seq_per_s=alone_seq_per_s,
-                        payload_bytes=row["allreduce_payload_bytes_per_step"])
-    efficiency = row["seq_per_s"] / (hosts * alone_seq_per_s)
-    micro_seconds = row["micro_batch_size"] / concurrent_seq_per_s
+    exposed = max(0.0, row["step_seconds"] - reference["concurrent_step_seconds"])
+    host_cpu = max(0.0, row["cpu_seconds_per_step"] - reference["concurrent_cpu_seconds_per_step"]) / hosts
+    micro_seconds = row["micro_batch_size"] / reference["concurrent_seq_per_s"]
     return {
         "link": rate,
         "hosts": hosts,
-        "scaling_efficiency": efficiency,
+        "reference": reference,
+        "scaling_efficiency": row["seq_per_s"] / (hosts * reference["alone_seq_per_s"]),
         "gradient_wait_seconds": row["breakdown_seconds"]["gradient_sync"],
         "exposed_communication_seconds": exposed,
         "wire_seconds": wire_seconds,
         "overlapped_fraction": min(1.0, max(0.0, 1 - exposed / wire_seconds)) if wire_seconds > 0 else None,
-        "overlap_window": (wire_seconds - exposed) / micro_seconds,  # the model's `overlap`, as measured here
+        "host_cpu_seconds_per_step": host_cpu,
+        "host_cpu_seconds_per_gb": host_cpu / (2 * wire / 1e9) if wire > 0 else None,
+        # the model's `overlap` as measured here: what of the wire time and the hosts' CPU for it
+        # did not show, over one micro-batch's compute
+        "overlap_window": (wire_seconds + host_cpu - exposed) / micro_seconds,
         "wire_bytes_per_host_per_step": wire,
+    }
+
+
+def calibration(rows: list[dict], overlap: float | None) -> dict[str, dict]:
+    """Per system (hvdbert, the DDP peer): the scaling model's measured inputs, the medians over its
+    rows without --vary settings of the hosts' CPU per GB and of the overlap window (clipped to
+    [0, 1]; --overlap, when given, instead). One pair per system for every rate and host count, so
+    the model's error at each point says how well that pair describes them all."""
+    inputs = {}
+    for system in dict.fromkeys(r["system"] for r in rows):
+        plain = [r for r in rows if r["label"] == system] or [r for r in rows if r["system"] == system]
+        cpu = [r["host_cpu_seconds_per_gb"] for r in plain if r["host_cpu_seconds_per_gb"] is not None]
+        window = statistics.median(r["overlap_window"] for r in plain)
+        inputs[system] = {"host_cpu_seconds_per_gb": statistics.median(cpu) if cpu else 0.0,
+                          "overlap": min(1.0, max(0.0, window)) if overlap is None else overlap}
+    return inputs
+
+
+def model_row(row: dict, inputs: dict, last_fraction: float) -> dict:
+    """The scaling model's prediction for one measured configuration, from its round's references
+    and its system's measured inputs (`calibration`)."""
+    reference = row["reference"]
+    cluster = ClusterConfig(nodes=row["hosts"], gpus_per_node=1, link=row["link"], latency_us=50.0,
+                            overlap=inputs["overlap"], mtu=MTU,
+                            host_cpu_seconds_per_gb=inputs["host_cpu_seconds_per_gb"])
+    predicted = predict(cluster, row["trainable_parameters"], row["compression"], row["micro_batch_size"], 1,
+                        reference["concurrent_seq_per_s"], reference_seq_per_s=reference["alone_seq_per_s"],
+                        payload_bytes=row["allreduce_payload_bytes_per_step"], last_fraction=last_fraction)
+    return {
         "predicted_wire_bytes_per_host_per_step": predicted.wire_bytes_per_worker,
         "predicted_step_seconds": predicted.step_seconds,
         "predicted_scaling_efficiency": predicted.scaling_efficiency,
-        "model_error_points": 100 * (predicted.scaling_efficiency - efficiency),
-        "model_overlap": overlap,
-        "compression": compression,
+        "model_error_points": 100 * (predicted.scaling_efficiency - row["scaling_efficiency"]),
+        "model_overlap": inputs["overlap"],
+        "model_host_cpu_seconds_per_gb": inputs["host_cpu_seconds_per_gb"],
+        "model_last_fraction": last_fraction,
     }
 
 
@@ -228,11 +260,11 @@ def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
     if reason:
         raise UsageError(f"--hosts: {reason}")
     compression_of(recipe.dist)  # a compression the model cannot count is refused before anything runs
-    overlap = ClusterConfig.overlap if args.overlap is None else args.overlap
     variants = [[f"{vary.split('=', 1)[0]}={value}"] for vary in args.vary for value in vary.split("=", 1)[1].split(",")]
     configs = [("hvdbert", []), ("ddp-hvdbert-model", [])]
     configs += [("hvdbert", sets) for sets in variants]
     configs += [("ddp-hvdbert-model", sets) for sets in variants if compression_variant(sets)]
+    last_fraction = last_gradient_fraction(recipe)
     rows, baselines, rounds = [], [], []
     with tempfile.TemporaryDirectory(prefix="hvdbert-hosts-") as workdir:
         for hosts in args.host_counts:
@@ -243,7 +275,7 @@ def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
                     measured: dict[str, list[dict]] = {}
                     for number in range(args.repeats):
                         order = configs if number % 2 == 0 else configs[::-1]
-                        records = measure_round(bench, hosts, rate, order, overlap, baselines)
+                        records = measure_round(bench, hosts, rate, order, baselines)
                         rounds.append(round_ratios(hosts, rate, number + 1, records))
                         for record in records:
                             measured.setdefault(record["label"], []).append(record)
@@ -252,25 +284,30 @@ def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
                     rows += [median_record(found) for found in measured.values()]
             finally:
                 bench.close()
+    inputs = calibration(rows, args.overlap)
+    for row in rows:
+        row.update(model_row(row, inputs[row["system"]], last_fraction))
     return {"rows": rows, "baselines": baselines, "rounds": rounds, "repeats": args.repeats,
-            "model_overlap": overlap, "compression_bytes": COMPRESSION_BYTES}
+            "model_inputs": inputs, "model_last_fraction": last_fraction, "compression_bytes": COMPRESSION_BYTES}
 
 
 def measure_round(bench: ShapedBench, hosts: int, rate: str, configs: list[tuple[str, list[str]]],
-                  overlap: float, baselines: list[dict]) -> list[dict]:
+                  baselines: list[dict]) -> list[dict]:
     """One round at one rate: the references first, right before the configurations they are the
     reference of (on a shared machine the load drifts within minutes), then every configuration on
     links shaped at `rate`."""
     log.info("bench: %d hosts, %s: one host alone, then all %d at once without communication", hosts, rate, hosts)
     alone = bench.run("hvdbert", 1, alone=True)[0]
     concurrent = bench.run("hvdbert", hosts, alone=True)
-    concurrent_seq = statistics.mean(r["seq_per_s"] for r in concurrent)
-    concurrent_step = statistics.mean(r["step_seconds"] for r in concurrent)
-    baselines.append({"hosts": hosts, "link": rate, "alone_seq_per_s": alone["seq_per_s"],
-                      "alone_step_seconds": alone["step_seconds"],
-                      "concurrent_seq_per_s_per_host": concurrent_seq, "concurrent_step_seconds": concurrent_step,
+    reference = {"alone_seq_per_s": alone["seq_per_s"], "alone_step_seconds": alone["step_seconds"],
+                 "concurrent_seq_per_s": statistics.mean(r["seq_per_s"] for r in concurrent),
+                 "concurrent_step_seconds": statistics.mean(r["step_seconds"] for r in concurrent),
+                 "concurrent_cpu_seconds_per_step": sum(r["cpu_seconds_per_step"] for r in concurrent)}
+    baselines.append({"hosts": hosts, "link": rate, **reference,
+                      "concurrent_seq_per_s_per_host": reference["concurrent_seq_per_s"],
                       "load_average": alone["load_average"] + concurrent[0]["load_average"]})
-    log.info("bench: 1 host %.2f seq/s; %d at once %.2f seq/s each", alone["seq_per_s"], hosts, concurrent_seq)
+    log.info("bench: 1 host %.2f seq/s; %d at once %.2f seq/s each", alone["seq_per_s"], hosts,
+             reference["concurrent_seq_per_s"])
     bench.cluster.shape(rate)
     records = []
     for system, sets in configs:
@@ -278,9 +315,10 @@ def measure_round(bench: ShapedBench, hosts: int, rate: str, configs: list[tuple
         log.info("bench: %s, %d hosts, %s ...", label, hosts, rate)
         record = bench.run(system, hosts, sets)
         record.update(label=label, hosts=hosts)
-        record.update(model_row(record, alone["seq_per_s"], concurrent_seq, concurrent_step, rate, overlap))
-        log.info("bench: %s, %d hosts, %s: step %.2f s, efficiency %.2f (model %.2f)", label, hosts, rate,
-                 record["step_seconds"], record["scaling_efficiency"], record["predicted_scaling_efficiency"])
+        record.update(measured_row(record, reference, rate))
+        log.info("bench: %s, %d hosts, %s: step %.2f s, efficiency %.2f, exposed %.2f s of %.2f s on the wire",
+                 label, hosts, rate, record["step_seconds"], record["scaling_efficiency"],
+                 record["exposed_communication_seconds"], record["wire_seconds"])
         records.append(record)
     bench.cluster.shape(None)
     return records
