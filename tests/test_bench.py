@@ -368,3 +368,46 @@ def test_rounds_compare_each_configuration_with_plain_hvdbert_in_the_same_round(
     row = next(line for line in table.splitlines() if "cycle_time_ms=1" in line)
     assert row == ("| 100mbit | 2 | hvdbert (Horovod) dist.cycle_time_ms=1 | 1.60, 4.40 | 1.25x, 0.91x | 0.91x | "
                    "1.88x, 1.14x |")
+
+
+def test_the_shaped_benchs_model_inputs_are_each_systems_medians():
+    """bench/cluster.py: the hosts' CPU per GB and the overlap window measured per row (hand-computed),
+    their medians per system over the rows without --vary, and the prediction made from them."""
+    from hvdbert.bench.cluster import calibration, measured_row, model_row
+
+    reference = {"alone_seq_per_s": 16.0, "concurrent_seq_per_s": 16.0, "concurrent_step_seconds": 2.0,
+                 "concurrent_cpu_seconds_per_step": 4.0}
+
+    def row(system, label, step, cpu, link="100mbit"):
+        # 2 hosts, 10 MB sent per host and step: 0.8 s at 100 Mbit/s
+        measured = {"system": system, "label": label, "workers": 2, "seq_per_s": 64 / step, "step_seconds": step,
+                    "cpu_seconds_per_step": cpu, "micro_batch_size": 32, "wire_tx_bytes_per_rank_per_step": 10e6,
+                    "breakdown_seconds": {"gradient_sync": 0.0}, "trainable_parameters": 2_500_000,
+                    "compression": "none", "allreduce_payload_bytes_per_step": 10e6}
+        return {**measured, **measured_row(measured, reference, link)}
+
+    # 0.12 CPU-s per host above the reference for 20 MB sent and received: 6 s/GB; exposed 0.52 s of
+    # 0.8 s + 0.12 s: a window of 0.4 s over a 2 s micro-batch, 0.2
+    one = row("hvdbert", "hvdbert", 2.52, 4.24)
+    assert one["host_cpu_seconds_per_gb"] == pytest.approx(6.0) and one["overlap_window"] == pytest.approx(0.2)
+    assert one["scaling_efficiency"] == pytest.approx(2.0 / 2.52)
+    rows = [one, row("hvdbert", "hvdbert", 2.62, 4.16), row("hvdbert", "hvdbert", 2.72, 4.4),
+            row("hvdbert", "hvdbert dist.cycle_time_ms=1", 9.0, 9.0)]  # a variant: not an input
+    inputs = calibration(rows, None)["hvdbert"]
+    assert inputs["host_cpu_seconds_per_gb"] == pytest.approx(6.0)  # of 6, 4 and 10
+    # windows (0.8 + 0.12 - 0.52) / 2, (0.8 + 0.08 - 0.62) / 2, (0.8 + 0.2 - 0.72) / 2
+    assert inputs["overlap"] == pytest.approx(0.14)  # of 0.2, 0.13 and 0.14
+    assert calibration(rows, 0.3)["hvdbert"]["overlap"] == 0.3  # --overlap given
+    # the model from them: exposed max(0.5 x 0.8001, 0.8001 - 0.14 x 2) + 6 s/GB x 20 MB
+    model = model_row(one, inputs, 0.5)
+    assert model["predicted_step_seconds"] == pytest.approx(2.0 + 0.5201 + 0.12)
+    assert model["model_error_points"] == pytest.approx(100 * (2.0 / 2.6401 - 2.0 / 2.52))
+    # and the table says so
+    from hvdbert.bench.report import shaped_table
+
+    baseline = {"hosts": 2, "link": "100mbit", "alone_seq_per_s": 16.0, "concurrent_seq_per_s_per_host": 16.0,
+                "load_average": [0.5, 0.5]}
+    table = shaped_table([{**one, **model}], [baseline], [], {"hvdbert": inputs}, 0.5)
+    assert "| 100mbit | 2 | hvdbert (Horovod) | 2.52 | 25.40 | 0.00 | 0.52 | 0.80 | 0.35 | 6.00 | 10.0 (10.0) |" in table
+    assert "hvdbert (Horovod): overlap 0.14, host CPU 6.00 s/GB; the input embeddings' share of the gradient, 0.500." \
+        in table

@@ -54,6 +54,38 @@ def test_ring_between_two_hosts_by_hand():
     assert four.seconds == pytest.approx(15e6 / (12.5e6 * 1448 / 1514))
 
 
+def test_last_gradients_and_the_hosts_cpu_by_hand():
+    # the ring of the case above (10 MB, 2 hosts, 100 Mbit/s: 0.8001 s), overlap 0.5 of a 2 s micro-batch
+    cluster = ClusterConfig(nodes=2, link="100mbit", latency_us=50.0, overlap=0.5)
+    assert predict(cluster, 2_500_000, "none", 32, 1, 16.0).exposed_communication_seconds == pytest.approx(0.0)
+    # but 40% of the bytes come out of backward last: 0.4 x 0.8001 s is sent after it whatever the overlap
+    last = predict(cluster, 2_500_000, "none", 32, 1, 16.0, last_fraction=0.4)
+    assert last.exposed_communication_seconds == pytest.approx(0.4 * 0.8001)
+    # where the overlap leaves more exposed than that, the overlap decides: at 0.1, 0.8001 - 0.2 s
+    low = dataclasses.replace(cluster, overlap=0.1)
+    assert predict(low, 2_500_000, "none", 32, 1, 16.0, last_fraction=0.4).exposed_communication_seconds == \
+        pytest.approx(0.6001)
+    # the hosts' CPU: 3 s per GB sent and received; each host sends 10 MB and receives 10 MB: 0.06 s
+    busy = dataclasses.replace(cluster, host_cpu_seconds_per_gb=3.0)
+    assert predict(busy, 2_500_000, "none", 32, 1, 16.0, last_fraction=0.4).exposed_communication_seconds == \
+        pytest.approx(0.4 * 0.8001 + 0.06)
+    # after backward too (powersgd, 1 MB: 1 MB each way), and nothing on one host
+    assert predict(busy, 2_500_000, "powersgd", 32, 1, 16.0, payload_bytes=1e6).exposed_communication_seconds == \
+        pytest.approx(0.08 + 100e-6 + 0.006)
+    assert predict(dataclasses.replace(busy, nodes=1), 2_500_000, "none", 32, 1, 16.0).step_seconds == 2.0
+
+
+def test_last_gradient_fraction_is_the_input_embeddings_share():
+    from hvdbert.plan import last_gradient_fraction, trainable_named_shapes
+
+    recipe = load_recipe(TINY)
+    named = dict(trainable_named_shapes(recipe))
+    embeddings = sum(shape.numel() for name, shape in named.items() if name.startswith("bert.embeddings."))
+    assert "cls.predictions.decoder.weight" not in named  # tied: the word embeddings' own gradient
+    assert last_gradient_fraction(recipe) == pytest.approx(embeddings / sum(s.numel() for s in named.values()))
+    assert 0.3 < last_gradient_fraction(recipe) < 0.7  # the tiny model is mostly its vocabulary
+
+
 def test_hierarchical_and_flat_ring_on_gpu_nodes_by_hand():
     # 1 GB on 4 nodes x 8 GPUs, 800 Gbit/s per node (100 GB/s), 2400 Gbit/s in the node (300 GB/s):
     # reduce-scatter and all-gather in the node, 7/8 GB each at 300 GB/s, and across the nodes

@@ -277,7 +277,8 @@ def shaped_main(args, argv, recipe, data_dir: Path) -> int:
                "minutes": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60, **result}
     (output / "bench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (output / "rows.json").unlink(missing_ok=True)  # the rows so far, kept while the benchmark ran
-    table = shaped_table(result["rows"], result["baselines"], result["rounds"])
+    table = shaped_table(result["rows"], result["baselines"], result["rounds"], result["model_inputs"],
+                         result["model_last_fraction"])
     (output / "bench.md").write_text(table, encoding="utf-8")
     shaped_plot(result["rows"], output / "bench.png",
                 f"{args.shape or Path(args.recipe).stem}, micro-batch {recipe.batch.micro_batch_size} per host, "

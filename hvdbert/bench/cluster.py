@@ -24,8 +24,12 @@ fp16 | powersgd, with DDP's fp16 and PowerSGD communication hooks; its bf16 hook
 Reported per configuration: step time, the wait on the allreduce after backward (hvdbert's
 gradient_sync), the exposed communication (step time minus the step of the same hosts without
 communication), the wire time of the bytes sent (tx_bytes of the hosts' interfaces / link rate),
-how much of it overlapped backward (1 - exposed / wire time), scaling efficiency against one host,
-and the scaling model's predicted efficiency and its error. With --repeats R each rate runs R rounds
+how much of it overlapped backward (1 - exposed / wire time), the hosts' own CPU for the bytes (CPU
+time per step above the same hosts without communication, per worker and GB sent and received),
+scaling efficiency against one host, and the scaling model's predicted efficiency and its error.
+The model's measured inputs are taken per system after every configuration ran (`calibration`: the
+medians of the overlap window and of the host CPU per GB over the system's rows without --vary),
+with the input embeddings' share of the gradient from the recipe's model (`last_gradient_fraction`). With --repeats R each rate runs R rounds
 (references included, configurations in alternate order); the table gives the median round's row
 and, per round, every configuration's speed-up over plain hvdbert and hvdbert's over DDP: the fair
 comparison of the --vary knobs on a machine whose load drifts.

@@ -71,7 +71,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = ()) -> str:
+def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = (), inputs: dict | None = None,
+                 last_fraction: float = 0.0) -> str:
     """The shaped-cluster benchmark's table (bench/cluster.py): measured figures and the model's, and
     with more than one round per rate, each configuration's speed-ups within the rounds."""
     lines = ["| hosts | before link | 1 host alone seq/s | each of N at once, no communication: seq/s | "
@@ -80,8 +81,9 @@ def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = (
         lines.append(f"| {b['hosts']} | {b.get('link', '–')} | {b['alone_seq_per_s']:.2f} | "
                      f"{b['concurrent_seq_per_s_per_host']:.2f} | {', '.join(f'{v:.2f}' for v in b['load_average'])} |")
     lines += ["", "| link | hosts | system | step s | seq/s | allreduce wait s | exposed comm. s | wire s | "
-              "overlapped | wire MB/host/step (model) | scaling eff. | model eff. | model error (points) | vs DDP |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "overlapped | host CPU s/GB | wire MB/host/step (model) | scaling eff. | model eff. | "
+              "model error (points) | vs DDP |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         peer = next((p for p in rows if p["label"].startswith("ddp-hvdbert-model") and p["hosts"] == r["hosts"]
                      and p["link"] == r["link"] and p.get("compression") == r.get("compression")), None)
@@ -90,9 +92,14 @@ def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = (
         lines.append(
             f"| {r['link']} | {r['hosts']} | {name} | {r['step_seconds']:.2f} | {r['seq_per_s']:.2f} | "
             f"{r['gradient_wait_seconds']:.2f} | {r['exposed_communication_seconds']:.2f} | {r['wire_seconds']:.2f} | "
-            f"{_fmt(r['overlapped_fraction'], '.2f')} | {r['wire_bytes_per_host_per_step'] / 1e6:.1f} "
+            f"{_fmt(r['overlapped_fraction'], '.2f')} | {_fmt(r.get('host_cpu_seconds_per_gb'), '.2f')} | "
+            f"{r['wire_bytes_per_host_per_step'] / 1e6:.1f} "
             f"({r['predicted_wire_bytes_per_host_per_step'] / 1e6:.1f}) | {r['scaling_efficiency']:.2f} | "
             f"{r['predicted_scaling_efficiency']:.2f} | {r['model_error_points']:+.1f} | {versus} |")
+    if inputs:
+        lines += ["", "The model's inputs measured here, per system (medians over its rows without --vary): " + "; ".join(
+            f"{SYSTEM_NAMES[system]}: overlap {i['overlap']:.2f}, host CPU {i['host_cpu_seconds_per_gb']:.2f} s/GB"
+            for system, i in inputs.items()) + f"; the input embeddings' share of the gradient, {last_fraction:.3f}."]
     if len({(r["hosts"], r["link"], r["round"]) for r in rounds}) > len({(r["hosts"], r["link"]) for r in rounds}):
         lines += ["", round_table(rounds)]
     return "\n".join(lines) + "\n"
