@@ -202,6 +202,9 @@ class ClusterConfig:
     # compute where the same cores compute (CPU workers: the shaped hosts measure it per system); 0
     # on GPU clusters, where the CPU does not compute
     host_cpu_seconds_per_gb: float = at_least_zero(0.0)
+    # a fixed cost per optimizer step that --measured-seq-per-s (measured at another accumulation) or
+    # peak x MFU leaves out: the optimizer's update, clipping, the loss scaler's checks; seconds
+    optimizer_seconds: float = at_least_zero(0.0)
 
 
 @dataclass

@@ -249,7 +249,7 @@ def predict_cluster(recipe: Recipe, plan: Plan, cluster, measured_seq_per_s: flo
     payloads = {name: compressed_bytes(shapes, name, recipe.dist.powersgd_rank) for name in COMPRESSIONS}
     step = dict(trainable_parameters=sum(s.numel() for s in shapes), micro_batch_size=plan.micro_batch_size,
                 accumulation_steps=plan.accumulation_steps, seq_per_s_per_worker=measured_seq_per_s,
-                last_fraction=last_gradient_fraction(recipe))
+                optimizer_seconds=cluster.optimizer_seconds, last_fraction=last_gradient_fraction(recipe))
     prediction = predict(cluster, compression=chosen, payload_bytes=payloads[chosen], **step).to_dict()
     return {**prediction, **compare_compressions(cluster, payloads, chosen, **step)}
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", metavar="nodes=N,gpus-per-node=G,link=RATE[,...]",
                         help="also predict step time, communication and scaling efficiency on this cluster "
                              "(keys: nodes, gpus-per-node, link, latency-us, intra, algorithm, overlap, "
-                             "peak-tflops, mfu, mtu, compressor-seconds, host-cpu-seconds-per-gb; docs/performance.md, docs/compression.md)")
+                             "peak-tflops, mfu, mtu, compressor-seconds, host-cpu-seconds-per-gb, optimizer-seconds; docs/performance.md, docs/compression.md)")
     parser.add_argument("--measured-seq-per-s", type=float, metavar="X",
                         help="with --cluster: one worker's measured sequences/s alone (else peak-tflops x mfu)")
     # The launchers' pre-flight: what `hvdbert.pretrain` with these arguments would refuse, found

@@ -86,6 +86,17 @@ def test_last_gradient_fraction_is_the_input_embeddings_share():
     assert 0.3 < last_gradient_fraction(recipe) < 0.7  # the tiny model is mostly its vocabulary
 
 
+def test_plan_adds_a_fixed_cost_per_optimizer_step():
+    from hvdbert.plan import make_plan, predict_cluster
+
+    recipe = load_recipe(TINY)
+    plan = make_plan(recipe, 2)
+    bare = predict_cluster(recipe, plan, parse_cluster("nodes=2,link=1gbit"), 100.0)
+    fixed = predict_cluster(recipe, plan, parse_cluster("nodes=2,link=1gbit,optimizer-seconds=0.25"), 100.0)
+    assert fixed["step_seconds"] == pytest.approx(bare["step_seconds"] + 0.25)
+    assert fixed["compute_seconds"] == pytest.approx(bare["compute_seconds"] + 0.25)
+
+
 def test_hierarchical_and_flat_ring_on_gpu_nodes_by_hand():
     # 1 GB on 4 nodes x 8 GPUs, 800 Gbit/s per node (100 GB/s), 2400 Gbit/s in the node (300 GB/s):
     # reduce-scatter and all-gather in the node, 7/8 GB each at 300 GB/s, and across the nodes
