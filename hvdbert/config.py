@@ -185,8 +185,8 @@ class ClusterConfig:
     intra: str = "2400gbit"  # rate between the GPUs of a node, per GPU and direction (A100 NVLink: 300 GB/s)
     algorithm: str = choice("auto", "ring", "hierarchical")  # auto: hierarchical with several GPUs per node
     # The fraction of one micro-batch's compute time that hides the allreduce (it starts during the
-    # last backward). 0.1: the median over hvdbert's points on the shaped hosts at load 12-17 (0.09;
-    # 0.00 at load 3-8; docs/performance.md): on CPUs Gloo's copies compete with backward for the cores.
+    # last backward). The shaped hosts measured 0.18 for hvdbert and 0.03 for DDP (docs/performance.md);
+    # 0.1 where nothing was measured.
     overlap: float = bounded(0.1, lambda v: 0.0 <= v <= 1.0, "must be from 0 to 1")
     # The compute of one GPU when no measured rate is given: peak FLOP/s x MFU over the family's FLOPs
     # per sequence. 312: A100's dense fp16/bf16 tensor-core peak, TFLOP/s.

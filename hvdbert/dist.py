@@ -279,8 +279,9 @@ class HorovodDistributed(SingleProcess):
     def _settle(self, handles) -> None:
         """Return when every one of `handles` is done, polling with sleeps that double from 0.05 ms
         to dist.poll_interval_ms. Horovod's synchronize() spins (sched_yield in a loop) until its
-        handle is done, so a worker waiting on a slow link holds a core at 100%: measured on hosts
-        that share cores, 1.7x the CPU time per step of DDP at 100 Mbit/s (docs/performance.md).
+        handle is done, so a worker waiting on a slow link holds a core at 100%: on hosts that
+        share cores, 1.6x the CPU time per step at 100 Mbit/s and 2.8x the step time at 4 hosts and
+        200 Mbit/s (docs/performance.md).
         After this, synchronize() returns at once. dist.poll_interval_ms = 0 leaves the wait to
         Horovod."""
         if self.poll_seconds <= 0:
