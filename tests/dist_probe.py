@@ -57,7 +57,7 @@ CONFIGS = {
     "powersgd-adamw": ["dist.compression=powersgd", "optim.name=adamw", "optim.lr=2e-3"],
 }
 OVERFLOW_STEPS, OVERFLOW_STEP, OVERFLOW_RANK = 4, 2, 1
-LATE_SECONDS = 1.5
+LATE_SECONDS = 1.0
 
 
 def fingerprint(model: torch.nn.Module) -> list[float]:

@@ -72,7 +72,7 @@ def test_a_worker_waiting_for_a_late_peer_sleeps_instead_of_spinning(probe):
     waits = json.loads((probe["np2"] / "waiting" / "rank-0.json").read_text())
     for name in ("gradients", "allreduce"):
         wait = waits[name]
-        assert wait["wall_seconds"] >= 1.0, waits  # rank 0 really waited for the late rank 1
+        assert wait["wall_seconds"] >= 0.7, waits  # rank 0 really waited for the late rank 1
         assert wait["cpu_seconds"] <= 0.2 * wait["wall_seconds"], waits
 
 
