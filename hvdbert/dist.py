@@ -292,14 +292,14 @@ class HorovodDistributed(SingleProcess):
                 time.sleep(pause)
                 pause = min(2 * pause, self.poll_seconds)
 
-    def _reduce(self, tensor: torch.Tensor, op, name: str) -> torch.Tensor:
-        handle = self.hvd.allreduce_async(tensor, op=op, name=name)
+    def _finish(self, handle: Any) -> Any:
+        """The result of one Horovod operation, waited for by `_settle`."""
         self._settle([handle])
         return self.hvd.synchronize(handle)
 
     def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         with self._waiting(f"allreduce {name}"):
-            return self._reduce(tensor, self.hvd.Sum, name)
+            return self._finish(self.hvd.allreduce_async(tensor, op=self.hvd.Sum, name=name))
 
     def allreduce_sum_async(self, tensor: torch.Tensor, name: str) -> Any:
         # Horovod: submitted next to the gradient allreduces, it is fused with them (no extra round trip).
@@ -307,8 +307,7 @@ class HorovodDistributed(SingleProcess):
 
     def wait(self, handle: Any) -> torch.Tensor:
         with self._waiting("an allreduce"):
-            self._settle([handle])
-            return self.hvd.synchronize(handle)
+            return self._finish(handle)
 
     def barrier(self, bounded: bool = True) -> None:
         """bounded=False: a wait that may legitimately last long (another rank preparing data)."""
@@ -334,13 +333,8 @@ class HorovodDistributed(SingleProcess):
         # Horovod: the compressor's tensors (one of each kind per step) are averaged or gathered
         # whole; each call returns when its collective is done.
         return Collectives(
-            allreduce_mean=lambda tensor, name: self._reduce(tensor, hvd.Average, name),
-            allgather=lambda tensor, name: self._gather(tensor, name))
-
-    def _gather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        handle = self.hvd.allgather_async(tensor, name=name)
-        self._settle([handle])
-        return self.hvd.synchronize(handle)
+            allreduce_mean=lambda tensor, name: self._finish(hvd.allreduce_async(tensor, op=hvd.Average, name=name)),
+            allgather=lambda tensor, name: self._finish(hvd.allgather_async(tensor, name=name)))
 
     @contextlib.contextmanager
     def skip_synchronize(self, optimizer) -> Iterator[None]:

@@ -213,12 +213,12 @@ def trainable_shapes(recipe: Recipe) -> list:
     return [shape for _, shape in trainable_named_shapes(recipe)]
 
 
-def last_gradient_fraction(recipe: Recipe) -> float:
+def last_gradient_fraction(named: list[tuple[str, object]]) -> float:
     """The share of the reduced elements whose gradients backward completes last: the input embeddings
     (BERT's `embeddings.*`, ModernBERT's `embeddings.tok_embeddings` and norm), the first layer run
     and so the last one reached; BERT's MLM decoder is the word-embedding matrix itself, so that
-    gradient too is complete only then. No overlap with backward can hide their allreduce."""
-    named = trainable_named_shapes(recipe)
+    gradient too is complete only then. No overlap with backward can hide their allreduce. `named`:
+    `trainable_named_shapes`."""
     total = sum(shape.numel() for _, shape in named)
     last = sum(shape.numel() for name, shape in named if ".embeddings." in f".{name}")
     return last / total
@@ -244,12 +244,13 @@ def predict_cluster(recipe: Recipe, plan: Plan, cluster, measured_seq_per_s: flo
         flops = families.family_of(recipe.model).hooks.training_flops_per_sequence(
             recipe.model, plan.max_seq_len, plan.max_predictions_per_seq)
         measured_seq_per_s = cluster.peak_tflops * 1e12 * cluster.mfu / flops
-    shapes = trainable_shapes(recipe)
+    named = trainable_named_shapes(recipe)
+    shapes = [shape for _, shape in named]
     chosen = compression_of(recipe.dist)
     payloads = {name: compressed_bytes(shapes, name, recipe.dist.powersgd_rank) for name in COMPRESSIONS}
     step = dict(trainable_parameters=sum(s.numel() for s in shapes), micro_batch_size=plan.micro_batch_size,
                 accumulation_steps=plan.accumulation_steps, seq_per_s_per_worker=measured_seq_per_s,
-                optimizer_seconds=cluster.optimizer_seconds, last_fraction=last_gradient_fraction(recipe))
+                last_fraction=last_gradient_fraction(named))
     prediction = predict(cluster, compression=chosen, payload_bytes=payloads[chosen], **step).to_dict()
     return {**prediction, **compare_compressions(cluster, payloads, chosen, **step)}
 

@@ -196,11 +196,11 @@ class Prediction:
 
 
 def predict(cluster: ClusterConfig, trainable_parameters: int, compression: str, micro_batch_size: int,
-            accumulation_steps: int, seq_per_s_per_worker: float, optimizer_seconds: float = 0.0,
+            accumulation_steps: int, seq_per_s_per_worker: float,
             reference_seq_per_s: float | None = None, payload_bytes: float | None = None,
             last_fraction: float = 0.0) -> Prediction:
     """The step of one worker among nodes x gpus_per_node. seq_per_s_per_worker: its compute rate,
-    its optimizer step included unless given apart (optimizer_seconds, added once per step); the
+    its optimizer step included unless given apart (the cluster's optimizer_seconds, added once per step); the
     efficiency is against one worker alone at reference_seq_per_s (default: the same rate; lower
     where workers share a machine's cores, as the shaped-cluster benchmark's hosts do).
     payload_bytes: what each worker submits per step (compressed_bytes); default trainable_parameters
@@ -210,8 +210,9 @@ def predict(cluster: ClusterConfig, trainable_parameters: int, compression: str,
         raise UsageError(f"the compute rate {seq_per_s_per_worker:g} sequences/s must be greater than 0")
     workers = cluster.nodes * cluster.gpus_per_node
     micro_seconds = micro_batch_size / seq_per_s_per_worker
-    compute = accumulation_steps * micro_seconds + optimizer_seconds
-    alone = accumulation_steps * micro_batch_size / (reference_seq_per_s or seq_per_s_per_worker) + optimizer_seconds
+    compute = accumulation_steps * micro_seconds + cluster.optimizer_seconds
+    alone = (accumulation_steps * micro_batch_size / (reference_seq_per_s or seq_per_s_per_worker)
+             + cluster.optimizer_seconds)
     if payload_bytes is None:
         if compression not in COMPRESSION_BYTES:
             raise ValueError(f"{compression}: its payload depends on the parameters' shapes; give payload_bytes")
@@ -267,7 +268,7 @@ def compare_compressions(cluster: ClusterConfig, payloads: dict[str, float], cho
     """Every compression of `payloads` (name -> bytes each worker submits per step) on `cluster`:
     its predicted step, and whether and below which link rate it beats none. `step`: predict's
     other arguments (trainable_parameters, micro_batch_size, accumulation_steps, seq_per_s_per_worker,
-    optimizer_seconds, reference_seq_per_s). `chosen` is the recipe's compression."""
+    reference_seq_per_s, last_fraction). `chosen` is the recipe's compression."""
     def at(bits: float, name: str) -> Prediction:
         return predict(dataclasses.replace(cluster, link=f"{bits:.17g}bit"), compression=name,
                        payload_bytes=payloads[name], **step)

@@ -405,7 +405,7 @@ def test_the_shaped_benchs_model_inputs_are_each_systems_medians():
     # and the table says so
     from hvdbert.bench.report import shaped_table
 
-    baseline = {"hosts": 2, "link": "100mbit", "alone_seq_per_s": 16.0, "concurrent_seq_per_s_per_host": 16.0,
+    baseline = {"hosts": 2, "link": "100mbit", "alone_seq_per_s": 16.0, "concurrent_seq_per_s": 16.0,
                 "load_average": [0.5, 0.5]}
     table = shaped_table([{**one, **model}], [baseline], [], {"hvdbert": inputs}, 0.5)
     assert "| 100mbit | 2 | hvdbert (Horovod) | 2.52 | 25.40 | 0.00 | 0.52 | 0.80 | 0.35 | 6.00 | 10.0 (10.0) |" in table

@@ -52,7 +52,7 @@ from hvdbert.bench.orchestrate import bench_overrides, median_record
 from hvdbert.config import ClusterConfig, Recipe
 from hvdbert.errors import UsageError
 from hvdbert.netcluster import Cluster, unavailable
-from hvdbert.plan import last_gradient_fraction
+from hvdbert.plan import last_gradient_fraction, trainable_named_shapes
 from hvdbert.scaling import COMPRESSION_BYTES, compression_of, predict, rate_bits_per_s
 
 log = logging.getLogger("hvdbert.bench")
@@ -268,7 +268,7 @@ def run_shaped(args, recipe: Recipe, data_dir: Path, output: Path) -> dict:
     configs = [("hvdbert", []), ("ddp-hvdbert-model", [])]
     configs += [("hvdbert", sets) for sets in variants]
     configs += [("ddp-hvdbert-model", sets) for sets in variants if compression_variant(sets)]
-    last_fraction = last_gradient_fraction(recipe)
+    last_fraction = last_gradient_fraction(trainable_named_shapes(recipe))
     rows, baselines, rounds = [], [], []
     with tempfile.TemporaryDirectory(prefix="hvdbert-hosts-") as workdir:
         for hosts in args.host_counts:
@@ -308,7 +308,6 @@ def measure_round(bench: ShapedBench, hosts: int, rate: str, configs: list[tuple
                  "concurrent_step_seconds": statistics.mean(r["step_seconds"] for r in concurrent),
                  "concurrent_cpu_seconds_per_step": sum(r["cpu_seconds_per_step"] for r in concurrent)}
     baselines.append({"hosts": hosts, "link": rate, **reference,
-                      "concurrent_seq_per_s_per_host": reference["concurrent_seq_per_s"],
                       "load_average": alone["load_average"] + concurrent[0]["load_average"]})
     log.info("bench: 1 host %.2f seq/s; %d at once %.2f seq/s each", alone["seq_per_s"], hosts,
              reference["concurrent_seq_per_s"])

@@ -79,7 +79,7 @@ def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = (
              "load (1 min) |", "|---:|---|---:|---:|---|"]
     for b in baselines:
         lines.append(f"| {b['hosts']} | {b.get('link', '–')} | {b['alone_seq_per_s']:.2f} | "
-                     f"{b['concurrent_seq_per_s_per_host']:.2f} | {', '.join(f'{v:.2f}' for v in b['load_average'])} |")
+                     f"{b['concurrent_seq_per_s']:.2f} | {', '.join(f'{v:.2f}' for v in b['load_average'])} |")
     lines += ["", "| link | hosts | system | step s | seq/s | allreduce wait s | exposed comm. s | wire s | "
               "overlapped | host CPU s/GB | wire MB/host/step (model) | scaling eff. | model eff. | "
               "model error (points) | vs DDP |",
