@@ -275,7 +275,7 @@ def train_trainer(spec: dict) -> None:
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from hvdbert.bench.peers.data import model_from_spec, run_mlm_dataset, training_documents
+    from hvdbert.bench.peers.data import model_from_spec, run_mlm_dataset, trainer_levers, training_documents
     from hvdbert.config import load_recipe
 
     recipe = load_recipe(spec["recipe"], spec["sets"])
@@ -311,6 +311,7 @@ def train_trainer(spec: dict) -> None:
         save_steps=recipe.checkpoint.every_steps, save_only_model=True, logging_strategy="steps",
         logging_steps=recipe.checkpoint.every_steps, report_to="none", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        **trainer_levers(recipe.train.precision, recipe.train.compile),  # what --set gives hvdbert
     )
     collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=recipe.data.mask_prob)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,

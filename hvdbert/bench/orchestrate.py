@@ -125,7 +125,8 @@ def run_in_own_session(command: list[str], env: dict[str, str]) -> subprocess.Co
 
 
 def peer_spec(recipe: Recipe, args) -> dict:
-    """What the peer scripts need to run the same step: shape, batch, length, threads, precision."""
+    """What the peer scripts need to run the same step: shape, batch, length, threads, precision,
+    torch.compile (the Trainer's torch_compile; the DDP peer runs eager)."""
     return {
         "model": recipe.model,
         "micro_batch_size": recipe.batch.micro_batch_size,
@@ -133,6 +134,7 @@ def peer_spec(recipe: Recipe, args) -> dict:
         "mask_prob": recipe.data.mask_prob,
         "threads": recipe.dist.threads_per_worker,
         "precision": recipe.train.precision,
+        "compile": recipe.train.compile or args.compile,
         "seed": recipe.train.seed,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,

@@ -31,6 +31,12 @@ def peer_arguments(description: str) -> tuple[argparse.Namespace, dict]:
     return args, spec
 
 
+def trainer_levers(precision: str, compile: bool) -> dict:
+    """The TrainingArguments that give transformers' Trainer the step levers hvdbert's recipe has
+    (train.precision's autocast, train.compile's torch.compile), so a comparison stays fair."""
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "torch_compile": compile}
+
+
 def load_peer_tokenizer(data_dir: Path):
     from hvdbert.data.tokenizer import load_tokenizer
 

@@ -22,7 +22,7 @@ def main() -> int:
 
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    from hvdbert.bench.peers.data import model_from_spec, run_mlm_dataset
+    from hvdbert.bench.peers.data import model_from_spec, run_mlm_dataset, trainer_levers
     from hvdbert.bench.flops import (cpu_record, device_name, matmul_peak_flops, peak_memory_bytes, probe_dtype,
                                      training_flops_per_sequence)
 
@@ -58,7 +58,7 @@ def main() -> int:
             output_dir=output_dir, per_device_train_batch_size=micro, max_steps=warmup + steps,
             learning_rate=5e-5, seed=spec["seed"], logging_strategy="no", save_strategy="no", report_to="none",
             disable_tqdm=True, use_cpu=not cuda, dataloader_num_workers=0,
-            bf16=spec["precision"] == "bf16", fp16=spec["precision"] == "fp16",
+            **trainer_levers(spec["precision"], spec["compile"]),
         )
         collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=spec["mask_prob"])
         trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
@@ -73,7 +73,7 @@ def main() -> int:
     memory, memory_kind = peak_memory_bytes(device)
     record = {
         "system": "hf", "workers": 1, "backend": "none", "device": device_name(device),
-        "precision": spec["precision"], "threads_per_worker": spec["threads"] if not cuda else None,
+        "precision": spec["precision"], "compiled": spec["compile"], "threads_per_worker": spec["threads"] if not cuda else None,
         "micro_batch_size": micro, "global_batch_size": micro, "seq_len": spec["seq_len"],
         "steps": steps, "warmup_steps": warmup, "seconds": elapsed,
         "seq_per_s": seq_per_s, "seq_per_s_per_worker": seq_per_s,
