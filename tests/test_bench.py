@@ -411,3 +411,40 @@ def test_the_shaped_benchs_model_inputs_are_each_systems_medians():
     assert "| 100mbit | 2 | hvdbert (Horovod) | 2.52 | 25.40 | 0.00 | 0.52 | 0.80 | 0.35 | 6.00 | 10.0 (10.0) |" in table
     assert "hvdbert (Horovod): overlap 0.14, host CPU 6.00 s/GB; the input embeddings' share of the gradient, 0.500." \
         in table
+
+
+def test_step_levers_divides_each_round_by_its_own_baseline():
+    """bench/step_levers.py: speed-ups and the hvdbert/Trainer ratio are taken within a round
+    (hand-computed), the table gives the median and range over rounds, and a first lever with
+    settings (no baseline to divide by) is refused."""
+    from bench.step_levers import parse_levers, report, summarise
+
+    levers = parse_levers(["baseline=", "bf16=train.precision=bf16,model.attention_probs_dropout_prob=0.0"])
+    assert levers == [("baseline", []), ("bf16", ["train.precision=bf16", "model.attention_probs_dropout_prob=0.0"])]
+    rounds = [{"baseline": {"hvdbert": 1.2, "hf": 2.4}, "bf16": {"hvdbert": 0.8, "hf": 2.0}},
+              {"baseline": {"hvdbert": 1.5, "hf": 2.5}, "bf16": {"hvdbert": 1.0, "hf": 2.0}}]
+    baseline, bf16 = summarise(levers, rounds)
+    assert baseline["speedup"] == {"hvdbert": [1.0, 1.0], "hf": [1.0, 1.0]}
+    assert bf16["speedup"]["hvdbert"] == pytest.approx([1.5, 1.5])
+    assert bf16["speedup"]["hf"] == pytest.approx([1.2, 1.25])
+    assert bf16["ratio"]["hvdbert/hf"] == pytest.approx([0.4, 0.5])
+    args = type("Args", (), {"argv": ["--recipe", "R"], "rounds": 2, "steps": 8, "warmup_steps": 3})
+    table = report(args, [baseline, bf16], 60.0)
+    assert "| bf16 | 0.900 (0.800-1.000) | 2.000 (2.000-2.000) | 1.50x (1.50-1.50) | 1.23x (1.20-1.25) | " \
+           "0.45 (0.40-0.50) |" in table
+    with pytest.raises(SystemExit, match="the first --lever is the baseline"):
+        parse_levers(["bf16=train.precision=bf16"])
+
+
+def test_the_trainer_gets_the_levers_hvdbert_s_recipe_sets(tmp_path):
+    """The Trainer of the HF peer and of time_to_quality runs a recipe's bf16 autocast and
+    torch.compile as hvdbert does (TrainingArguments accepts them on this CPU), and fp32 eager
+    without them."""
+    from transformers import TrainingArguments
+
+    from hvdbert.bench.peers.data import trainer_levers
+
+    levered = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **trainer_levers("bf16", True))
+    assert levered.bf16 and not levered.fp16 and levered.torch_compile
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **trainer_levers("fp32", False))
+    assert not (plain.bf16 or plain.fp16 or plain.torch_compile)
