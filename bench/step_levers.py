@@ -13,13 +13,14 @@ median and the range over rounds. Writes levers.json and levers.md to --output.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 
 # What hvdbert.bench's CPU defaults leave as they are: fp32, eager, dropout 0.1 in attention too.
 DEFAULT_LEVERS = [
@@ -37,10 +38,10 @@ def parse_levers(specs: list[str]) -> list[tuple[str, list[str]]]:
     for spec in specs:
         name, _, sets = spec.partition("=")
         if not name:
-            raise SystemExit(f"--lever {spec!r}: expected NAME=SECTION.KEY=VALUE[,SECTION.KEY=VALUE]")
+            raise UsageError(f"--lever {spec!r}: expected NAME=SECTION.KEY=VALUE[,SECTION.KEY=VALUE]")
         levers.append((name, [s for s in sets.split(",") if s]))
     if levers[0][1]:
-        raise SystemExit("the first --lever is the baseline the others are divided by: give it no settings "
+        raise UsageError("the first --lever is the baseline the others are divided by: give it no settings "
                          "(--lever baseline=)")
     return levers
 
@@ -50,7 +51,9 @@ def measure(args, sets: list[str], out: Path) -> dict[str, float]:
     command = [sys.executable, "-m", "hvdbert.bench", "--recipe", str(args.recipe), "--peers", "hf",
                "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--output", str(out),
                *(a for s in [*args.set, *sets] for a in ("--set", s))]
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     rows = json.loads((out / "bench.json").read_text())["rows"]
     return {r["system"]: r["cpu_seconds_per_step"] for r in rows if r["system"] in SYSTEMS}
 
@@ -89,18 +92,22 @@ def report(args, rows: list[dict], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli_entry("bench.step_levers")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m bench.step_levers", description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", type=Path, required=True)
     parser.add_argument("--lever", action="append", default=None,
                         help="NAME=SECTION.KEY=VALUE[,...]; the first, with no settings, is the baseline")
     parser.add_argument("--set", action="append", default=["optim.name=adamw"],
-                        help="a recipe key for every set (default optim.name=adamw: the Trainer's optimizer)")
+                        help="a recipe key for every set, after optim.name=adamw (the Trainer's optimizer), "
+                             "which a --set optim.name=... overrides")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or args.warmup_steps < 0:
+        raise UsageError("--rounds and --steps must be at least 1 and --warmup-steps at least 0")
     args.argv = sys.argv[1:] if argv is None else argv
     levers = parse_levers(args.lever or DEFAULT_LEVERS)
     args.output.mkdir(parents=True, exist_ok=True)

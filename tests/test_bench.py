@@ -418,6 +418,7 @@ def test_step_levers_divides_each_round_by_its_own_baseline():
     (hand-computed), the table gives the median and range over rounds, and a first lever with
     settings (no baseline to divide by) is refused."""
     from bench.step_levers import parse_levers, report, summarise
+    from hvdbert.errors import UsageError
 
     levers = parse_levers(["baseline=", "bf16=train.precision=bf16,model.attention_probs_dropout_prob=0.0"])
     assert levers == [("baseline", []), ("bf16", ["train.precision=bf16", "model.attention_probs_dropout_prob=0.0"])]
@@ -432,8 +433,17 @@ def test_step_levers_divides_each_round_by_its_own_baseline():
     table = report(args, [baseline, bf16], 60.0)
     assert "| bf16 | 0.900 (0.800-1.000) | 2.000 (2.000-2.000) | 1.50x (1.50-1.50) | 1.23x (1.20-1.25) | " \
            "0.45 (0.40-0.50) |" in table
-    with pytest.raises(SystemExit, match="the first --lever is the baseline"):
+    with pytest.raises(UsageError, match="the first --lever is the baseline"):
         parse_levers(["bf16=train.precision=bf16"])
+
+
+def test_step_levers_refuses_a_bad_lever_in_one_line_before_writing_anything(cli, tmp_path):
+    output = tmp_path / "levers"
+    result = cli("bench.step_levers", ["--recipe", TINY, "--output", output, "--lever", "bf16=train.precision=bf16"])
+    assert result.exit_and_stderr_lines() == (2, [
+        "bench.step_levers: error: the first --lever is the baseline the others are divided by: give it no "
+        "settings (--lever baseline=)"])
+    assert not output.exists()
 
 
 def test_the_trainer_gets_the_levers_hvdbert_s_recipe_sets(tmp_path):

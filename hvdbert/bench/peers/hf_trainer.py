@@ -73,7 +73,8 @@ def main() -> int:
     memory, memory_kind = peak_memory_bytes(device)
     record = {
         "system": "hf", "workers": 1, "backend": "none", "device": device_name(device),
-        "precision": spec["precision"], "compiled": spec["compile"], "threads_per_worker": spec["threads"] if not cuda else None,
+        "precision": spec["precision"], "compiled": spec["compile"],
+        "threads_per_worker": spec["threads"] if not cuda else None,
         "micro_batch_size": micro, "global_batch_size": micro, "seq_len": spec["seq_len"],
         "steps": steps, "warmup_steps": warmup, "seconds": elapsed,
         "seq_per_s": seq_per_s, "seq_per_s_per_worker": seq_per_s,
