@@ -253,6 +253,89 @@ def test_time_to_quality_refuses_bad_input_in_one_line(cli, held_out_data, tmp_p
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
 
 
+# bench/compression_quality.py: compressions x seeds at equal steps, and the derived time to quality
+
+
+@pytest.mark.multiprocess
+def test_compression_quality_end_to_end_on_two_horovod_workers(hvdbert_env, held_out_data, tmp_path):
+    """Each compression trains under horovodrun -np 2 and is evaluated on the held-out split; the
+    table follows from the curves; a second call reads the finished runs back instead of training."""
+    from bench.compression_quality import summarise
+
+    output, workdir = tmp_path / "out", tmp_path / "runs"
+    args = ["--data", str(held_out_data), "--output", str(output), "--workdir", str(workdir), "--workers", "2",
+            "--compression", "none,powersgd", "--seeds", "1", "--steps", "2", "--eval-every", "1",
+            "--global-batch-size", "8", *TINY_SHAPE]
+    result = run_module("bench.compression_quality", args, hvdbert_env, timeout=400)
+    saved = json.loads((output / "quality.json").read_text())
+    for compression in ("none", "powersgd"):
+        metrics = [json.loads(line) for line in (workdir / f"{compression}-seed-1" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["workers"] for r in metrics] == [2, 2] and all("eval_loss" in r for r in metrics)
+        assert saved["curves"][compression] == [[{"step": r["step"], "eval_loss": r["eval_loss"]} for r in metrics]]
+    assert saved["rows"] == summarise(saved["curves"])["rows"]
+    none, powersgd = saved["rows"]
+    assert powersgd["same_seed_difference"] == [powersgd["final_eval_loss"][0] - none["final_eval_loss"][0]] != [0.0]
+    assert (output / "quality.md").read_text() in result.stdout
+    again = run_module("bench.compression_quality", args, hvdbert_env, timeout=60)
+    assert "powersgd, seed 1: held-out loss" in again.stderr
+    assert json.loads((output / "quality.json").read_text())["rows"] == saved["rows"]
+
+
+def test_compression_quality_summary_by_hand():
+    """Means, spreads and differences from the reference, the step where the seed-mean curve reaches
+    the reference's mean final loss (interpolated), and the time to it at a shaped link's step times."""
+    from bench.compression_quality import report, step_seconds_at, summarise
+    from hvdbert.errors import UsageError
+
+    def curve(*losses):
+        return [{"step": 10 * (i + 1), "eval_loss": loss} for i, loss in enumerate(losses)]
+
+    curves = {"none": [curve(7.0, 6.0, 5.0), curve(7.0, 6.2, 5.2)],  # mean final 5.1
+              "powersgd": [curve(7.0, 5.6, 5.1), curve(7.0, 5.8, 5.3)]}  # mean curve 7.0, 5.7, 5.2: never 5.1
+    shaped = {"rows": [{"system": "hvdbert", "link": "25mbit", "compression": None, "step_seconds": 9.0},
+                       {"system": "hvdbert", "link": "25mbit", "compression": "powersgd", "step_seconds": 2.0},
+                       {"system": "ddp-hvdbert-model", "link": "25mbit", "compression": None, "step_seconds": 1.0},
+                       {"system": "hvdbert", "link": "1gbit", "compression": None, "step_seconds": 1.5}]}
+    step_seconds = step_seconds_at(shaped, "25mbit")
+    assert step_seconds == {"none": 9.0, "powersgd": 2.0}
+    summary = summarise(curves, step_seconds)
+    assert summary["reference"] == "none" and summary["target_eval_loss"] == pytest.approx(5.1)
+    none, powersgd = summary["rows"]
+    assert none["steps_to_target"] == pytest.approx(30.0) and none["seconds_to_target"] == pytest.approx(270.0)
+    assert powersgd["mean"] == pytest.approx(5.2) and powersgd["spread"] == pytest.approx(0.2)
+    assert powersgd["mean_difference"] == pytest.approx(0.1)
+    assert powersgd["same_seed_difference"] == pytest.approx([0.1, 0.1])
+    assert powersgd["steps_to_target"] is None and powersgd["seconds_to_target"] is None
+    assert "speedup_to_target" not in powersgd and none["speedup_to_target"] == 1.0
+    # a target the compressed curve does reach: between its evaluations at 20 and 30 steps
+    curves["powersgd"] = [curve(7.0, 5.6, 4.9), curve(7.0, 5.8, 5.1)]  # mean curve 7.0, 5.7, 5.0
+    powersgd = summarise(curves, step_seconds)["rows"][1]
+    assert powersgd["steps_to_target"] == pytest.approx(20 + 10 * 0.6 / 0.7)
+    assert powersgd["speedup_to_target"] == pytest.approx(270.0 / (2.0 * (20 + 10 * 0.6 / 0.7)))
+    args = type("Args", (), {"argv": ["--data", "D"], "steps": 30, "global_batch_size": 32, "lr": 1e-3,
+                             "workers": 2, "eval_every": 10, "shaped": Path("bench.json"), "link": "25mbit"})
+    table = report(args, [1, 2], summarise(curves, step_seconds), 1.0)
+    assert "| powersgd | 4.9000 | 5.1000 | 5.0000 | 0.2000 | -0.1000 | -0.1000, -0.1000 | 29 | 2.00 | 1.0 min | " \
+           "4.72x |" in table
+    with pytest.raises(UsageError, match="has no hvdbert row there; it has 1gbit, 25mbit"):
+        step_seconds_at(shaped, "100mbit")
+
+
+def test_compression_quality_refuses_bad_input_in_one_line_before_writing(cli, held_out_data, tmp_path):
+    base = ["--data", held_out_data, "--output", tmp_path / "out", "--workdir", tmp_path / "runs"]
+    for extra, message in ((["--compression", "none,zip"], "'zip' is not valid; choose from none, fp16, bf16, powersgd"),
+                           (["--seeds", "1,x"], "expected comma-separated whole numbers"),
+                           (["--steps", "600", "--eval-every", "70"], "must divide --steps 600"),
+                           (["--link", "25mbit"], "--shaped and --link go together"),
+                           (["--shaped", tmp_path / "none.json", "--link", "25mbit"], "no such file")):
+        result = cli("bench.compression_quality", [*base, *extra])
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    result = cli("bench.compression_quality", ["--data", tmp_path, "--output", tmp_path / "out"])
+    assert result.returncode == 2 and "no held-out split" in result.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
 def descendants(pid: int) -> set[int]:
     """The processes below `pid`, from /proc."""
     parents = {}
