@@ -1,14 +1,15 @@
 """Gradient compression's quality at equal steps, and its time to quality on a shaped link.
 
     python -m bench.compression_quality --data DATA --output docs/bench/compression-quality \
-        [--compression none,fp16,powersgd] [--seeds 1,2,3] [--steps 600] [--workers 2] \
+        [--compression none,fp16,powersgd[+SECTION.KEY=VALUE...]] [--seeds 1,2,3] [--steps 600] [--workers 2] \
         [--shaped docs/bench/compression-shaped-bf16/bench.json --link 25mbit] [--set SECTION.KEY=VALUE ...]
 
 Every (compression, seed) is one `hvdbert.pretrain` run (under `horovodrun --gloo -np W` for W > 1
 workers, so the gradients really cross the wire compressed) of --recipe (BERT-mini by default) with
 AdamW at --lr and a global batch of --global-batch-size, as bench/time_to_quality.py's BERT-mini
 table trains it, evaluating the held-out split (DATA/validation) every --eval-every steps and after
-the last. The first compression is the reference (`none`). The table gives each compression's final
+the last. A compression may carry keys of its own (`powersgd+dist.powersgd_rank=16`: a variant, named by
+the whole item). The first compression is the reference (`none`). The table gives each compression's final
 held-out loss per seed, their mean and spread (largest minus smallest), the mean's difference from
 the reference's and the same-seed differences, and the step at which the seed-mean curve first
 reaches the reference's mean final loss (interpolated between evaluations).
@@ -56,18 +57,26 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_compressions(text: str) -> list[str]:
+    """The --compression items: NAME or NAME+SECTION.KEY=VALUE[+...], a variant with its own keys
+    (e.g. powersgd+dist.powersgd_rank=16), checked here and named by the whole item."""
     chosen = names(text, "--compression")
-    unknown = [c for c in chosen if c not in COMPRESSIONS]
-    if unknown:
-        raise UsageError(f"--compression {unknown[0]!r} is not valid; choose from {', '.join(COMPRESSIONS)}")
+    for item in chosen:
+        name, *keys = item.split("+")
+        if name not in COMPRESSIONS:
+            raise UsageError(f"--compression {name!r} is not valid; choose from {', '.join(COMPRESSIONS)}")
+        if any("=" not in key or key.startswith("=") for key in keys):
+            raise UsageError(f"--compression {item!r}: expected NAME+SECTION.KEY=VALUE, "
+                             "e.g. powersgd+dist.powersgd_rank=16")
     return chosen
 
 
 def run_sets(args, compression: str, seed: int) -> list[str]:
+    """A run's recipe keys: the benchmark's, the compression's name, --set, then the variant's own keys."""
+    name, *keys = compression.split("+")
     return [f"batch.global_batch_size={args.global_batch_size}", f"train.max_steps={args.steps}",
             f"optim.reference_global_batch_size={args.global_batch_size}", "optim.name=adamw", f"optim.lr={args.lr}",
             f"eval.every_steps={args.eval_every}", "eval.at_end=true", f"train.log_every={args.eval_every}",
-            "train.progress_bar=false", f"train.seed={seed}", f"dist.compression={compression}", *args.set]
+            "train.progress_bar=false", f"train.seed={seed}", f"dist.compression={name}", *args.set, *keys]
 
 
 def curve_of(run_dir: Path) -> list[dict]:
@@ -187,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="directory for quality.json and quality.md")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "compression-quality")
     parser.add_argument("--recipe", type=Path, default=REPO / "bench" / "recipes" / "bert-mini-cpu.toml")
-    parser.add_argument("--compression", default="none,fp16,powersgd", help="the first is the reference")
+    parser.add_argument("--compression", default="none,fp16,powersgd",
+                        help="comma-separated NAME[+SECTION.KEY=VALUE...]; the first is the reference")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--global-batch-size", type=int, default=32)

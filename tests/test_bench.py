@@ -284,7 +284,7 @@ def test_compression_quality_end_to_end_on_two_horovod_workers(hvdbert_env, held
 def test_compression_quality_summary_by_hand():
     """Means, spreads and differences from the reference, the step where the seed-mean curve reaches
     the reference's mean final loss (interpolated), and the time to it at a shaped link's step times."""
-    from bench.compression_quality import report, step_seconds_at, summarise
+    from bench.compression_quality import report, run_sets, step_seconds_at, summarise
     from hvdbert.errors import UsageError
 
     def curve(*losses):
@@ -319,11 +319,16 @@ def test_compression_quality_summary_by_hand():
            "4.72x |" in table
     with pytest.raises(UsageError, match="has no hvdbert row there; it has 1gbit, 25mbit"):
         step_seconds_at(shaped, "100mbit")
+    # a variant: its name, then --set, then its own keys (they win)
+    args.set = ["dist.powersgd_rank=4"]
+    assert run_sets(args, "powersgd+dist.powersgd_rank=16", 3)[-4:] == [
+        "train.seed=3", "dist.compression=powersgd", "dist.powersgd_rank=4", "dist.powersgd_rank=16"]
 
 
 def test_compression_quality_refuses_bad_input_in_one_line_before_writing(cli, held_out_data, tmp_path):
     base = ["--data", held_out_data, "--output", tmp_path / "out", "--workdir", tmp_path / "runs"]
     for extra, message in ((["--compression", "none,zip"], "'zip' is not valid; choose from none, fp16, bf16, powersgd"),
+                           (["--compression", "none,powersgd+rank16"], "expected NAME+SECTION.KEY=VALUE"),
                            (["--seeds", "1,x"], "expected comma-separated whole numbers"),
                            (["--steps", "600", "--eval-every", "70"], "must divide --steps 600"),
                            (["--link", "25mbit"], "--shaped and --link go together"),
