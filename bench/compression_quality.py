@@ -12,7 +12,8 @@ the last. A compression may carry keys of its own (`powersgd+dist.powersgd_rank=
 the whole item). The first compression is the reference (`none`). The table gives each compression's final
 held-out loss per seed, their mean and spread (largest minus smallest), the mean's difference from
 the reference's and the same-seed differences, and the step at which the seed-mean curve first
-reaches the reference's mean final loss (interpolated between evaluations).
+reaches the reference's mean final loss (interpolated between evaluations), and where each seed's
+run does.
 
 With --shaped (the bench.json of a `python -m hvdbert.bench --hosts ...` run with the same recipe
 settings) the time to that loss on a shaped link follows: those steps times that compression's
@@ -141,7 +142,8 @@ def summarise(curves: dict[str, list[list[dict]]], step_seconds: dict[str, float
                "mean": statistics.fmean(finals[compression]),
                "spread": max(finals[compression]) - min(finals[compression]),
                "same_seed_difference": [a - b for a, b in zip(finals[compression], finals[reference], strict=True)],
-               "steps_to_target": reach["interpolated"]}
+               "steps_to_target": reach["interpolated"],
+               "steps_to_target_per_seed": [cpu_to_reach(run, target, x="step")["interpolated"] for run in per_seed]}
         row["mean_difference"] = row["mean"] - target
         if step_seconds is not None and compression in step_seconds:
             row["step_seconds"] = step_seconds[compression]
@@ -168,14 +170,16 @@ def report(args, seeds: list[int], summary: dict, minutes: float) -> str:
              f"Target: the {summary['reference']} runs' mean final held-out loss, "
              f"{summary['target_eval_loss']:.4f}.", "",
              "| compression | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | mean − "
-             f"{summary['reference']} | same-seed differences | steps to {summary['target_eval_loss']:.4f} |"
+             f"{summary['reference']} | same-seed differences | steps to {summary['target_eval_loss']:.4f}: "
+             "seed mean (per seed) |"
              + (f" step s at {args.link} | time to {summary['target_eval_loss']:.4f} | speed-up |" if timed else ""),
              "|---|" + "---:|" * (len(seeds) + 5) + ("---:|" * 3 if timed else "")]
     for row in summary["rows"]:
         line = (f"| {row['compression']} | " + " | ".join(f"{v:.4f}" for v in row["final_eval_loss"])
                 + f" | {row['mean']:.4f} | {row['spread']:.4f} | {row['mean_difference']:+.4f} | "
                 + ", ".join(f"{d:+.4f}" for d in row["same_seed_difference"])
-                + f" | {_f(row['steps_to_target'], '.0f')} |")
+                + f" | {_f(row['steps_to_target'], '.0f')} ("
+                + ", ".join(_f(steps, ".0f") for steps in row["steps_to_target_per_seed"]) + ") |")
         if timed:
             seconds = row.get("seconds_to_target")
             line += (f" {_f(row.get('step_seconds'), '.2f')} | {_f(None if seconds is None else seconds / 60, '.1f')}"

@@ -306,6 +306,8 @@ def test_compression_quality_summary_by_hand():
     assert powersgd["mean_difference"] == pytest.approx(0.1)
     assert powersgd["same_seed_difference"] == pytest.approx([0.1, 0.1])
     assert powersgd["steps_to_target"] is None and powersgd["seconds_to_target"] is None
+    assert powersgd["steps_to_target_per_seed"] == [pytest.approx(30.0), None]  # each seed's own run
+    assert none["steps_to_target_per_seed"] == [pytest.approx(29.0), None]
     assert "speedup_to_target" not in powersgd and none["speedup_to_target"] == 1.0
     # a target the compressed curve does reach: between its evaluations at 20 and 30 steps
     curves["powersgd"] = [curve(7.0, 5.6, 4.9), curve(7.0, 5.8, 5.1)]  # mean curve 7.0, 5.7, 5.0
@@ -315,7 +317,7 @@ def test_compression_quality_summary_by_hand():
     args = type("Args", (), {"argv": ["--data", "D"], "steps": 30, "global_batch_size": 32, "lr": 1e-3,
                              "workers": 2, "eval_every": 10, "shaped": Path("bench.json"), "link": "25mbit"})
     table = report(args, [1, 2], summarise(curves, step_seconds), 1.0)
-    assert "| powersgd | 4.9000 | 5.1000 | 5.0000 | 0.2000 | -0.1000 | -0.1000, -0.1000 | 29 | 2.00 | 1.0 min | " \
+    assert "| powersgd | 4.9000 | 5.1000 | 5.0000 | 0.2000 | -0.1000 | -0.1000, -0.1000 | 29 (27, 30) | 2.00 | 1.0 min | " \
            "4.72x |" in table
     with pytest.raises(UsageError, match="has no hvdbert row there; it has 1gbit, 25mbit"):
         step_seconds_at(shaped, "100mbit")
