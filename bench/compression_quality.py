@@ -89,13 +89,14 @@ def curve_of(run_dir: Path) -> list[dict]:
     return [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in rows if "eval_loss" in r]
 
 
-def train(args, compression: str, seed: int) -> list[dict]:
-    """The run's curve, training it first unless the workdir holds it finished with these settings."""
+def train(args, compression: str, seed: int) -> tuple[list[dict], float]:
+    """The run's curve and its training seconds, training it first unless the workdir holds it
+    finished with these settings."""
     run_dir = args.workdir / f"{compression}-seed-{seed}"
     sets = run_sets(args, compression, seed)
     done = run_dir / "quality-run.json"
     if done.is_file() and json.loads(done.read_text())["sets"] == sets:
-        return curve_of(run_dir)
+        return curve_of(run_dir), json.loads(done.read_text())["seconds"]
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "hvdbert.pretrain", "--recipe", str(args.recipe), "--data", str(args.data),
                "--output", str(run_dir), *(a for s in sets for a in ("--set", s))]
@@ -109,8 +110,9 @@ def train(args, compression: str, seed: int) -> list[dict]:
     curve = curve_of(run_dir)
     if not curve or curve[-1]["step"] != args.steps:
         raise RuntimeError(f"{run_dir}: no held-out loss after step {args.steps} in metrics.jsonl")
-    done.write_text(json.dumps({"sets": sets, "seconds": time.perf_counter() - started}) + "\n")
-    return curve
+    seconds = time.perf_counter() - started
+    done.write_text(json.dumps({"sets": sets, "seconds": seconds}) + "\n")
+    return curve, seconds
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -166,7 +168,8 @@ def report(args, seeds: list[int], summary: dict, minutes: float) -> str:
     lines = ["# Gradient compression: held-out loss at equal steps", "",
              f"`python -m bench.compression_quality {' '.join(args.argv)}`", "",
              f"{args.steps} steps of {args.global_batch_size} sequences, AdamW at {args.lr}, {args.workers} worker(s), "
-             f"seeds {', '.join(map(str, seeds))}; held-out loss every {args.eval_every} steps; {minutes:.1f} min. "
+             f"seeds {', '.join(map(str, seeds))}; held-out loss every {args.eval_every} steps; {minutes:.1f} min of "
+             "training (the runs' own wall time, read back for finished runs). "
              f"Target: the {summary['reference']} runs' mean final held-out loss, "
              f"{summary['target_eval_loss']:.4f}.", "",
              "| compression | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | mean − "
@@ -230,18 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         step_seconds = step_seconds_at(json.loads(args.shaped.read_text()), args.link)
     args.data, args.workdir, args.recipe = args.data.resolve(), args.workdir.resolve(), args.recipe.resolve()
     args.output.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     curves: dict[str, list[list[dict]]] = {c: [] for c in compressions}
+    seconds = 0.0
     for seed in seeds:  # seed by seed: a drifting load meets every compression alike
         for compression in compressions:
             print(f"compression_quality: {compression}, seed {seed} ...", file=sys.stderr, flush=True)
-            curves[compression].append(train(args, compression, seed))
+            curve, run_seconds = train(args, compression, seed)
+            curves[compression].append(curve)
+            seconds += run_seconds
             print(f"compression_quality: {compression}, seed {seed}: held-out loss "
                   f"{curves[compression][-1][-1]['eval_loss']:.4f}", file=sys.stderr, flush=True)
     summary = summarise(curves, step_seconds)
     (args.output / "quality.json").write_text(json.dumps({"command": args.argv, "curves": curves, **summary},
                                                          indent=2) + "\n")
-    text = report(args, seeds, summary, (time.perf_counter() - started) / 60)
+    text = report(args, seeds, summary, seconds / 60)
     (args.output / "quality.md").write_text(text)
     print(text)
     return 0
