@@ -94,9 +94,12 @@ def train(args, compression: str, seed: int) -> tuple[list[dict], float]:
     finished with these settings."""
     run_dir = args.workdir / f"{compression}-seed-{seed}"
     sets = run_sets(args, compression, seed)
+    settings = {"recipe": str(args.recipe), "data": str(args.data), "workers": args.workers, "sets": sets}
     done = run_dir / "quality-run.json"
-    if done.is_file() and json.loads(done.read_text())["sets"] == sets:
-        return curve_of(run_dir), json.loads(done.read_text())["seconds"]
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if {k: record.get(k) for k in settings} == settings:
+            return curve_of(run_dir), record["seconds"]
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "hvdbert.pretrain", "--recipe", str(args.recipe), "--data", str(args.data),
                "--output", str(run_dir), *(a for s in sets for a in ("--set", s))]
@@ -111,7 +114,7 @@ def train(args, compression: str, seed: int) -> tuple[list[dict], float]:
     if not curve or curve[-1]["step"] != args.steps:
         raise RuntimeError(f"{run_dir}: no held-out loss after step {args.steps} in metrics.jsonl")
     seconds = time.perf_counter() - started
-    done.write_text(json.dumps({"sets": sets, "seconds": seconds}) + "\n")
+    done.write_text(json.dumps({**settings, "seconds": seconds}) + "\n")
     return curve, seconds
 
 
@@ -165,9 +168,11 @@ def _f(value, spec: str) -> str:
 
 def report(args, seeds: list[int], summary: dict, minutes: float) -> str:
     timed = args.shaped is not None
+    named = [s.partition("=")[2] for s in args.set if s.startswith("optim.name=")]
+    optimizer = named[-1] if named else "AdamW"
     lines = ["# Gradient compression: held-out loss at equal steps", "",
              f"`python -m bench.compression_quality {' '.join(args.argv)}`", "",
-             f"{args.steps} steps of {args.global_batch_size} sequences, AdamW at {args.lr}, {args.workers} worker(s), "
+             f"{args.steps} steps of {args.global_batch_size} sequences, {optimizer} at {args.lr}, {args.workers} worker(s), "
              f"seeds {', '.join(map(str, seeds))}; held-out loss every {args.eval_every} steps; {minutes:.1f} min of "
              "training (the runs' own wall time, read back for finished runs). "
              f"Target: the {summary['reference']} runs' mean final held-out loss, "

@@ -314,7 +314,7 @@ def test_compression_quality_summary_by_hand():
     powersgd = summarise(curves, step_seconds)["rows"][1]
     assert powersgd["steps_to_target"] == pytest.approx(20 + 10 * 0.6 / 0.7)
     assert powersgd["speedup_to_target"] == pytest.approx(270.0 / (2.0 * (20 + 10 * 0.6 / 0.7)))
-    args = type("Args", (), {"argv": ["--data", "D"], "steps": 30, "global_batch_size": 32, "lr": 1e-3,
+    args = type("Args", (), {"argv": ["--data", "D"], "set": [], "steps": 30, "global_batch_size": 32, "lr": 1e-3,
                              "workers": 2, "eval_every": 10, "shaped": Path("bench.json"), "link": "25mbit"})
     table = report(args, [1, 2], summarise(curves, step_seconds), 1.0)
     assert "| powersgd | 4.9000 | 5.1000 | 5.0000 | 0.2000 | -0.1000 | -0.1000, -0.1000 | 29 (27, 30) | 2.00 | 1.0 min | " \
