@@ -155,11 +155,19 @@ def summarise(curves: dict[str, list[list[dict]]], step_seconds: dict[str, float
             row["seconds_to_target"] = (None if reach["interpolated"] is None
                                         else reach["interpolated"] * step_seconds[compression])
         rows.append(row)
-    base = rows[0].get("seconds_to_target")
-    for row in rows:
-        if base is not None and row.get("seconds_to_target") is not None:
-            row["speedup_to_target"] = base / row["seconds_to_target"]
-    return {"reference": reference, "target_eval_loss": target, "rows": rows}
+    # The highest mean final loss: every seed-mean curve gets there, so each has a time to it even
+    # when a compression ends above the reference's loss.
+    common = max(row["mean"] for row in rows)
+    for row, per_seed in zip(rows, curves.values()):
+        row["steps_to_common"] = cpu_to_reach(mean_curve(per_seed), common, x="step")["interpolated"]
+        if "step_seconds" in row:
+            row["seconds_to_common"] = row["steps_to_common"] * row["step_seconds"]
+    for key in ("target", "common"):
+        base = rows[0].get(f"seconds_to_{key}")
+        for row in rows:
+            if base is not None and row.get(f"seconds_to_{key}") is not None:
+                row[f"speedup_to_{key}"] = base / row[f"seconds_to_{key}"]
+    return {"reference": reference, "target_eval_loss": target, "common_eval_loss": common, "rows": rows}
 
 
 def _f(value, spec: str) -> str:
@@ -195,6 +203,11 @@ def report(args, seeds: list[int], summary: dict, minutes: float) -> str:
                      f"{'' if row.get('speedup_to_target') is None else 'x'} |")
         lines.append(line)
     if timed:
+        lines += ["", f"To the common loss {summary['common_eval_loss']:.4f} (the highest mean final loss, which every "
+                      "seed-mean curve reaches): " + "; ".join(
+                          f"{row['compression']} {row['steps_to_common']:.0f} steps"
+                          + (f", {row['seconds_to_common'] / 60:.1f} min ({row['speedup_to_common']:.2f}x)"
+                             if "speedup_to_common" in row else "") for row in summary["rows"]) + "."]
         lines += ["", f"Time to quality at {args.link} is derived: steps to the target (the seed-mean curve, "
                       f"interpolated between evaluations) times hvdbert's step seconds for that compression in "
                       f"{args.shaped}. The quality runs trained on one host."]

@@ -309,6 +309,10 @@ def test_compression_quality_summary_by_hand():
     assert powersgd["steps_to_target_per_seed"] == [pytest.approx(30.0), None]  # each seed's own run
     assert none["steps_to_target_per_seed"] == [pytest.approx(29.0), None]
     assert "speedup_to_target" not in powersgd and none["speedup_to_target"] == 1.0
+    # the common loss, powersgd's 5.2: none's mean curve (7.0, 6.1, 5.1) at 20 + 10 x 0.9 / 1.0 steps
+    assert summary["common_eval_loss"] == pytest.approx(5.2)
+    assert none["steps_to_common"] == pytest.approx(29.0) and powersgd["steps_to_common"] == pytest.approx(30.0)
+    assert powersgd["speedup_to_common"] == pytest.approx(29.0 * 9.0 / (30.0 * 2.0))
     # a target the compressed curve does reach: between its evaluations at 20 and 30 steps
     curves["powersgd"] = [curve(7.0, 5.6, 4.9), curve(7.0, 5.8, 5.1)]  # mean curve 7.0, 5.7, 5.0
     powersgd = summarise(curves, step_seconds)["rows"][1]
@@ -319,6 +323,8 @@ def test_compression_quality_summary_by_hand():
     table = report(args, [1, 2], summarise(curves, step_seconds), 1.0)
     assert "| powersgd | 4.9000 | 5.1000 | 5.0000 | 0.2000 | -0.1000 | -0.1000, -0.1000 | 29 (27, 30) | 2.00 | 1.0 min | " \
            "4.72x |" in table
+    assert "To the common loss 5.1000 (the highest mean final loss, which every seed-mean curve reaches): none 30 " \
+           "steps, 4.5 min (1.00x); powersgd 29 steps, 1.0 min (4.72x)." in table
     with pytest.raises(UsageError, match="has no hvdbert row there; it has 1gbit, 25mbit"):
         step_seconds_at(shaped, "100mbit")
     # a variant: its name, then --set, then its own keys (they win)
