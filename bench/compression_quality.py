@@ -140,9 +140,10 @@ def summarise(curves: dict[str, list[list[dict]]], step_seconds: dict[str, float
     reference = next(iter(curves))
     finals = {c: [runs[-1]["eval_loss"] for runs in per_seed] for c, per_seed in curves.items()}
     target = statistics.fmean(finals[reference])
+    means = {c: mean_curve(per_seed) for c, per_seed in curves.items()}
     rows = []
     for compression, per_seed in curves.items():
-        reach = cpu_to_reach(mean_curve(per_seed), target, x="step")
+        reach = cpu_to_reach(means[compression], target, x="step")
         row = {"compression": compression, "final_eval_loss": finals[compression],
                "mean": statistics.fmean(finals[compression]),
                "spread": max(finals[compression]) - min(finals[compression]),
@@ -158,8 +159,8 @@ def summarise(curves: dict[str, list[list[dict]]], step_seconds: dict[str, float
     # The highest mean final loss: every seed-mean curve gets there, so each has a time to it even
     # when a compression ends above the reference's loss.
     common = max(row["mean"] for row in rows)
-    for row, per_seed in zip(rows, curves.values()):
-        row["steps_to_common"] = cpu_to_reach(mean_curve(per_seed), common, x="step")["interpolated"]
+    for row in rows:
+        row["steps_to_common"] = cpu_to_reach(means[row["compression"]], common, x="step")["interpolated"]
         if "step_seconds" in row:
             row["seconds_to_common"] = row["steps_to_common"] * row["step_seconds"]
     for key in ("target", "common"):
