@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench.time_to_quality import cpu_to_reach
+from hvdbert.config import read_recipe_tree
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,12 +90,19 @@ def curve_of(run_dir: Path) -> list[dict]:
     return [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in rows if "eval_loss" in r]
 
 
+def run_settings(args, compression: str, seed: int) -> dict:
+    """What a finished run must match to be read back: the recipe's keys with all it inherits (not
+    its path, so a moved checkout or a copied recipe still matches), the data, the worker count and
+    the run's own keys."""
+    return {"recipe": read_recipe_tree(args.recipe), "data": str(args.data), "workers": args.workers,
+            "sets": run_sets(args, compression, seed)}
+
+
 def train(args, compression: str, seed: int) -> tuple[list[dict], float]:
     """The run's curve and its training seconds, training it first unless the workdir holds it
     finished with these settings."""
     run_dir = args.workdir / f"{compression}-seed-{seed}"
-    sets = run_sets(args, compression, seed)
-    settings = {"recipe": str(args.recipe), "data": str(args.data), "workers": args.workers, "sets": sets}
+    settings = run_settings(args, compression, seed)
     done = run_dir / "quality-run.json"
     if done.is_file():
         record = json.loads(done.read_text())
@@ -102,7 +110,7 @@ def train(args, compression: str, seed: int) -> tuple[list[dict], float]:
             return curve_of(run_dir), record["seconds"]
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "hvdbert.pretrain", "--recipe", str(args.recipe), "--data", str(args.data),
-               "--output", str(run_dir), *(a for s in sets for a in ("--set", s))]
+               "--output", str(run_dir), *(a for s in settings["sets"] for a in ("--set", s))]
     if args.workers > 1:
         command = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(args.workers),
                    "-H", f"localhost:{args.workers}", *command]

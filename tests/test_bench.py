@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -259,7 +260,8 @@ def test_time_to_quality_refuses_bad_input_in_one_line(cli, held_out_data, tmp_p
 @pytest.mark.multiprocess
 def test_compression_quality_end_to_end_on_two_horovod_workers(hvdbert_env, held_out_data, tmp_path):
     """Each compression trains under horovodrun -np 2 and is evaluated on the held-out split; the
-    table follows from the curves; a second call reads the finished runs back instead of training."""
+    table follows from the curves; a second call reads the finished runs back instead of training,
+    also through a copy of the recipe elsewhere (a moved checkout)."""
     from bench.compression_quality import summarise
 
     output, workdir = tmp_path / "out", tmp_path / "runs"
@@ -276,9 +278,33 @@ def test_compression_quality_end_to_end_on_two_horovod_workers(hvdbert_env, held
     none, powersgd = saved["rows"]
     assert powersgd["same_seed_difference"] == [powersgd["final_eval_loss"][0] - none["final_eval_loss"][0]] != [0.0]
     assert (output / "quality.md").read_text() in result.stdout
-    again = run_module("bench.compression_quality", args, hvdbert_env, timeout=60)
+    moved = tmp_path / "moved" / "bert-mini-cpu.toml"
+    moved.parent.mkdir()
+    shutil.copy(REPO / "bench" / "recipes" / "bert-mini-cpu.toml", moved)
+    again = run_module("bench.compression_quality", [*args, "--recipe", str(moved)], hvdbert_env, timeout=60)
     assert "powersgd, seed 1: held-out loss" in again.stderr
     assert json.loads((output / "quality.json").read_text())["rows"] == saved["rows"]
+
+
+def test_compression_quality_keys_finished_runs_by_the_recipe_s_keys_not_its_path(tmp_path):
+    """A copy of the recipe (or the checkout moved) matches the finished runs; a changed key, also one
+    inherited from a parent recipe, does not."""
+    from bench.compression_quality import run_settings
+
+    (tmp_path / "parent.toml").write_text("[model]\nhidden_size = 64\n")
+    child = tmp_path / "child.toml"
+    child.write_text('inherit = "parent.toml"\n[train]\nmax_steps = 3\n')
+    args = type("Args", (), {"recipe": child, "data": tmp_path, "workers": 2, "set": [], "steps": 30,
+                             "global_batch_size": 32, "lr": 1e-3, "eval_every": 10})
+    settings = json.loads(json.dumps(run_settings(args, "none", 1)))  # as quality-run.json holds it
+    assert settings["recipe"] == {"model": {"hidden_size": 64}, "train": {"max_steps": 3}}
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("moved"))
+    args.recipe = moved / "child.toml"
+    assert run_settings(args, "none", 1) == settings
+    (moved / "parent.toml").write_text("[model]\nhidden_size = 128\n")
+    assert run_settings(args, "none", 1) != settings
+    assert run_settings(args, "none", 2)["sets"] != settings["sets"]
 
 
 def test_compression_quality_summary_by_hand():
