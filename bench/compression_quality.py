@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench.time_to_quality import cpu_to_reach
+from hvdbert.bench.orchestrate import on_local_workers
 from hvdbert.config import read_recipe_tree
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 
@@ -109,11 +110,9 @@ def train(args, compression: str, seed: int) -> tuple[list[dict], float]:
         if {k: record.get(k) for k in settings} == settings:
             return curve_of(run_dir), record["seconds"]
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "hvdbert.pretrain", "--recipe", str(args.recipe), "--data", str(args.data),
-               "--output", str(run_dir), *(a for s in settings["sets"] for a in ("--set", s))]
-    if args.workers > 1:
-        command = [str(Path(sys.executable).parent / "horovodrun"), "--gloo", "-np", str(args.workers),
-                   "-H", f"localhost:{args.workers}", *command]
+    command = on_local_workers([sys.executable, "-m", "hvdbert.pretrain", "--recipe", str(args.recipe), "--data",
+                                str(args.data), "--output", str(run_dir),
+                                *(a for s in settings["sets"] for a in ("--set", s))], args.workers)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:

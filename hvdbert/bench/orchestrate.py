@@ -60,6 +60,15 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
+def on_local_workers(command: list[str], workers: int) -> list[str]:
+    """`command` as `workers` Horovod processes on this host over Gloo (the venv's horovodrun), or as
+    it is for one worker."""
+    if workers == 1:
+        return command
+    horovodrun = str(Path(sys.executable).parent / "horovodrun")
+    return [horovodrun, "--gloo", "-np", str(workers), "-H", f"localhost:{workers}", *command]
+
+
 def run_config(config: Config, args, recipe: Recipe, data_dir: Path, workdir: Path) -> dict:
     result = workdir / f"result-{len(list(workdir.iterdir()))}.json"
     steps_total = args.warmup_steps + args.steps
@@ -74,11 +83,7 @@ def run_config(config: Config, args, recipe: Recipe, data_dir: Path, workdir: Pa
         spec = workdir / f"spec-{config.system}-{config.workers}.json"
         spec.write_text(json.dumps(peer_spec(recipe, args)), encoding="utf-8")
     if config.system == "hvdbert":
-        command = [python, "-m", "hvdbert.bench", *run_args]
-        if config.workers > 1:
-            horovodrun = str(Path(python).parent / "horovodrun")
-            command = [horovodrun, "--gloo", "-np", str(config.workers), "-H", f"localhost:{config.workers}",
-                       *command]
+        command = on_local_workers([python, "-m", "hvdbert.bench", *run_args], config.workers)
     elif config.system == "hf":
         command = [python, "-m", PEER_MODULES["hf"], "--spec", str(spec), "--data", str(data_dir),
                    "--result", str(result)]
