@@ -15,18 +15,26 @@ fine-tuning (bench.probe_table) cannot separate from how each initialisation tra
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
+from hvdbert.errors import ArgumentParser, UsageError, cli_entry
+
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench.probe_layers", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m bench.probe_layers", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="hvdbert run directory or transformers model directory")
     parser.add_argument("--random-seeds", default="1,2", help="comma-separated seeds of the random encoders")
     parser.add_argument("--train-per-class", type=int, default=16, help="the few-shot fit's examples per class")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.random_seeds = [int(s) for s in args.random_seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--random-seeds {args.random_seeds!r}: expected comma-separated integers, e.g. 1,2") from None
+    if args.train_per_class < 1:
+        raise UsageError(f"--train-per-class {args.train_per_class}: expected 1 or more examples per class")
+    return args
 
 
 def features(model, tokenizer, texts: list[str], max_length: int):
@@ -64,6 +72,7 @@ def linear_probe(train_x, train_y, dev_x, dev_y, classes: int) -> float:
     return float(((dev_x @ weight + bias).argmax(1) == dev_y).float().mean())
 
 
+@cli_entry("bench.probe_layers")
 def main(argv=None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForMaskedLM
@@ -82,7 +91,7 @@ def main(argv=None) -> int:
         tokenizer = load_any_tokenizer(model_dir, "")
         config = AutoConfig.from_pretrained(str(model_dir))
         models = [("pretrained", AutoModelForMaskedLM.from_pretrained(str(model_dir)))]
-        for seed in (int(s) for s in args.random_seeds.split(",")):
+        for seed in args.random_seeds:
             torch.manual_seed(seed)
             models.append((f"random seed {seed}", AutoModelForMaskedLM.from_config(config)))
     print(f"linear probe on frozen features, {len(labels)} classes, {len(dev)} dev examples, {max_length} tokens; "

@@ -237,3 +237,36 @@ def test_the_probe_table_states_each_seed_the_means_and_whether_the_gap_beats_th
     assert "| demo | defaults | 0.5200 (0.5000-0.5400) | 0.3300 (0.3000-0.3600) | +0.1900 | 0.0600 | yes | " \
            "0.5000, 0.5400, 0.5200 | 0.3000, 0.3600, 0.3300 |" in text
     assert "| demo | few-shot | 0.4200 (0.4000-0.4400) | 0.3800 (0.3500-0.4100) | +0.0400 | 0.0600 | no |" in text
+
+
+def test_the_layer_probe_pools_each_layer_and_fits_a_linear_classifier(finished_run, tmp_path, cli):
+    """bench.probe_layers: per layer the mean over the non-padding tokens (padding does not move it),
+    then [CLS]; its classifier separates what is separable; bad input is one line, exit 2."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from bench.probe_layers import features, linear_probe
+    from hvdbert.data.tokenizer import load_any_tokenizer
+    from hvdbert.finetune import resolve_model
+
+    args = type("Args", (), {"model": finished_run, "max_length": None})
+    model_dir, max_length = resolve_model(args, tmp_path)
+    model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    tokenizer = load_any_tokenizer(model_dir, "")
+    short, long = "Stop the event loop.", "Parse a message from a string of headers and a body, then return it."
+    both, alone = features(model, tokenizer, [short, long], max_length), features(model, tokenizer, [short], max_length)
+    layers = model.config.num_hidden_layers
+    assert max_length == 64 and both.shape == (layers + 2, 2, model.config.hidden_size)
+    torch.testing.assert_close(both[:, 0], alone[:, 0], atol=1e-5, rtol=1e-4)  # padded beside the longer one
+    assert not torch.allclose(both[0, 0], both[-1, 0])  # the embeddings' mean is not [CLS]'s output
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    points = torch.randn(60, 8, generator=generator) + 6 * torch.nn.functional.one_hot(labels, 8)
+    assert linear_probe(points[:30], labels[:30], points[30:], labels[30:], 3) == 1.0
+
+    for bad, says in ((["--model", tmp_path / "nowhere"], "neither a transformers model directory"),
+                      (["--model", finished_run, "--random-seeds", "one"], "--random-seeds 'one': expected"),
+                      (["--model", finished_run, "--train-per-class", "0"], "--train-per-class 0: expected")):
+        status, err = cli("bench.probe_layers", bad).exit_and_stderr_lines()
+        assert status == 2 and len(err) == 1 and err[0].startswith("bench.probe_layers: error: ") and says in err[0]
