@@ -2,7 +2,8 @@
 
     python -m bench.compression_quality --data DATA --output docs/bench/compression-quality \
         [--compression none,fp16,powersgd[+SECTION.KEY=VALUE...]] [--seeds 1,2,3] [--steps 600] [--workers 2] \
-        [--shaped docs/bench/compression-shaped-bf16/bench.json --link 25mbit] [--set SECTION.KEY=VALUE ...]
+        [--shaped docs/bench/compression-shaped-bf16/bench.json --link 25mbit] [--target-from QUALITY_JSON]
+        [--set SECTION.KEY=VALUE ...]
 
 Every (compression, seed) is one `hvdbert.pretrain` run (under `horovodrun --gloo -np W` for W > 1
 workers, so the gradients really cross the wire compressed) of --recipe (BERT-mini by default) with
@@ -19,6 +20,10 @@ With --shaped (the bench.json of a `python -m hvdbert.bench --hosts ...` run wit
 settings) the time to that loss on a shaped link follows: those steps times that compression's
 hvdbert step seconds at --link. It is derived, and the report says so: the quality runs train on
 this host, the step times come from the shaped hosts.
+
+With --target-from (another run's quality.json) the target is that run's reference loss instead, and
+its reference's steps to it are the baseline of the speed-up: for example a longer PowerSGD schedule
+against the uncompressed 600-step runs' final loss, which PowerSGD does not reach in 600 steps.
 
 Finished runs are kept in --workdir (a run with the same settings is not run again); an unfinished
 one is started again from nothing. Writes quality.json and quality.md to --output.
@@ -140,13 +145,16 @@ def step_seconds_at(shaped: dict, link: str) -> dict[str, float]:
     return {r.get("compression") or "none": r["step_seconds"] for r in rows}
 
 
-def summarise(curves: dict[str, list[list[dict]]], step_seconds: dict[str, float] | None = None) -> dict:
+def summarise(curves: dict[str, list[list[dict]]], step_seconds: dict[str, float] | None = None,
+              target_from: dict | None = None) -> dict:
     """Per compression: final losses per seed, mean, spread, differences from the first compression
     (the reference), the step where the seed-mean curve reaches the reference's mean final loss, and
-    with `step_seconds` (per compression, from a shaped run) the time to get there."""
+    with `step_seconds` (per compression, from a shaped run) the time to get there. `target_from` (an
+    earlier summary) sets the target to its reference's loss, and the speed-ups are against its
+    reference's steps to that loss at its compression's step seconds."""
     reference = next(iter(curves))
     finals = {c: [runs[-1]["eval_loss"] for runs in per_seed] for c, per_seed in curves.items()}
-    target = statistics.fmean(finals[reference])
+    target = statistics.fmean(finals[reference]) if target_from is None else target_from["target_eval_loss"]
     means = {c: mean_curve(per_seed) for c, per_seed in curves.items()}
     rows = []
     for compression, per_seed in curves.items():
@@ -170,16 +178,48 @@ def summarise(curves: dict[str, list[list[dict]]], step_seconds: dict[str, float
         row["steps_to_common"] = cpu_to_reach(means[row["compression"]], common, x="step")["interpolated"]
         if "step_seconds" in row:
             row["seconds_to_common"] = row["steps_to_common"] * row["step_seconds"]
-    for key in ("target", "common"):
-        base = rows[0].get(f"seconds_to_{key}")
+    baselines = {key: rows[0].get(f"seconds_to_{key}") for key in ("target", "common")}
+    if target_from is not None:  # the other run's reference, its steps to its own loss
+        name, steps = target_from["reference"], target_from["rows"][0]["steps_to_target"]
+        baselines = {"target": None if step_seconds is None or name not in step_seconds or steps is None
+                     else steps * step_seconds[name]}
+    for key, base in baselines.items():
         for row in rows:
             if base is not None and row.get(f"seconds_to_{key}") is not None:
                 row[f"speedup_to_{key}"] = base / row[f"seconds_to_{key}"]
-    return {"reference": reference, "target_eval_loss": target, "common_eval_loss": common, "rows": rows}
+    summary = {"reference": reference, "target_eval_loss": target, "common_eval_loss": common, "rows": rows}
+    if target_from is not None:
+        summary["target_from"] = {"reference": target_from["reference"], "target_eval_loss": target,
+                                  "steps_to_target": target_from["rows"][0]["steps_to_target"],
+                                  "seconds_to_target": baselines["target"]}
+    return summary
+
+
+def read_target(path: Path) -> dict:
+    """Another run's summary, for --target-from: what it says its reference reached, and when."""
+    try:
+        other = json.loads(path.read_text(encoding="utf-8"))
+        other["target_eval_loss"], other["rows"][0]["steps_to_target"], other["reference"]
+    except FileNotFoundError:
+        raise UsageError(f"--target-from {path}: no such file (a bench.compression_quality run's quality.json)") from None
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise UsageError(f"--target-from {path}: not a bench.compression_quality quality.json "
+                         "(no target_eval_loss, reference or rows)") from None
+    return other
 
 
 def _f(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+def target_sentence(args, summary: dict) -> str:
+    other = summary.get("target_from")
+    if other is None:
+        return f"Target: the {summary['reference']} runs' mean final held-out loss, {summary['target_eval_loss']:.4f}."
+    seconds = other["seconds_to_target"]
+    return (f"Target: the {other['reference']} runs' mean final held-out loss in {args.target_from}, "
+            f"{summary['target_eval_loss']:.4f}, which their seed-mean curve reached at step {_f(other['steps_to_target'], '.0f')}"
+            + ("" if seconds is None else f" ({seconds / 60:.1f} min at {args.link}: the speed-ups' baseline)") + ".")
 
 
 def report(args, seeds: list[int], summary: dict, minutes: float) -> str:
@@ -190,11 +230,9 @@ def report(args, seeds: list[int], summary: dict, minutes: float) -> str:
              f"`python -m bench.compression_quality {' '.join(args.argv)}`", "",
              f"{args.steps} steps of {args.global_batch_size} sequences, {optimizer} at {args.lr}, {args.workers} worker(s), "
              f"seeds {', '.join(map(str, seeds))}; held-out loss every {args.eval_every} steps; {minutes:.1f} min of "
-             "training (the runs' own wall time, read back for finished runs). "
-             f"Target: the {summary['reference']} runs' mean final held-out loss, "
-             f"{summary['target_eval_loss']:.4f}.", "",
-             "| compression | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | mean − "
-             f"{summary['reference']} | same-seed differences | steps to {summary['target_eval_loss']:.4f}: "
+             "training (the runs' own wall time, read back for finished runs). " + target_sentence(args, summary), "",
+             "| compression | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | mean − target "
+             f"| same-seed − {summary['reference']} | steps to {summary['target_eval_loss']:.4f}: "
              "seed mean (per seed) |"
              + (f" step s at {args.link} | time to {summary['target_eval_loss']:.4f} | speed-up |" if timed else ""),
              "|---|" + "---:|" * (len(seeds) + 5) + ("---:|" * 3 if timed else "")]
@@ -210,7 +248,7 @@ def report(args, seeds: list[int], summary: dict, minutes: float) -> str:
                      f"{'' if seconds is None else ' min'} | {_f(row.get('speedup_to_target'), '.2f')}"
                      f"{'' if row.get('speedup_to_target') is None else 'x'} |")
         lines.append(line)
-    if timed:
+    if timed and "target_from" not in summary:
         lines += ["", f"To the common loss {summary['common_eval_loss']:.4f} (the highest mean final loss, which every "
                       "seed-mean curve reaches): " + "; ".join(
                           f"{row['compression']} {row['steps_to_common']:.0f} steps"
@@ -239,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--shaped", type=Path, help="a shaped hvdbert.bench run's bench.json: its step times")
     parser.add_argument("--link", help="the --shaped run's link rate to take step times from, e.g. 25mbit")
+    parser.add_argument("--target-from", type=Path, metavar="QUALITY_JSON",
+                        help="another run's quality.json: its reference's mean final loss is the target")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a recipe key for every run, after the benchmark's own (repeatable)")
     args = parser.parse_args(argv)
@@ -257,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.shaped.is_file():
             raise UsageError(f"--shaped {args.shaped}: no such file (a hvdbert.bench --hosts run's bench.json)")
         step_seconds = step_seconds_at(json.loads(args.shaped.read_text()), args.link)
+    target_from = None if args.target_from is None else read_target(args.target_from)
     args.data, args.workdir, args.recipe = args.data.resolve(), args.workdir.resolve(), args.recipe.resolve()
     args.output.mkdir(parents=True, exist_ok=True)
     curves: dict[str, list[list[dict]]] = {c: [] for c in compressions}
@@ -269,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds += run_seconds
             print(f"compression_quality: {compression}, seed {seed}: held-out loss "
                   f"{curves[compression][-1][-1]['eval_loss']:.4f}", file=sys.stderr, flush=True)
-    summary = summarise(curves, step_seconds)
+    summary = summarise(curves, step_seconds, target_from)
     (args.output / "quality.json").write_text(json.dumps({"command": args.argv, "curves": curves, **summary},
                                                          indent=2) + "\n")
     text = report(args, seeds, summary, seconds / 60)

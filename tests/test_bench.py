@@ -353,6 +353,22 @@ def test_compression_quality_summary_by_hand():
            "steps, 4.5 min (1.00x); powersgd 29 steps, 1.0 min (4.72x)." in table
     with pytest.raises(UsageError, match="has no hvdbert row there; it has 1gbit, 25mbit"):
         step_seconds_at(shaped, "100mbit")
+    # --target-from: a longer powersgd schedule against the earlier summary's none (5.1 at step 30)
+    earlier = json.loads(json.dumps(summarise({"none": curves["none"]}, step_seconds)))
+    longer = {"powersgd": [curve(7.0, 5.6, 5.2, 4.8), curve(7.0, 5.8, 5.4, 5.0)]}  # mean 7.0, 5.7, 5.3, 4.9
+    summary = summarise(longer, step_seconds, earlier)
+    (row,) = summary["rows"]
+    assert summary["target_eval_loss"] == pytest.approx(5.1) and row["mean_difference"] == pytest.approx(-0.2)
+    assert row["steps_to_target"] == pytest.approx(35.0) and row["steps_to_target_per_seed"] == [
+        pytest.approx(32.5), pytest.approx(37.5)]
+    assert summary["target_from"]["seconds_to_target"] == pytest.approx(270.0)
+    assert row["speedup_to_target"] == pytest.approx(270.0 / 70.0)
+    args.target_from = Path("earlier/quality.json")
+    table = report(args, [1, 2], summary, 1.0)
+    assert "Target: the none runs' mean final held-out loss in earlier/quality.json, 5.1000, which their seed-mean " \
+           "curve reached at step 30 (4.5 min at 25mbit: the speed-ups' baseline)." in table
+    assert "| -0.2000 | +0.0000, +0.0000 | 35 (" in table and "| 2.00 | 1.2 min | 3.86x |" in table
+    assert "common loss" not in table
     # a variant: its name, then --set, then its own keys (they win)
     args.set = ["dist.powersgd_rank=4"]
     assert run_sets(args, "powersgd+dist.powersgd_rank=16", 3)[-4:] == [
@@ -366,7 +382,9 @@ def test_compression_quality_refuses_bad_input_in_one_line_before_writing(cli, h
                            (["--seeds", "1,x"], "expected comma-separated whole numbers"),
                            (["--steps", "600", "--eval-every", "70"], "must divide --steps 600"),
                            (["--link", "25mbit"], "--shaped and --link go together"),
-                           (["--shaped", tmp_path / "none.json", "--link", "25mbit"], "no such file")):
+                           (["--shaped", tmp_path / "none.json", "--link", "25mbit"], "no such file"),
+                           (["--target-from", tmp_path / "none.json"], "--target-from"),
+                           (["--target-from", held_out_data / "manifest.json"], "not a bench.compression_quality")):
         result = cli("bench.compression_quality", [*base, *extra])
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
