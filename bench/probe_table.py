@@ -68,6 +68,9 @@ def settings(args) -> dict[str, list[str]]:
 
 
 def finetune_once(args, model: Path, flags: list[str], seed: int, init: str, result: Path) -> dict:
+    """One fine-tuning's scores: read back when `result` holds this model's, else run it."""
+    if result.is_file() and json.loads(result.read_text(encoding="utf-8")).get("model") != str(model):
+        result.unlink()  # an earlier table's, of another model under the same name
     if not result.is_file():
         result.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="probe-", dir=result.parent) as scratch:
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(job) -> dict:
         name, model, setting, flags, seed, init = job
         scores = finetune_once(args, model, flags, seed, init, args.workdir / name / f"{setting}-{init}-seed{seed}.json")
-        return {"model": name, "setting": setting, "init": init, "seed": seed, **scores}
+        # the table's name, not finetune's own "model" (the directory it was given)
+        return {**scores, "model": name, "model_dir": scores["model"], "setting": setting, "init": init, "seed": seed}
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(run, jobs))  # in the jobs' order, whichever finishes first

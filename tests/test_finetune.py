@@ -218,6 +218,25 @@ def test_encoder_and_head_learn_at_their_own_rates(tmp_path):
         assert rates["encoder"] == pytest.approx(rates["head"] / 10) and 0 < rates["head"] < 1e-3
 
 
+def test_the_probe_table_names_its_models_and_reads_back_only_their_own_results(finished_run, tmp_path, cli):
+    """A kept result of this model is read back; one of another model under the same name is run again;
+    the table names each model as --model NAME=DIR does."""
+    workdir = tmp_path / "runs" / "demo"
+    workdir.mkdir(parents=True)
+    kept = {"task": "builtin", "model": str(finished_run), "dev_accuracy": 0.999, "dev_macro_f1": 0.5,
+            "dev_examples": 215, "dev_majority_accuracy": 0.2047, "lr": 1e-3, "encoder_lr": 1e-4, "pooling": "mean"}
+    (workdir / "few-shot-scratch-seed1.json").write_text(json.dumps(kept))
+    (workdir / "few-shot-pretrained-seed1.json").write_text(json.dumps({**kept, "model": str(tmp_path / "other")}))
+    result = cli("bench.probe_table", ["--model", f"demo={finished_run}", "--output", tmp_path, "--seeds", "1",
+                                      "--settings", "few-shot", "--few-shot-per-class", "1", "--few-shot-epochs", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {r["init"]: r for r in json.loads((tmp_path / "probe.json").read_text())["runs"]}
+    assert runs["scratch"]["dev_accuracy"] == 0.999 and runs["scratch"]["model_dir"] == str(finished_run)
+    assert runs["pretrained"]["model_dir"] == str(finished_run) and runs["pretrained"]["dev_accuracy"] != 0.999
+    assert runs["pretrained"]["train_examples"] == 8  # run again, one example of each class
+    assert "| demo | few-shot |" in (tmp_path / "probe.md").read_text()
+
+
 def test_the_probe_table_states_each_seed_the_means_and_whether_the_gap_beats_the_spread():
     from bench.probe_table import summary, table
 
