@@ -552,6 +552,17 @@ def _check_ranges(recipe: Recipe, at) -> None:
         )
 
 
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """One line for each combination that runs but was measured to train worse than its neighbour
+    (docs/compression.md): printed by pretrain (rank 0) and plan, refused by neither."""
+    warnings = []
+    if recipe.dist.compression == "powersgd" and recipe.optim.name == "adamw":
+        warnings.append("hvdbert: warning: dist.compression = powersgd with optim.name = adamw stayed on BERT's "
+                        "early loss plateau in 5 of 6 measured BERT-mini runs, uncompressed training in 2 "
+                        "(docs/compression.md); with optim.name = lamb it trained within 0.02 of uncompressed")
+    return warnings
+
+
 def predictions_for(data: DataConfig) -> int:
     """The predictions cap a sequence length needs: mask_prob x max_seq_len, rounded up (the recipes'
     20 at 128 and 308 at 1024), in exact decimal arithmetic so 0.1 x 30 is 3, not 4."""

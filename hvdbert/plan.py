@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from hvdbert.config import MAX_GLOBAL_BATCH_SIZE, MAX_WORKERS, OptimConfig, Recipe, load_recipe
+from hvdbert.config import MAX_GLOBAL_BATCH_SIZE, MAX_WORKERS, OptimConfig, Recipe, load_recipe, recipe_warnings
 from hvdbert.errors import ArgumentParser, UsageError, cli_entry
 from hvdbert.optimizers import OPTIMIZERS
 
@@ -311,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--measured-seq-per-s is an input of the scaling model: give --cluster as well")
     recipe = load_recipe(args.recipe, args.set)
     plan = make_plan(recipe, args.workers)
-    if plan.lr_warning:
-        print(plan.lr_warning, file=sys.stderr)
+    for warning in [plan.lr_warning, *recipe_warnings(recipe)]:
+        if warning:
+            print(warning, file=sys.stderr)
     if args.output is not None:
         from hvdbert.preflight import preflight  # torch and the checkpoint reader: only when asked
 

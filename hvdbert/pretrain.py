@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hvdbert import checkpoint
 from hvdbert.agreement import check_agreement
-from hvdbert.config import load_recipe
+from hvdbert.config import load_recipe, recipe_warnings
 from hvdbert.dist import init_distributed
 from hvdbert.errors import UsageError, cli_entry, rank_zero_decides
 from hvdbert.evaluate import build_evaluator, summary_text
@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     # Under elastic nothing from here to the elastic loop is a collective: a worker that joins a
     # running job meets the others only at the loop's state sync (dist.Distributed.elastic).
     run = build_run(recipe, args.data, dist)
-    if run.plan.lr_warning and dist.rank == 0:
-        log.warning(run.plan.lr_warning)
+    if dist.rank == 0:
+        for warning in [run.plan.lr_warning, *recipe_warnings(recipe)]:
+            if warning:
+                log.warning(warning)
     evaluator = build_evaluator(args.eval_data, run)  # refuses before anything is written
     eval_data = evaluator.held_out.data if evaluator is not None else None
 

@@ -46,6 +46,15 @@ def test_compression_under_elastic_is_refused_in_one_line(cli, tmp_path):
     assert "--elastic does not run with dist.compression = powersgd" in lines[0]
 
 
+def test_powersgd_with_adamw_trains_and_warns_once(cli, tmp_path):
+    """The measured plateau delay (docs/compression.md) is said, not refused."""
+    outcome = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", tmp_path / "run", *FAST, "--set", "train.max_steps=1",
+                                       "--set", "dist.compression=powersgd", "--set", "optim.name=adamw"])
+    assert outcome.returncode == 0, outcome.stderr[-3000:]
+    warnings = [line for line in outcome.stderr.splitlines() if "powersgd with optim.name = adamw" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("hvdbert: warning: "), outcome.stderr
+
+
 def test_fp16_allreduce_still_means_fp16():
     from hvdbert.config import load_recipe
 

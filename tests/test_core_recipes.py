@@ -114,6 +114,18 @@ def test_worker_count_alone_changes_nothing_but_accumulation():
     assert all(p == unchanged[0] for p in unchanged)
 
 
+def test_powersgd_with_adamw_runs_with_one_warning_line_that_names_the_measurement():
+    """PowerSGD with AdamW stayed on BERT's early plateau more often than uncompressed training
+    (docs/compression.md): plan says so in one line and plans it; with LAMB, or uncompressed, nothing."""
+    args = ["--recipe", str(RECIPES / "tiny.toml"), "--workers", "2", "--set", "dist.compression=powersgd"]
+    result = plan_cli(*args, "--set", "optim.name=adamw")
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("hvdbert: warning: dist.compression = powersgd with optim.name = adamw stayed on")
+    assert "docs/compression.md" in line and "optim.name = lamb" in line
+    assert plan_cli(*args).stderr == "" and plan_cli(*args[:4], "--set", "optim.name=adamw").stderr == ""
+
+
 def test_none_keeps_the_rate_and_says_so_in_one_warning_line():
     args = ["--recipe", str(RECIPES / "bert-large-phase1.toml"), "--workers", "8",
             "--set", "batch.global_batch_size=4096", "--set", "optim.lr_scaling=none"]
