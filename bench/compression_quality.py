@@ -189,8 +189,7 @@ def summarise(curves: dict[str, list[list[dict]]], step_seconds: dict[str, float
                 row[f"speedup_to_{key}"] = base / row[f"seconds_to_{key}"]
     summary = {"reference": reference, "target_eval_loss": target, "common_eval_loss": common, "rows": rows}
     if target_from is not None:
-        summary["target_from"] = {"reference": target_from["reference"], "target_eval_loss": target,
-                                  "steps_to_target": target_from["rows"][0]["steps_to_target"],
+        summary["target_from"] = {"reference": name, "target_eval_loss": target, "steps_to_target": steps,
                                   "seconds_to_target": baselines["target"]}
     return summary
 

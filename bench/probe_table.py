@@ -69,19 +69,20 @@ def settings(args) -> dict[str, list[str]]:
 
 def finetune_once(args, model: Path, flags: list[str], seed: int, init: str, result: Path) -> dict:
     """One fine-tuning's scores: read back when `result` holds this model's, else run it."""
-    if result.is_file() and json.loads(result.read_text(encoding="utf-8")).get("model") != str(model):
-        result.unlink()  # an earlier table's, of another model under the same name
-    if not result.is_file():
-        result.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="probe-", dir=result.parent) as scratch:
-            command = [sys.executable, "-m", "hvdbert.finetune", "--model", str(model), "--task", args.task,
-                       "--output", str(Path(scratch) / "model"), "--json", str(result), "--seed", str(seed),
-                       *flags, *(["--from-scratch"] if init == "scratch" else [])]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-        if completed.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} exited {completed.returncode}:\n{completed.stderr[-3000:]}")
-        print(completed.stdout.strip().splitlines()[-1], flush=True)
+    kept = json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+    if kept is not None and kept.get("model") == str(model):
+        return kept
+    result.unlink(missing_ok=True)  # an earlier table's, of another model under the same name
+    result.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="probe-", dir=result.parent) as scratch:
+        command = [sys.executable, "-m", "hvdbert.finetune", "--model", str(model), "--task", args.task,
+                   "--output", str(Path(scratch) / "model"), "--json", str(result), "--seed", str(seed),
+                   *flags, *(["--from-scratch"] if init == "scratch" else [])]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {completed.returncode}:\n{completed.stderr[-3000:]}")
+    print(completed.stdout.strip().splitlines()[-1], flush=True)
     return json.loads(result.read_text(encoding="utf-8"))
 
 

@@ -92,6 +92,11 @@ class Plan:
         return dataclasses.asdict(self)
 
 
+def run_warnings(recipe: Recipe, plan: Plan) -> list[str]:
+    """Every warning line a run of `recipe` on `plan` gets: printed by plan and by pretrain (rank 0)."""
+    return [warning for warning in (plan.lr_warning, *recipe_warnings(recipe)) if warning]
+
+
 def _workable_counts(micro_batches: int, workers: int) -> str:
     """The worker counts nearest to `workers` that divide the micro-batches of one global step."""
     # Divisors come in pairs (d, n / d) with d <= sqrt(n): isqrt(n) trials, not n (a 2**24 batch of
@@ -311,9 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--measured-seq-per-s is an input of the scaling model: give --cluster as well")
     recipe = load_recipe(args.recipe, args.set)
     plan = make_plan(recipe, args.workers)
-    for warning in [plan.lr_warning, *recipe_warnings(recipe)]:
-        if warning:
-            print(warning, file=sys.stderr)
+    for warning in run_warnings(recipe, plan):
+        print(warning, file=sys.stderr)
     if args.output is not None:
         from hvdbert.preflight import preflight  # torch and the checkpoint reader: only when asked
 

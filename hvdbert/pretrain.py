@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hvdbert import checkpoint
 from hvdbert.agreement import check_agreement
-from hvdbert.config import load_recipe, recipe_warnings
+from hvdbert.config import load_recipe
 from hvdbert.dist import init_distributed
 from hvdbert.errors import UsageError, cli_entry, rank_zero_decides
 from hvdbert.evaluate import build_evaluator, summary_text
@@ -32,6 +32,7 @@ from hvdbert.hooks import StepHook
 from hvdbert.launcher import elastic_launch, launcher_rank
 from hvdbert.metrics import setup_logging
 from hvdbert.model import count_parameters
+from hvdbert.plan import run_warnings
 from hvdbert.preflight import preflight, pretrain_parser
 from hvdbert.run import Run, build_run
 from hvdbert.rundir import cut_sample_logs, open_sample_log, prepare_run_dir, resolved_recipe, train_once
@@ -118,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     # running job meets the others only at the loop's state sync (dist.Distributed.elastic).
     run = build_run(recipe, args.data, dist)
     if dist.rank == 0:
-        for warning in [run.plan.lr_warning, *recipe_warnings(recipe)]:
-            if warning:
-                log.warning(warning)
+        for warning in run_warnings(recipe, run.plan):
+            log.warning(warning)
     evaluator = build_evaluator(args.eval_data, run)  # refuses before anything is written
     eval_data = evaluator.held_out.data if evaluator is not None else None
 
