@@ -104,8 +104,9 @@ RUN grep -vE '^(torch|horovod)==' requirements.txt \
 # fails here, not in the first job). tools/build-horovod.sh holds the build's commands, the same that
 # tools/setup.sh and tools/check-gpu-build.sh run: the NCCL of torch's nvidia-nccl wheel, the C++17
 # compiler wrapper, the CUDA driver stubs at link time, the compute capabilities this CUDA version
-# compiles for. With HOROVOD_WHEEL_CACHE the wheel is kept there under the name tools/setup.sh uses
-# (plus the CUDA version and compute capabilities for nccl), and a kept wheel is installed as is.
+# compiles for, Gloo's AVX float16 sum. With HOROVOD_WHEEL_CACHE the wheel is kept there under the
+# name tools/setup.sh uses (versions and the build script's hash; plus the CUDA version and compute
+# capabilities for nccl), and a kept wheel is installed as is.
 COPY tools/build-horovod.sh tools/
 RUN case "${VARIANT}" in cuda) horovod_mode=nccl ;; *) horovod_mode=cpu ;; esac \
     && wheel_dir=/tmp/horovod-wheel \
@@ -113,7 +114,8 @@ RUN case "${VARIANT}" in cuda) horovod_mode=nccl ;; *) horovod_mode=cpu ;; esac 
         horovod_version="$(sed -n 's/^horovod==\([^ ;]*\).*/\1/p' requirements.txt)" \
         && torch_version="$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' requirements.txt)" \
         && py_tag="$(python -c 'import sys; print("cp%d%d" % sys.version_info[:2])')" \
-        && wheel_dir="${HOROVOD_WHEEL_CACHE}/horovod-${horovod_version}-torch-${torch_version}-${py_tag}-$(uname -m)" \
+        && build_hash="$(sha256sum tools/build-horovod.sh | cut -c1-12)" \
+        && wheel_dir="${HOROVOD_WHEEL_CACHE}/horovod-${horovod_version}-torch-${torch_version}-${py_tag}-$(uname -m)-build${build_hash}" \
         && if [ "${horovod_mode}" = nccl ]; then \
             wheel_dir="${wheel_dir}-cuda$(python -c 'import torch; print(torch.version.cuda)')-cc$(bash tools/build-horovod.sh cc-list | tr , _)"; \
         fi; \

@@ -74,12 +74,16 @@ torch_cuda=$("$py" -c 'import torch; print(torch.version.cuda or "")') \
 # too, and nvcc's front end parses CUDA code (Horovod's kernels: C++11) in the standard nvcc was
 # given: the host compiler must not switch to C++17 under it (gcc 12's headers then declare C++17
 # features that nvcc rejects). nvcc's calls are the ones that define __CUDA_ARCH_LIST__.
+#
+# The same wrapper gives every g++ call GLOO_USE_AVX=1, the first of the two mends that Gloo's
+# float16 sum needs (see below): gloo/math.h declares the AVX/F16C specialisation only when
+# GLOO_USE_AVX is set, and it never includes the config.h where Gloo's CMake would set it.
 cat > "$work/cxx" <<'EOF'
 #!/bin/sh
 case "$*" in
     *-D__CUDA_ARCH_LIST__=*) exec g++ "$@" ;;
 esac
-exec g++ "$@" -std=c++17
+exec g++ "$@" -std=c++17 -DGLOO_USE_AVX=1
 EOF
 chmod +x "$work/cxx"
 build_env=(
@@ -141,9 +145,23 @@ fi
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     log "compiling Horovod $horovod_version ($mode) against torch $torch_version"
     mkdir -p "$wheel_dir"
+    # The second mend: Gloo's CMakeLists leaves out gloo/math.cc, the file that holds the AVX/F16C
+    # float16 sum. Without both mends every float16 allreduce (dist.compression = fp16) is summed
+    # one element at a time in software, at twice float32's time for half its bytes
+    # (docs/performance.md). The source is the release's sdist, patched here.
+    "$py" -m pip download --no-deps --no-binary :all: --no-build-isolation -q \
+        "horovod==$horovod_version" -d "$work/sdist"
+    tar -xzf "$work/sdist/horovod-$horovod_version.tar.gz" -C "$work/sdist"
+    source_dir=$work/sdist/horovod-$horovod_version
+    gloo_lists=$source_dir/third_party/gloo/gloo/CMakeLists.txt
+    if ! grep -q '/math\.cc"' "$gloo_lists"; then
+        # shellcheck disable=SC2016 # ${CMAKE_CURRENT_SOURCE_DIR} is CMake's, written as it is
+        sed -i 's|^\(  *\)"${CMAKE_CURRENT_SOURCE_DIR}/types\.cc"$|&\n\1"${CMAKE_CURRENT_SOURCE_DIR}/math.cc"|' "$gloo_lists"
+        grep -q '/math\.cc"' "$gloo_lists" || die "could not add math.cc to $gloo_lists (Gloo's layout changed)"
+    fi
     # --no-build-isolation: the build must see the installed torch, not a fresh one.
     env "${build_env[@]}" "$py" -m pip wheel --no-build-isolation --no-deps --no-cache-dir \
-        -c "$work/constraints.txt" "horovod==$horovod_version" -w "$work/out"
+        -c "$work/constraints.txt" "$source_dir" -w "$work/out"
     mv "$work"/out/horovod-*.whl "$wheel_dir"/
 fi
 log "installing $(basename "$(ls "$wheel_dir"/horovod-*.whl)")"
@@ -164,4 +182,15 @@ printf '%s\n' "$check"
 for piece in "${needed[@]}"; do
     grep -q "\[X\] $piece" <<<"$check" || { log "Horovod was built without $piece"; exit 1; }
 done
+# Gloo's float16 sum is the vectorised one (F16C's vcvtph2ps), not the element-wise fallback.
+if command -v objdump >/dev/null; then
+    extension=$("$py" -c 'import glob, os, horovod.torch as t; print(glob.glob(os.path.join(os.path.dirname(t.__file__), "mpi_lib_v2*.so"))[0])')
+    objdump -d -C "$extension" \
+        | awk '/^[0-9a-f]+ <void gloo::sum<gloo::float16>\(void\*, void const\*, void const\*, unsigned long\)>:/ { body = 1; next }
+               body && /^$/ { body = 0 }
+               body && /vcvtph2ps/ { found = 1 }
+               END { exit !found }' \
+        || { log "Horovod's Gloo sums float16 element by element: gloo/math.cc or GLOO_USE_AVX is missing"; exit 1; }
+    needed+=("Gloo's AVX float16 sum")
+fi
 log "Horovod $horovod_version has ${needed[*]}"
