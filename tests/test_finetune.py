@@ -254,8 +254,36 @@ def test_the_probe_table_states_each_seed_the_means_and_whether_the_gap_beats_th
     assert few["gap"] == pytest.approx(0.04) and few["spread"] == pytest.approx(0.06) and not few["beats_spread"]
     text = table([defaults, few], rows, "python -m bench.probe_table --model demo=runs/demo --output out")
     assert "| demo | defaults | 0.5200 (0.5000-0.5400) | 0.3300 (0.3000-0.3600) | +0.1900 | 0.0600 | yes | " \
-           "0.5000, 0.5400, 0.5200 | 0.3000, 0.3600, 0.3300 |" in text
+           "0.0001, 0.0001 | 0.5000, 0.5400, 0.5200 | 0.3000, 0.3600, 0.3300 |" in text
+    assert "encoder lr 0.0001," in text
     assert "| demo | few-shot | 0.4200 (0.4000-0.4400) | 0.3800 (0.3500-0.4100) | +0.0400 | 0.0600 | no |" in text
+
+
+def test_the_probe_table_reports_each_init_at_its_own_best_encoder_rate(cli, tmp_path):
+    """--encoder-lrs: every seed at every rate; pretrained and from scratch each at the rate whose
+    mean is best (a young encoder and a random one want different rates), the chosen rates shown."""
+    from bench.probe_table import summary, table
+
+    def run(init, rate, seed, accuracy):
+        return {"model": "demo", "setting": "defaults", "init": init, "seed": seed, "dev_accuracy": accuracy,
+                "dev_examples": 215, "dev_majority_accuracy": 0.2047, "lr": 1e-3, "encoder_lr": rate, "pooling": "mean"}
+
+    rows = [run("pretrained", 1e-4, s, a) for s, a in ((1, 0.60), (2, 0.62), (3, 0.61))]
+    rows += [run("pretrained", 1e-3, s, a) for s, a in ((1, 0.70), (2, 0.74), (3, 0.72))]
+    rows += [run("scratch", 1e-4, s, a) for s, a in ((1, 0.66), (2, 0.64), (3, 0.65))]
+    rows += [run("scratch", 1e-3, s, a) for s, a in ((1, 0.50), (2, 0.70), (3, 0.51))]  # mean 0.57
+    (line,) = summary(rows)
+    assert line["pretrained"]["encoder_lr"] == 1e-3 and line["pretrained"]["per_seed"] == [0.70, 0.74, 0.72]
+    assert line["scratch"]["encoder_lr"] == 1e-4 and line["scratch"]["mean"] == pytest.approx(0.65)
+    assert line["scratch"]["mean_by_rate"] == {"0.0001": pytest.approx(0.65), "0.001": pytest.approx(0.57)}
+    assert line["gap"] == pytest.approx(0.07) and line["spread"] == pytest.approx(0.04) and line["beats_spread"]
+    text = table([line], rows, "python -m bench.probe_table --model demo=runs/demo --output out --encoder-lrs 1e-4,1e-3")
+    assert "encoder lr swept over 0.0001, 0.001" in text
+    assert "| +0.0700 | 0.0400 | yes | 0.001, 0.0001 | 0.7000, 0.7400, 0.7200 | 0.6600, 0.6400, 0.6500 |" in text
+    for bad in ("1e-4,abc", "1e-4,1e-4", "0,1e-3"):
+        result = cli("bench.probe_table", ["--model", f"demo={tmp_path}", "--output", tmp_path / "out", "--encoder-lrs", bad])
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "give distinct positive rates" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_layer_probe_pools_each_layer_and_fits_a_linear_classifier(finished_run, tmp_path, cli):
