@@ -182,9 +182,10 @@ printf '%s\n' "$check"
 for piece in "${needed[@]}"; do
     grep -q "\[X\] $piece" <<<"$check" || { log "Horovod was built without $piece"; exit 1; }
 done
-# Gloo's float16 sum is the vectorised one (F16C's vcvtph2ps), not the element-wise fallback.
+# Gloo's float16 sum is the vectorised one (F16C's vcvtph2ps), not the element-wise fallback. The
+# extension is found without importing it (a nccl build needs libcuda to load).
 if command -v objdump >/dev/null; then
-    extension=$("$py" -c 'import glob, os, horovod.torch as t; print(glob.glob(os.path.join(os.path.dirname(t.__file__), "mpi_lib_v2*.so"))[0])')
+    extension=$("$py" -c 'import glob, importlib.util, os; d = importlib.util.find_spec("horovod").submodule_search_locations[0]; print(glob.glob(os.path.join(d, "torch", "mpi_lib_v2*.so"))[0])')
     objdump -d -C "$extension" \
         | awk '/^[0-9a-f]+ <void gloo::sum<gloo::float16>\(void\*, void const\*, void const\*, unsigned long\)>:/ { body = 1; next }
                body && /^$/ { body = 0 }
