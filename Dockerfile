@@ -111,14 +111,7 @@ COPY tools/build-horovod.sh tools/
 RUN case "${VARIANT}" in cuda) horovod_mode=nccl ;; *) horovod_mode=cpu ;; esac \
     && wheel_dir=/tmp/horovod-wheel \
     && if [ -n "${HOROVOD_WHEEL_CACHE}" ]; then \
-        horovod_version="$(sed -n 's/^horovod==\([^ ;]*\).*/\1/p' requirements.txt)" \
-        && torch_version="$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' requirements.txt)" \
-        && py_tag="$(python -c 'import sys; print("cp%d%d" % sys.version_info[:2])')" \
-        && build_hash="$(sha256sum tools/build-horovod.sh | cut -c1-12)" \
-        && wheel_dir="${HOROVOD_WHEEL_CACHE}/horovod-${horovod_version}-torch-${torch_version}-${py_tag}-$(uname -m)-build${build_hash}" \
-        && if [ "${horovod_mode}" = nccl ]; then \
-            wheel_dir="${wheel_dir}-cuda$(python -c 'import torch; print(torch.version.cuda)')-cc$(bash tools/build-horovod.sh cc-list | tr , _)"; \
-        fi; \
+        wheel_dir="${HOROVOD_WHEEL_CACHE}/$(bash tools/build-horovod.sh wheel-name "${horovod_mode}" /opt/venv/bin/python)"; \
     fi \
     && bash tools/build-horovod.sh "${horovod_mode}" /opt/venv/bin/python "${wheel_dir}" \
     && rm -rf /tmp/horovod-wheel

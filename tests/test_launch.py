@@ -144,6 +144,8 @@ def test_image_ends_as_a_non_root_user():
     (["gpu", sys.executable, "/tmp/wheels"], "unknown mode 'gpu': cpu or nccl"),
     (["cpu", "/nonexistent/python", "/tmp/wheels"], "PYTHON '/nonexistent/python' is not an executable"),
     (["cpu"], "usage: tools/build-horovod.sh cpu|nccl PYTHON WHEEL_DIR"),
+    (["wheel-name", "gpu", sys.executable], "unknown mode 'gpu': cpu or nccl"),
+    (["wheel-name", "cpu"], "usage: tools/build-horovod.sh cpu|nccl PYTHON WHEEL_DIR"),
 ])
 def test_build_horovod_refuses_bad_arguments_in_one_line(args, expected):
     result = subprocess.run(["bash", str(REPO / "tools" / "build-horovod.sh"), *args],
@@ -163,6 +165,36 @@ def test_build_horovod_reads_the_pins_from_requirements(tmp_path):
     assert not (tmp_path / "wheels").exists()
 
 
+def test_setup_and_the_image_name_the_horovod_wheel_cache_through_the_build_script(tmp_path):
+    # The cache's name is spelled once, by the build script: the versions, the interpreter, the
+    # machine and the script's own hash, so a mended build is compiled anew, not taken from the cache.
+    import hashlib
+    import platform
+
+    def wheel_name(script: Path) -> str:
+        return subprocess.run(["bash", str(script), "wheel-name", "cpu", sys.executable], capture_output=True,
+                              text=True, check=True, timeout=60).stdout.strip()
+
+    script = REPO / "tools" / "build-horovod.sh"
+    pins = requirement_pins()
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
+    assert wheel_name(script) == (f"horovod-{pins['horovod']}-torch-{pins['torch']}-cp{sys.version_info[0]}"
+                                  f"{sys.version_info[1]}-{platform.machine()}-build{digest}")
+    (tmp_path / "tools").mkdir()
+    shutil.copy(REPO / "requirements.txt", tmp_path)
+    (tmp_path / "tools" / "build-horovod.sh").write_text(script.read_text() + "# a mend\n")
+    changed = wheel_name(tmp_path / "tools" / "build-horovod.sh")
+    assert changed != wheel_name(script) and changed.rsplit("-build", 1)[0] == wheel_name(script).rsplit("-build", 1)[0]
+    # both callers ask the script, and neither hashes it or names the cache itself
+    setup = (REPO / "tools" / "setup.sh").read_text()
+    assert 'wheel_dir=$cache/wheels/$(bash "$root/tools/build-horovod.sh" wheel-name cpu "$py")' in setup
+    runs = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
+    assert ('wheel_dir="${HOROVOD_WHEEL_CACHE}/$(bash tools/build-horovod.sh wheel-name "${horovod_mode}" '
+            '/opt/venv/bin/python)"') in runs
+    for text in (setup, runs):
+        assert not re.search(r"sha256sum [^|\n]*build-horovod", text) and "horovod-$" not in text, text
+
+
 def test_build_horovod_nccl_refuses_a_cpu_torch(tmp_path):
     import torch
 
@@ -173,6 +205,9 @@ def test_build_horovod_nccl_refuses_a_cpu_torch(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "is a CPU build; mode nccl needs a CUDA build of torch==" in result.stderr
     assert not (tmp_path / "wheels").exists()
+    named = subprocess.run(["bash", str(REPO / "tools" / "build-horovod.sh"), "wheel-name", "nccl", sys.executable],
+                           capture_output=True, text=True, timeout=120)
+    assert named.returncode == 2 and named.stdout == "" and "is a CPU build; mode nccl needs" in named.stderr
 
 
 def test_cuda_kernels_are_built_only_for_architectures_nvcc_supports():

@@ -7,6 +7,9 @@
 #                                                   tools/check-gpu-build.sh)
 #   tools/build-horovod.sh cc-list                 prints the compute capabilities a nccl build
 #                                                   compiles Horovod's CUDA kernels for
+#   tools/build-horovod.sh wheel-name cpu|nccl PYTHON
+#                                                   prints the name of the wheel cache's directory
+#                                                   for such a build (tools/setup.sh, Dockerfile)
 #
 # The one place the build's commands live, so that the image, the GPU build check and `make setup`
 # cannot drift apart. The wheel goes to WHEEL_DIR; when WHEEL_DIR already holds a Horovod wheel it
@@ -18,7 +21,7 @@
 # 0: Gloo alone, for a machine without Open MPI, as tools/gpu-check.sh does there).
 set -euo pipefail
 
-usage="usage: tools/build-horovod.sh cpu|nccl PYTHON WHEEL_DIR, or tools/build-horovod.sh cc-list"
+usage="usage: tools/build-horovod.sh cpu|nccl PYTHON WHEEL_DIR, tools/build-horovod.sh cc-list, or tools/build-horovod.sh wheel-name cpu|nccl PYTHON"
 log() { printf '[build-horovod] %s\n' "$*" >&2; }
 die() { log "$*"; exit 2; }
 
@@ -49,6 +52,12 @@ if [ "${1:-}" = cc-list ] && [ "$#" = 1 ]; then
     cc_list
     exit 0
 fi
+wheel_name=0
+if [ "${1:-}" = wheel-name ] && [ "$#" = 3 ]; then
+    wheel_name=1
+    shift
+    set -- "$1" "$2" ""
+fi
 [ "$#" = 3 ] || die "$usage"
 mode=$1 py=$2 wheel_dir=$3
 case "$mode" in cpu | nccl) ;; *) die "unknown mode '$mode': cpu or nccl ($usage)" ;; esac
@@ -60,6 +69,24 @@ horovod_version=$(sed -n 's/^horovod==\([^ ;]*\).*/\1/p' "$requirements")
 torch_version=$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' "$requirements")
 [ -n "$horovod_version" ] || die "$requirements pins no horovod version"
 [ -n "$torch_version" ] || die "$requirements pins no torch version"
+
+# The wheel cache's name for this build: the versions, the interpreter and machine, and this
+# script's own hash, so that a changed build (a mend here) compiles anew; a nccl build adds the
+# CUDA version of torch and the compute capabilities. Spelled here once for tools/setup.sh and the
+# Dockerfile, whose caches then hold each other's wheels.
+if [ "$wheel_name" = 1 ]; then
+    py_tag=$("$py" -c 'import sys; print("cp%d%d" % sys.version_info[:2])') \
+        || die "PYTHON '$py' does not run"
+    name=horovod-$horovod_version-torch-$torch_version-$py_tag-$(uname -m)-build$(sha256sum "$0" | cut -c1-12)
+    if [ "$mode" = nccl ]; then
+        cuda=$("$py" -c 'import torch; print(torch.version.cuda or "")') \
+            || die "torch is not importable by $py: install torch==$torch_version first"
+        [ -n "$cuda" ] || die "the torch in $py is a CPU build; mode nccl needs a CUDA build of torch==$torch_version"
+        name=$name-cuda$cuda-cc$(cc_list | tr , _)
+    fi
+    printf '%s\n' "$name"
+    exit 0
+fi
 
 # Every install below is constrained to the pinned torch, so nothing can swap in another build.
 work=$(mktemp -d)

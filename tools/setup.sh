@@ -64,10 +64,8 @@ grep -vE '^(torch|horovod)==' "$requirements" | "$py" -m pip install -q -c "$con
 # --- Horovod, compiled once per (Horovod, torch, Python) and cached as a wheel; tools/build-horovod.sh
 # (shared with the Dockerfile) compiles it, installs it and checks it with `horovodrun --check-build`.
 horovod_version=$(pin horovod)
-py_tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-# The build script's own hash is part of the name: a changed build (a mend in it) compiles anew.
-build_hash=$(sha256sum "$root/tools/build-horovod.sh" | cut -c1-12)
-wheel_dir=$cache/wheels/horovod-$horovod_version-torch-$torch_version-$py_tag-$(uname -m)-build$build_hash
+# The name carries the build script's own hash: a changed build (a mend in it) compiles anew.
+wheel_dir=$cache/wheels/$(bash "$root/tools/build-horovod.sh" wheel-name cpu "$py")
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     log "compiling Horovod $horovod_version against torch $torch_version (several minutes, once)"
 fi
