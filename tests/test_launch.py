@@ -178,13 +178,14 @@ def test_setup_and_the_image_name_the_horovod_wheel_cache_through_the_build_scri
     script = REPO / "tools" / "build-horovod.sh"
     pins = requirement_pins()
     digest = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
-    assert wheel_name(script) == (f"horovod-{pins['horovod']}-torch-{pins['torch']}-cp{sys.version_info[0]}"
-                                  f"{sys.version_info[1]}-{platform.machine()}-build{digest}")
+    name = wheel_name(script)
+    assert name == (f"horovod-{pins['horovod']}-torch-{pins['torch']}-cp{sys.version_info[0]}"
+                    f"{sys.version_info[1]}-{platform.machine()}-build{digest}")
     (tmp_path / "tools").mkdir()
     shutil.copy(REPO / "requirements.txt", tmp_path)
     (tmp_path / "tools" / "build-horovod.sh").write_text(script.read_text() + "# a mend\n")
     changed = wheel_name(tmp_path / "tools" / "build-horovod.sh")
-    assert changed != wheel_name(script) and changed.rsplit("-build", 1)[0] == wheel_name(script).rsplit("-build", 1)[0]
+    assert changed != name and changed.rsplit("-build", 1)[0] == name.rsplit("-build", 1)[0]
     # both callers ask the script, and neither hashes it or names the cache itself
     setup = (REPO / "tools" / "setup.sh").read_text()
     assert 'wheel_dir=$cache/wheels/$(bash "$root/tools/build-horovod.sh" wheel-name cpu "$py")' in setup

@@ -70,6 +70,17 @@ torch_version=$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' "$requirements")
 [ -n "$horovod_version" ] || die "$requirements pins no horovod version"
 [ -n "$torch_version" ] || die "$requirements pins no torch version"
 
+# torch's CUDA version, empty for a CPU build, which mode nccl refuses.
+torch_cuda_of() {
+    local cuda
+    cuda=$("$py" -c 'import torch; print(torch.version.cuda or "")') \
+        || die "torch is not importable by $py: install torch==$torch_version first"
+    if [ "$mode" = nccl ] && [ -z "$cuda" ]; then
+        die "the torch in $py is a CPU build; mode nccl needs a CUDA build of torch==$torch_version"
+    fi
+    printf '%s\n' "$cuda"
+}
+
 # The wheel cache's name for this build: the versions, the interpreter and machine, and this
 # script's own hash, so that a changed build (a mend here) compiles anew; a nccl build adds the
 # CUDA version of torch and the compute capabilities. Spelled here once for tools/setup.sh and the
@@ -79,9 +90,7 @@ if [ "$wheel_name" = 1 ]; then
         || die "PYTHON '$py' does not run"
     name=horovod-$horovod_version-torch-$torch_version-$py_tag-$(uname -m)-build$(sha256sum "$0" | cut -c1-12)
     if [ "$mode" = nccl ]; then
-        cuda=$("$py" -c 'import torch; print(torch.version.cuda or "")') \
-            || die "torch is not importable by $py: install torch==$torch_version first"
-        [ -n "$cuda" ] || die "the torch in $py is a CPU build; mode nccl needs a CUDA build of torch==$torch_version"
+        cuda=$(torch_cuda_of)
         name=$name-cuda$cuda-cc$(cc_list | tr , _)
     fi
     printf '%s\n' "$name"
@@ -92,8 +101,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 printf 'torch==%s\n' "$torch_version" > "$work/constraints.txt"
-torch_cuda=$("$py" -c 'import torch; print(torch.version.cuda or "")') \
-    || die "torch is not importable by $py: install torch==$torch_version first"
+torch_cuda=$(torch_cuda_of)
 
 # Horovod 0.28.1 compiles its PyTorch extension with -std=c++14, but torch >= 2.1 headers need
 # C++17. gcc honours the last -std flag, so CXX is a wrapper that appends -std=c++17 (upstream
@@ -127,7 +135,6 @@ case "${HVDBERT_HOROVOD_MPI:-1}" in
 esac
 
 if [ "$mode" = nccl ]; then
-    [ -n "$torch_cuda" ] || die "the torch in $py is a CPU build; mode nccl needs a CUDA build of torch==$torch_version"
     [ -x "$cuda_home/bin/nvcc" ] || die "no nvcc in CUDA_HOME=$cuda_home (set CUDA_HOME to the CUDA toolkit)"
     nvcc_cuda=$("$cuda_home/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
     [ "${nvcc_cuda%%.*}" = "${torch_cuda%%.*}" ] \
