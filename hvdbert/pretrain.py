@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             # compression (and PowerSGD's per-worker errors) does not follow a resize.
             raise UsageError(f"--elastic does not run with dist.compression = {recipe.dist.wire_compression}; "
                              "use dist.compression = none or fp16 under --elastic")
+        if args.elastic and recipe.dist.bucket_mb > 0:
+            # Horovod elastic re-forms the job around its own DistributedOptimizer; hvdbert's buckets
+            # have not been tried through a resize.
+            raise UsageError(f"--elastic does not run with dist.bucket_mb = {recipe.dist.bucket_mb:g}; "
+                             "use dist.bucket_mb = 0 (Horovod's per-tensor allreduces) under --elastic")
         # Rank 0 checks the run directory for all (when it refuses, the launcher stops the others).
         # Under elastic a worker that joins later would find the run directory in use by its own job,
         # and nothing here tells it from the first workers: they run it in start() instead.

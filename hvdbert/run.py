@@ -155,7 +155,7 @@ def build_run(recipe: Recipe, data_dir: Path | None, dist: Distributed) -> Run:
     compressor = build_compressor(wire, model.parameters(), recipe.dist.powersgd_rank,
                                   recipe.dist.powersgd_start_step, recipe.train.seed)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
-                                    plan.accumulation_steps, wire == "fp16", compressor)
+                                    plan.accumulation_steps, wire == "fp16", compressor, recipe.dist.bucket_mb)
     init_state(optimizer, recipe.optim.name)  # Horovod's wrapper is a new optimizer object: create its state here
     return Run(recipe=recipe, dist=dist, device=device, data=data, plan=plan, model=model,
                forward=dist.wrap_forward(PretrainingForward(model)), optimizer=optimizer,

@@ -55,6 +55,10 @@ CONFIGS = {
     # hvdbert's own compression (hvdbert/compression.py): bf16 on the wire, and PowerSGD under AdamW
     "bf16-wire": ["dist.compression=bf16"],
     "powersgd-adamw": ["dist.compression=powersgd", "optim.name=adamw", "optim.lr=2e-3"],
+    # hvdbert's gradient buckets (dist.bucket_mb) instead of Horovod's per-tensor hooks: 0.25 MB makes
+    # several buckets of the tiny model's 3.9 MB; micro-batches of 8 make two local passes per step
+    "bucketed": ["dist.bucket_mb=0.25", "batch.micro_batch_size=8"],
+    "bucketed-fp16-allreduce": ["dist.bucket_mb=0.25", *FP16_WIRE],
 }
 OVERFLOW_STEPS, OVERFLOW_STEP, OVERFLOW_RANK = 4, 2, 1
 LATE_SECONDS = 1.0
@@ -75,7 +79,7 @@ def tiny_training(recipe_path: str, overrides: list[str], dist: Distributed, see
     model = build_model(recipe.model, with_nsp=False)
     before = fingerprint(model)
     optimizer = dist.wrap_optimizer(build_optimizer(model, recipe.optim, plan), model,
-                                    plan.accumulation_steps, recipe.dist.fp16_allreduce)
+                                    plan.accumulation_steps, recipe.dist.fp16_allreduce, bucket_mb=recipe.dist.bucket_mb)
     init_state(optimizer, recipe.optim.name)
     dist.broadcast_model_and_optimizer(model, optimizer)
     special = data.manifest.special_token_ids

@@ -29,6 +29,9 @@ POWERSGD_WORKER_COUNT_TOLERANCE = 1e-4
      "dist.fp16_allreduce = true (fp16 on the wire) conflicts with dist.compression = powersgd"),
     (["dist.compression=powersgd", "train.precision=fp16"],
      "dist.compression = powersgd does not run with train.precision = fp16"),
+    (["dist.bucket_mb=1", "dist.compression=bf16"],
+     "dist.bucket_mb = 1 buckets Horovod's allreduces (dist.compression none or fp16), and dist.compression = bf16"),
+    (["dist.bucket_mb=-1"], "dist.bucket_mb = -1.0 must be 0 (Horovod's per-tensor allreduces) or more"),
 ])
 def test_bad_compression_settings_are_refused_in_one_line(cli, tmp_path, overrides, message):
     sets = [arg for override in overrides for arg in ("--set", override)]
@@ -44,6 +47,13 @@ def test_compression_under_elastic_is_refused_in_one_line(cli, tmp_path):
                                                  "--set", "dist.compression=powersgd"]).exit_and_stderr_lines()
     assert returncode == 2 and len(lines) == 1, lines
     assert "--elastic does not run with dist.compression = powersgd" in lines[0]
+
+
+def test_gradient_buckets_under_elastic_are_refused_in_one_line(cli, tmp_path):
+    returncode, lines = cli("hvdbert.pretrain", ["--recipe", TINY, "--output", tmp_path / "run", "--elastic", *FAST,
+                                                 "--set", "dist.bucket_mb=1"]).exit_and_stderr_lines()
+    assert returncode == 2 and len(lines) == 1, lines
+    assert "--elastic does not run with dist.bucket_mb = 1; use dist.bucket_mb = 0" in lines[0]
 
 
 def test_powersgd_with_adamw_trains_and_warns_once(cli, tmp_path):

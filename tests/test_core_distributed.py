@@ -37,7 +37,8 @@ def reference_runs(tmp_path_factory, hvdbert_env):
 # What one worker checks needs one plain process; what two check, one horovodrun job.
 ONE_WORKER_CHECKS = ["bf16", "fp16", "compiled", "powersgd-adamw"]
 TWO_WORKER_CHECKS = ["broadcast", "overflow", "waiting", "fp32-fp16-allreduce", "bf16", "bf16-fp16-allreduce", "fp16",
-                     "fp16-fp16-allreduce", "compiled", "bf16-wire", "powersgd-adamw"]
+                     "fp16-fp16-allreduce", "compiled", "bf16-wire", "powersgd-adamw", "bucketed",
+                     "bucketed-fp16-allreduce"]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,22 @@ def test_two_workers_equal_one_worker_with_accumulation(reference_runs):
     differences = [abs(a["loss"] - b["loss"]) for a, b in zip(one, two)]
     assert max(differences) <= 1e-5, differences
     assert one[-1]["loss"] < one[0]["loss"]  # and they did train
+
+
+def test_gradient_buckets_equal_one_worker_with_accumulation(probe, reference_runs):
+    # dist.bucket_mb: hvdbert's buckets of gradients, each allreduced once its last local pass is in
+    # (two passes per step here), average what Horovod's per-tensor hooks average.
+    one, bucketed = reference_runs["np1"], read_metrics(probe["np2"] / "bucketed")
+    assert bucketed[0]["accumulation_steps"] == 2
+    differences = [abs(a["loss"] - b["loss"]) for a, b in zip(one, bucketed, strict=True)]
+    assert max(differences) <= 1e-5, differences
+
+
+def test_gradient_buckets_in_fp16_equal_horovods_fp16_allreduce(probe):
+    # the same float16 average per element, whether Horovod fused the tensors or hvdbert's buckets did
+    hooks, bucketed = (read_metrics(probe["np2"] / name) for name in ("fp32-fp16-allreduce", "bucketed-fp16-allreduce"))
+    differences = [abs(a["loss"] - b["loss"]) for a, b in zip(hooks, bucketed, strict=True)]
+    assert max(differences) <= 1e-6, differences
 
 
 def test_the_probes_training_is_the_commands(probe, reference_runs):

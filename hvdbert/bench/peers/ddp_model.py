@@ -64,9 +64,10 @@ class TorchDDP:
         return wrapped
 
     def wrap_optimizer(self, optimizer, model, accumulation_steps: int, fp16_allreduce: bool,
-                       compressor=None):
+                       compressor=None, bucket_mb: float = 0.0):
         # run.build_run wraps the optimizer before the forward: wrap_forward registers the hook. hvdbert's
-        # compressor itself never runs here (DDP's hook compresses instead).
+        # compressor itself never runs here (DDP's hook compresses instead), nor do its buckets (DDP
+        # buckets with its own bucket_cap_mb).
         if getattr(compressor, "name", None) == "bf16" and not torch.cuda.is_available():
             raise UsageError("the ddp-hvdbert-model peer runs dist.compression = bf16 with DDP's bf16_compress_hook, "
                              "which needs NCCL (CUDA); on Gloo use none, fp16 or powersgd")
