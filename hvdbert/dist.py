@@ -217,7 +217,8 @@ class GradientBuckets:
     pass), it is copied into the bucket's flat buffer (cast to fp16 with fp16 compression) and one
     allreduce of the buffer starts, while backward goes on. synchronize() waits for them and copies
     the averages back into the gradients. Against Horovod's hooks: a few allreduces per step instead
-    of one per tensor, no per-tensor casts and no fusion-buffer copies."""
+    of one per tensor to negotiate, one cast per bucket, and no fusion-buffer copies for a bucket
+    that is alone in its cycle (Horovod still fuses those that meet in one)."""
 
     def __init__(self, hvd, named_parameters, bucket_bytes: float, accumulation_steps: int, fp16: bool,
                  settle: Callable[[list], None]):
