@@ -27,7 +27,7 @@ lint:
 TEST_WORKERS ?= 2
 test: setup
 	bash tools/lint.sh --install
-	$(PYTHON) -m pytest tests -m "not image" -n $(TEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest tests -m "not image" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The container image (tools/build-image.sh: docker, podman or buildah; VARIANT=cpu or cuda), and
 # the tests that run it: check-build, plan, a pretrain, two containers over SSH, a kill and a resume.

@@ -145,7 +145,8 @@ class DistConfig:
     cache_capacity: int = counted(1024, 0, 2**20)
     # Gradients reduced in buckets of about this many MB (float32) as backward fills them, one
     # allreduce per bucket, as DDP does; 0: Horovod's DistributedOptimizer, one allreduce per tensor
-    # fused by Horovod's cycle
+    # fused by Horovod's cycle. For compression none and fp16: bf16 and powersgd reduce every
+    # gradient at once after backward, with or without it (as they ignore fusion_threshold_mb)
     bucket_mb: float = at_least_zero(0.0, "Horovod's per-tensor allreduces")
     # HOROVOD_AUTOTUNE: Horovod searches fusion threshold, cycle time and the cache itself (Bayesian
     # optimisation over the first steps), so fusion_threshold_mb and cycle_time_ms are not set
@@ -529,10 +530,6 @@ def _check_ranges(recipe: Recipe, at) -> None:
     if dist.fp16_allreduce and dist.compression not in ("none", "fp16"):
         raise UsageError(f"{at('dist.compression')}: dist.fp16_allreduce = true (fp16 on the wire) conflicts with "
                          f"dist.compression = {dist.compression}; drop dist.fp16_allreduce")
-    if dist.bucket_mb > 0 and dist.wire_compression in ("bf16", "powersgd"):
-        raise UsageError(f"{at('dist.bucket_mb')}: dist.bucket_mb = {dist.bucket_mb:g} buckets Horovod's allreduces "
-                         f"(dist.compression none or fp16), and dist.compression = {dist.wire_compression} reduces "
-                         "every gradient at once after backward; drop dist.bucket_mb")
     if dist.compression == "powersgd" and recipe.train.precision == "fp16":
         # The loss scale changes (and overflowing steps are skipped): error buffers kept across steps
         # would mix gradients of different scales.

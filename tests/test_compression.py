@@ -29,8 +29,6 @@ POWERSGD_WORKER_COUNT_TOLERANCE = 1e-4
      "dist.fp16_allreduce = true (fp16 on the wire) conflicts with dist.compression = powersgd"),
     (["dist.compression=powersgd", "train.precision=fp16"],
      "dist.compression = powersgd does not run with train.precision = fp16"),
-    (["dist.bucket_mb=1", "dist.compression=bf16"],
-     "dist.bucket_mb = 1 buckets Horovod's allreduces (dist.compression none or fp16), and dist.compression = bf16"),
     (["dist.bucket_mb=-1"], "dist.bucket_mb = -1.0 must be 0 (Horovod's per-tensor allreduces) or more"),
 ])
 def test_bad_compression_settings_are_refused_in_one_line(cli, tmp_path, overrides, message):
