@@ -38,7 +38,7 @@ class Collectives:
 SINGLE_PROCESS = Collectives(allreduce_mean=lambda tensor, name: tensor, allgather=lambda tensor, name: tensor)
 
 
-def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+def grads_or_zeros(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     for p in params:
         if p.grad is None:  # a parameter this step did not reach: it contributes zeros, as in Horovod
             p.grad = torch.zeros_like(p)
@@ -49,11 +49,15 @@ def _flat_reduce(grads: list[torch.Tensor], collectives: Collectives, name: str)
     """One float32 allreduce of all of `grads`, written back in place."""
     if not grads:
         return
-    flat = collectives.allreduce_mean(torch.cat([g.reshape(-1) for g in grads]), name)
+    copy_flat_into(collectives.allreduce_mean(torch.cat([g.reshape(-1) for g in grads]), name), grads)
+
+
+def copy_flat_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive slices of `flat` into `tensors` (casting to their dtype), in order."""
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 class Bf16Wire:
@@ -67,15 +71,11 @@ class Bf16Wire:
         self.params = [p for p in params if p.requires_grad]
 
     def reduce(self, collectives: Collectives) -> None:
-        grads = _grads(self.params)
+        grads = grads_or_zeros(self.params)
         flat = torch.cat([g.reshape(-1) for g in grads]).to(torch.bfloat16)
         # Horovod: no bfloat16 allreduce, so every worker's bits travel (as int16) and each sums them.
         gathered = collectives.allgather(flat.view(torch.int16).unsqueeze(0), "bf16_gradients")
-        mean = gathered.view(torch.bfloat16).float().mean(dim=0)
-        offset = 0
-        for g in grads:
-            g.copy_(mean[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        copy_flat_into(gathered.view(torch.bfloat16).float().mean(dim=0), grads)
 
 
 def low_rank(shape: torch.Size, rank: int) -> int | None:
@@ -126,11 +126,11 @@ class PowerSGD:
     def reduce(self, collectives: Collectives) -> None:
         """Average the gradients over the workers, compressed (after start_step plain), in place."""
         if self.steps < self.start_step:
-            _flat_reduce(_grads(self.params), collectives, "gradients")
+            _flat_reduce(grads_or_zeros(self.params), collectives, "gradients")
             self.steps += 1
             return
-        _flat_reduce(_grads(self.vectors), collectives, "powersgd_uncompressed")
-        grads = _grads(self.matrices)
+        _flat_reduce(grads_or_zeros(self.vectors), collectives, "powersgd_uncompressed")
+        grads = grads_or_zeros(self.matrices)
         ms = [g.reshape(g.shape[0], -1) + e for g, e in zip(grads, self.errors)]
         ps = self._mean([m @ q for m, q in zip(ms, self.q)], collectives, "powersgd_p")
         ps = [torch.linalg.qr(p).Q for p in ps]  # the same on every worker: they hold the same P

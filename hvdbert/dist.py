@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from hvdbert.compression import SINGLE_PROCESS, Collectives
+from hvdbert.compression import SINGLE_PROCESS, Collectives, copy_flat_into, grads_or_zeros
 from hvdbert.config import DistConfig
 from hvdbert.errors import UsageError
 from hvdbert.launcher import elastic_launch, launcher_marker
@@ -260,13 +260,9 @@ class GradientBuckets:
 
     def _start(self, index: int) -> None:
         buffer, offset = self.buffers[index], 0
-        for p in self.buckets[index]:
-            n = p.numel()
-            if p.grad is None:  # not reached this step: it contributes zeros, as in Horovod
-                buffer[offset:offset + n].zero_()
-            else:
-                buffer[offset:offset + n].copy_(p.grad.reshape(-1))
-            offset += n
+        for g in grads_or_zeros(self.buckets[index]):  # one not produced this step: zeros, as in Horovod
+            buffer[offset:offset + g.numel()].copy_(g.reshape(-1))
+            offset += g.numel()
         self.handles[index] = self.hvd.allreduce_async_(buffer, op=self.hvd.Average, name=f"gradient_bucket.{index}")
 
     def synchronize(self) -> None:
@@ -274,15 +270,8 @@ class GradientBuckets:
             if handle is None:  # some gradient of it was not produced this step
                 self._start(index)
         self.settle(self.handles)
-        for index, handle in enumerate(self.handles):
-            buffer = self.hvd.synchronize(handle)
-            offset = 0
-            for p in self.buckets[index]:
-                n = p.numel()
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(buffer[offset:offset + n].view_as(p.grad))
-                offset += n
+        for index, handle in enumerate(self.handles):  # every gradient exists now (_start made the missing ones)
+            copy_flat_into(self.hvd.synchronize(handle), [p.grad for p in self.buckets[index]])
         self.clear()
 
 
