@@ -8,11 +8,14 @@ Horovod (a GPU box for a quick benchmark, say) still trains on one process.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
+import signal
 import socket
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -35,8 +38,24 @@ FAILURE_TIMEOUTS = {
     "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "600",
 }
 
+# `kill -USR2 PID` makes a Horovod worker print every thread's Python stack to stderr and go on:
+# where a worker that seems stuck is waiting (the stall watchdog prints the same before it ends one).
+# Not SIGUSR1: SLURM's --signal and some schedulers send that one to ask for a checkpoint.
+STACKS_SIGNAL = signal.SIGUSR2
+
 
 STALL_EXIT_STATUS = 4  # a worker that ended itself because a collective stalled (docs/clusters.md)
+
+
+def thread_stacks() -> str:
+    """Every thread's Python stack, most recent call first (faulthandler's layout, for STACKS_SIGNAL's
+    output alike), as one string: one write keeps a launcher's per-line prefixes whole."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    blocks = []
+    for ident, frame in sys._current_frames().items():
+        calls = [f'  File "{f.filename}", line {f.lineno} in {f.name}' for f in reversed(traceback.extract_stack(frame))]
+        blocks.append("\n".join([f"Thread {ident:#x} [{names.get(ident, '?')}] (most recent call first):", *calls]))
+    return "\n\n".join(blocks)
 
 
 class CollectiveWatchdog:
@@ -80,8 +99,8 @@ class CollectiveWatchdog:
             if waited > self.seconds:
                 print(f"hvdbert: error: {self.describe()} waited {waited:.0f} s in {waiting[1]}, longer than "
                       f"dist.stall_timeout_seconds = {self.seconds:g}: another worker is frozen or cut off; "
-                      f"ending this worker so that the launcher stops the job (continue with --resume auto)",
-                      file=sys.stderr, flush=True)
+                      f"ending this worker so that the launcher stops the job (continue with --resume auto); "
+                      f"where its threads were:\n{thread_stacks()}", file=sys.stderr, flush=True)
                 os._exit(STALL_EXIT_STATUS)
 
 
@@ -287,6 +306,7 @@ class HorovodDistributed(SingleProcess):
             os.environ.setdefault(name, value)
         hvd.init()
         self.hvd = hvd
+        faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True)
         self.poll_seconds = cfg.poll_interval_ms / 1000
         self.buckets: GradientBuckets | None = None
         self.elastic = elastic_launch()

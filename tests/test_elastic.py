@@ -21,6 +21,7 @@ import pytest
 
 from conftest import (BIN, FAST, REPO, TINY, assert_each_sample_once_per_epoch, committed_sample_ids, read_metrics,
                       run_module, uninterrupted_sample_ids)
+from hvdbert.dist import STACKS_SIGNAL
 
 MAX_STEPS, GLOBAL_BATCH, COMMIT_EVERY = 40, 32, 5
 
@@ -68,7 +69,15 @@ def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env, fini
         assert victim is not None and launcher.poll() is None, log_path.read_text()[-3000:]
         killed_after = logged_steps(run_dir)
         os.kill(victim, signal.SIGKILL)
-        assert launcher.wait(timeout=300) == 0, log_path.read_text()[-4000:]
+        try:
+            status = launcher.wait(timeout=300)
+        except subprocess.TimeoutExpired:  # the survivor hangs: make it say where
+            survivor = rank_pid(run_dir, 0)
+            if survivor is not None:
+                os.kill(survivor, STACKS_SIGNAL)
+                time.sleep(2)
+            pytest.fail(f"the survivor did not finish in 300 s after rank 1 was killed:\n{log_path.read_text()[-8000:]}")
+        assert status == 0, log_path.read_text()[-4000:]
     finally:
         if launcher.poll() is None:
             launcher.kill()

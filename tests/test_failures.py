@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
 import torch
 
 from conftest import BIN, FAST, REPO, TINY, read_metrics, run_module
+from hvdbert.dist import STACKS_SIGNAL
 
 
 def rank_pid(run_dir: Path, rank: int) -> int | None:
@@ -31,10 +33,10 @@ def rank_pid(run_dir: Path, rank: int) -> int | None:
 
 
 def signal_rank_1_and_time_the_exit(command: list[str], run_dir: Path, tmp_path: Path, env, signum: int,
-                                    timeout: float) -> tuple[int, float]:
-    """Start `command` (a 2-rank job writing run_dir), let it log 3 steps, send `signum` to rank 1, and
-    return the job's exit status and the seconds from the signal to its exit (rank 1 is killed at the end
-    if it is still there, a stopped one included)."""
+                                    timeout: float, then: Callable[[], None] | None = None) -> tuple[int, float]:
+    """Start `command` (a 2-rank job writing run_dir), let it log 3 steps, send `signum` to rank 1 (and
+    call `then`, when given), and return the job's exit status and the seconds from the signal to its
+    exit (rank 1 is killed at the end if it is still there, a stopped one included)."""
     victim = None
     with open(tmp_path / "log", "w") as log:
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -47,6 +49,8 @@ def signal_rank_1_and_time_the_exit(command: list[str], run_dir: Path, tmp_path:
         assert victim is not None, (tmp_path / "log").read_text()[-3000:]
         os.kill(victim, signum)
         signalled = time.monotonic()
+        if then is not None:
+            then()
         status = job.wait(timeout=timeout)
         return status, time.monotonic() - signalled
     finally:
@@ -136,12 +140,23 @@ def test_frozen_rank_ends_the_job_within_the_stall_bound(tmp_path, hvdbert_env, 
         command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *pretrain]
     else:
         command = [str(BIN / "horovodrun"), f"--{launcher}", "-np", "2", "-H", "localhost:2", *pretrain]
+
+    def ask_rank_0_where_it_waits() -> None:  # as a user would, with `kill -USR2`
+        time.sleep(2)  # well inside the stall bound: rank 0 is waiting for the frozen rank 1 by now
+        os.kill(rank_pid(run_dir, 0), STACKS_SIGNAL)
+
     # the bound on this test: stall bound + teardown
     status, seconds = signal_rank_1_and_time_the_exit(command, run_dir, tmp_path, hvdbert_env, signal.SIGSTOP,
-                                                      timeout=STALL_SECONDS + 120)
+                                                      timeout=STALL_SECONDS + 120, then=ask_rank_0_where_it_waits)
     output = (tmp_path / "log").read_text()
     print(f"{launcher}: rank 1 frozen; job exited {status} after {seconds:.1f} s")
     assert status != 0, output[-3000:]
+    stall = f"longer than dist.stall_timeout_seconds = {STALL_SECONDS}"
+    # SIGUSR2 printed every thread's stack (the watchdog's among them) and rank 0 went on waiting
+    before_stall = output.split(stall)[0]
+    assert "(most recent call first)" in before_stall and "in _watch" in before_stall, output[-3000:]
     if launcher != "gloo":  # over Gloo, Gloo's own 30 s timeout may end it first
-        assert f"longer than dist.stall_timeout_seconds = {STALL_SECONDS}" in output, output[-3000:]
+        assert stall in output, output[-3000:]
+        # ...and the watchdog prints them again as it ends the worker
+        assert "(most recent call first)" in output.split(stall)[1], output[-3000:]
     assert rank_pid(run_dir, 0) is None
