@@ -53,7 +53,8 @@ def thread_stacks() -> str:
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     blocks = []
     for ident, frame in sys._current_frames().items():
-        calls = [f'  File "{f.filename}", line {f.lineno} in {f.name}' for f in reversed(traceback.extract_stack(frame))]
+        calls = [f'  File "{f.filename}", line {f.lineno} in {f.name}'
+                 for f in reversed(traceback.extract_stack(frame))]
         blocks.append("\n".join([f"Thread {ident:#x} [{names.get(ident, '?')}] (most recent call first):", *calls]))
     return "\n\n".join(blocks)
 

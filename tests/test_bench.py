@@ -598,3 +598,69 @@ def test_the_trainer_gets_the_levers_hvdbert_s_recipe_sets(tmp_path):
     assert levered.bf16 and not levered.fp16 and levered.torch_compile
     plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **trainer_levers("fp32", False))
     assert not (plain.bf16 or plain.fp16 or plain.torch_compile)
+
+
+# `perf script -F comm,pid,tid,time,ip,sym,dso` as it prints a system-wide record: the idle task, a
+# worker's main thread and its communication threads (one named by its program, gloo_tcp_loop), a
+# command name with a space, and sshd, which is not a worker.
+PERF_SCRIPT = """\
+         swapper     0/0     100.000000:  ffffffff8100 pv_native_safe_halt+0x1 ([kernel.kallsyms])
+          python   500/500   100.500000:  7f00 mkl_blas_sgemm+0x10 (/x/libtorch_cpu.so)
+          python   500/500   101.000000:  7f00 mkl_blas_sgemm+0x10 (/x/libtorch_cpu.so)
+          python   500/512   101.200000:  7f00 epoll_wait+0x5 (/usr/lib/libc.so.6)
+          python   500/512   101.300000:  ffffffff8200 ep_send_events+0x9 ([kernel.kallsyms])
+          python   500/512   101.400000:  7f00 epoll_wait+0x5 (/usr/lib/libc.so.6)
+   gloo_tcp_loop   600/601   101.500000:  7f00 gloo::sum<c10::Half>+0x3 (/x/libtorch_cpu.so)
+          python   600/600   101.600000:  7f00 mkl_blas_sgemm+0x10 (/x/libtorch_cpu.so)
+ Web Content     700/700     101.700000:  7f00 js::Run+0x1 (/x/libxul.so)
+            sshd   800/800   101.800000:  ffffffff8300 tcp_sendmsg+0x2 ([kernel.kallsyms])
+          python   500/500   105.000000:  7f00 mkl_blas_sgemm+0x10 (/x/libtorch_cpu.so)
+"""
+
+
+def test_thread_cpu_counts_each_workers_threads_in_the_window():
+    from bench.thread_cpu import parse_perf_script, report, thread_cpu
+
+    samples = parse_perf_script(PERF_SCRIPT.splitlines())
+    assert len(samples) == 11 and samples[8].comm == "Web Content" and samples[6].symbol == "gloo::sum<c10::Half>"
+    # 0.5 s to 4 s after the first sample: the last sample (5 s) and the idle one (0 s) fall outside
+    processes, idle, total = thread_cpu(samples, 0.5, 4.0)
+    assert (idle, total) == (0, 9) and sorted(processes) == [500, 600]
+    worker = processes[500]
+    assert worker.main == 2 and worker.other() == 3
+    assert worker.threads[(512, "python")] == {"epoll_wait": 2, "ep_send_events": 1}
+    assert processes[600].threads[(601, "gloo_tcp_loop")]["gloo::sum<c10::Half>"] == 1
+    assert sorted(thread_cpu(samples, 0.0, None, everything=True)[0]) == [500, 600, 700, 800]
+    table = report(processes, idle, total, top=1)
+    assert "| 500 | 2 | 3 | python 512: 3 (epoll_wait 2) |" in table
+    assert "all main threads 3 samples, all other threads 4 (57.1% of the workers' samples)" in table
+
+
+@pytest.mark.skipif(shutil.which("perf") is None, reason="needs perf (Debian: linux-perf)")
+def test_thread_cpu_reads_a_real_perf_record(tmp_path):
+    """A process whose second thread spins shows that thread apart from its main thread."""
+    data = tmp_path / "perf.data"
+    spinner = ("import threading, time\n"
+               "def spin():\n    end = time.monotonic() + 1.5\n    while time.monotonic() < end: pass\n"
+               "t = threading.Thread(target=spin); t.start(); time.sleep(0.2); t.join()")
+    record = subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", "499", "-a", "-o", str(data), "--",
+                             sys.executable, "-c", spinner], capture_output=True, text=True, timeout=120)
+    assert record.returncode == 0, record.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "bench.thread_cpu", str(data), "--all"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    # the spinner's row: few main-thread samples, most of 1.5 s x 499 Hz in its other thread
+    busiest = max(rows, key=lambda row: int(row.split("|")[3]))
+    assert int(busiest.split("|")[3]) > 400 and int(busiest.split("|")[2]) < 200, result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["nosuch.data"], "nosuch.data: no such file"),
+    (["README.md", "--from", "5", "--to", "2"], "--to 2 is not after --from 5"),
+])
+def test_thread_cpu_refuses_bad_input_in_one_line(args, expected):
+    result = subprocess.run([sys.executable, "-m", "bench.thread_cpu", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr

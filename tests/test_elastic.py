@@ -76,7 +76,8 @@ def test_killed_worker_job_continues_on_the_survivor(tmp_path, hvdbert_env, fini
             if survivor is not None:
                 os.kill(survivor, STACKS_SIGNAL)
                 time.sleep(2)
-            pytest.fail(f"the survivor did not finish in 300 s after rank 1 was killed:\n{log_path.read_text()[-8000:]}")
+            pytest.fail("the survivor did not finish in 300 s after rank 1 was killed:\n"
+                        + log_path.read_text()[-8000:])
         assert status == 0, log_path.read_text()[-4000:]
     finally:
         if launcher.poll() is None:
