@@ -91,15 +91,22 @@ class CollectiveWatchdog:
 
     def _watch(self) -> None:
         period = min(5.0, max(self.seconds / 10, 0.5))
+        last = time.monotonic()
         while True:
             time.sleep(period)
+            now = time.monotonic()
+            # A sleep that overran by far means this process itself did not run (SIGSTOP, a paused
+            # VM): then the long wait is its own, not another worker's.
+            stopped, last = now - last - period, now
             waiting = self._waiting
             if waiting is None:
                 continue
-            waited = time.monotonic() - waiting[0]
+            waited = now - waiting[0]
             if waited > self.seconds:
+                cause = (f"this worker itself did not run for {stopped:.0f} s of it (stopped, or its host paused)"
+                         if stopped > self.seconds / 2 else "another worker is frozen or cut off")
                 print(f"hvdbert: error: {self.describe()} waited {waited:.0f} s in {waiting[1]}, longer than "
-                      f"dist.stall_timeout_seconds = {self.seconds:g}: another worker is frozen or cut off; "
+                      f"dist.stall_timeout_seconds = {self.seconds:g}: {cause}; "
                       f"ending this worker so that the launcher stops the job (continue with --resume auto); "
                       f"where its threads were:\n{thread_stacks()}", file=sys.stderr, flush=True)
                 os._exit(STALL_EXIT_STATUS)

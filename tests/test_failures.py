@@ -160,3 +160,37 @@ def test_frozen_rank_ends_the_job_within_the_stall_bound(tmp_path, hvdbert_env, 
         # ...and the watchdog prints them again as it ends the worker
         assert "(most recent call first)" in output.split(stall)[1], output[-3000:]
     assert rank_pid(run_dir, 0) is None
+
+
+WATCHED = """\
+import sys, time
+from hvdbert.dist import CollectiveWatchdog
+watchdog = CollectiveWatchdog(2.0, lambda: "rank 1 (host h)")
+print("waiting", flush=True)
+with watchdog.waiting("the gradient allreduce"):
+    time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("stopped_for", [0.0, 5.0])
+def test_the_stall_line_says_when_the_worker_itself_was_stopped(stopped_for):
+    """A worker frozen for longer than the bound and then continued (the job's teardown sends SIGCONT
+    before it ends it) would blame another worker for its own stop: its watchdog sees that it did
+    not run, and says so."""
+    watched = subprocess.Popen([sys.executable, "-c", WATCHED, "30"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert watched.stdout.readline() == "waiting\n"
+        if stopped_for:
+            watched.send_signal(signal.SIGSTOP)
+            time.sleep(stopped_for)
+            watched.send_signal(signal.SIGCONT)
+        status = watched.wait(timeout=60)
+    finally:
+        watched.kill()
+    err = watched.stderr.read()
+    assert status == 4 and "rank 1 (host h) waited" in err and "(most recent call first)" in err, err
+    if stopped_for:
+        assert "this worker itself did not run for" in err and "another worker" not in err, err
+    else:
+        assert "another worker is frozen or cut off" in err and "itself" not in err, err
