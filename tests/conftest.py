@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,3 +181,17 @@ def assert_each_sample_once_per_epoch(per_step: list[list[int]], expected: list[
     for epoch, ids in per_epoch.items():
         assert len(set(ids)) == len(ids), f"epoch {epoch}: a sample read twice"
     return {epoch: len(ids) for epoch, ids in per_epoch.items()}
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid of the `hvdbert.pretrain` worker of `rank` writing run_dir (under horovodrun or mpirun), or None."""
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if "hvdbert.pretrain" in command and str(run_dir) in command and "horovodrun" not in command:
+            try:
+                environment = process.environ()
+                if environment.get("HOROVOD_RANK", environment.get("OMPI_COMM_WORLD_RANK")) == str(rank):
+                    return process.info["pid"]
+            except psutil.Error:
+                continue
+    return None

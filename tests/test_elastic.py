@@ -16,26 +16,13 @@ import time
 import types
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import (BIN, FAST, REPO, TINY, assert_each_sample_once_per_epoch, committed_sample_ids, read_metrics,
-                      run_module, uninterrupted_sample_ids)
+from conftest import (BIN, FAST, REPO, TINY, assert_each_sample_once_per_epoch, committed_sample_ids, rank_pid,
+                      read_metrics, run_module, uninterrupted_sample_ids)
 from hvdbert.dist import STACKS_SIGNAL
 
 MAX_STEPS, GLOBAL_BATCH, COMMIT_EVERY = 40, 32, 5
-
-
-def rank_pid(run_dir: Path, rank: int) -> int | None:
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        if "hvdbert.pretrain" in command and str(run_dir) in command and "horovodrun" not in command:
-            try:
-                if process.environ().get("HOROVOD_RANK") == str(rank):
-                    return process.info["pid"]
-            except psutil.Error:
-                continue
-    return None
 
 
 def logged_steps(run_dir: Path) -> int:

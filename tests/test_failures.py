@@ -15,21 +15,8 @@ import psutil
 import pytest
 import torch
 
-from conftest import BIN, FAST, REPO, TINY, read_metrics, run_module
+from conftest import BIN, FAST, REPO, TINY, rank_pid, read_metrics, run_module
 from hvdbert.dist import STACKS_SIGNAL
-
-
-def rank_pid(run_dir: Path, rank: int) -> int | None:
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        if "hvdbert.pretrain" in command and str(run_dir) in command and "horovodrun" not in command:
-            try:
-                environment = process.environ()
-                if environment.get("HOROVOD_RANK", environment.get("OMPI_COMM_WORLD_RANK")) == str(rank):
-                    return process.info["pid"]
-            except psutil.Error:
-                continue
-    return None
 
 
 def signal_rank_1_and_time_the_exit(command: list[str], run_dir: Path, tmp_path: Path, env, signum: int,
