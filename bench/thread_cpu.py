@@ -72,23 +72,18 @@ def thread_cpu(samples: list[Sample], start: float, end: float | None, everythin
         return {}, 0, 0
     first = samples[0].time
     window = [s for s in samples if s.time - first >= start and (end is None or s.time - first < end)]
-    processes: dict[int, ProcessCpu] = {}
-    idle = 0
+    # the workers: processes whose main thread is python (not sshd, not the launcher), unless asked for all
+    workers = {s.pid for s in window if s.pid == s.tid and (everything or s.comm == "python")} - {0}
+    processes = {pid: ProcessCpu(pid) for pid in workers}
     for s in window:
-        if s.pid == 0:
-            idle += 1
+        if s.pid not in processes:
             continue
-        if not everything and s.comm != "python" and s.pid == s.tid:
-            continue
-        process = processes.setdefault(s.pid, ProcessCpu(s.pid))
+        process = processes[s.pid]
         if s.tid == s.pid:
             process.main += 1
         else:
             process.threads.setdefault((s.tid, s.comm), collections.Counter())[s.symbol] += 1
-    # a process whose main thread is not python (sshd, the launcher) is left out unless asked for
-    if not everything:
-        processes = {pid: p for pid, p in processes.items() if p.main > 0}
-    return processes, idle, len(window)
+    return processes, sum(s.pid == 0 for s in window), len(window)
 
 
 def report(processes: dict[int, ProcessCpu], idle: int, total: int, top: int) -> str:
@@ -115,7 +110,8 @@ def read_perf_data(path: Path) -> list[Sample]:
         raise UsageError("perf is not installed: install linux-perf (Debian) or linux-tools (Ubuntu)")
     result = subprocess.run(["perf", "script", "-i", str(path), "-F", PERF_FIELDS], capture_output=True, text=True)
     if result.returncode != 0:
-        raise UsageError(f"{path}: perf script could not read it: {result.stderr.strip().splitlines()[-1:]}")
+        said = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UsageError(f"{path}: perf script could not read it: {said}")
     return parse_perf_script(result.stdout.splitlines())
 
 
