@@ -48,8 +48,9 @@ STALL_EXIT_STATUS = 4  # a worker that ended itself because a collective stalled
 
 
 def thread_stacks() -> str:
-    """Every thread's Python stack, most recent call first (faulthandler's layout, for STACKS_SIGNAL's
-    output alike), as one string: one write keeps a launcher's per-line prefixes whole."""
+    """Every thread's Python stack, most recent call first (the layout of faulthandler's, which
+    STACKS_SIGNAL prints from C, whatever the main thread is doing), with each thread's name, as one
+    string: one write keeps a launcher's per-line prefixes whole."""
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     blocks = []
     for ident, frame in sys._current_frames().items():
