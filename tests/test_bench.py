@@ -638,10 +638,13 @@ def test_thread_cpu_counts_each_workers_threads_in_the_window():
 
 @pytest.mark.skipif(shutil.which("perf") is None, reason="needs perf (Debian: linux-perf)")
 def test_thread_cpu_reads_a_real_perf_record(tmp_path):
-    """A process whose second thread spins shows that thread apart from its main thread."""
+    """A process whose second thread spins shows that thread apart from its main thread.
+
+    The thread spins for 1.5 s of its own CPU time, not of the clock, so a loaded machine
+    stretches the run instead of thinning the samples."""
     data = tmp_path / "perf.data"
     spinner = ("import threading, time\n"
-               "def spin():\n    end = time.monotonic() + 1.5\n    while time.monotonic() < end: pass\n"
+               "def spin():\n    while time.thread_time() < 1.5: pass\n"
                "t = threading.Thread(target=spin); t.start(); time.sleep(0.2); t.join()")
     record = subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", "499", "-a", "-o", str(data), "--",
                              sys.executable, "-c", spinner], capture_output=True, text=True, timeout=120)
@@ -650,7 +653,7 @@ def test_thread_cpu_reads_a_real_perf_record(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    # the spinner's row: few main-thread samples, most of 1.5 s x 499 Hz in its other thread
+    # the spinner's row: few main-thread samples, most of 1.5 CPU-s x 499 Hz in its other thread
     busiest = max(rows, key=lambda row: int(row.split("|")[3]))
     assert int(busiest.split("|")[3]) > 400 and int(busiest.split("|")[2]) < 200, result.stdout
 
