@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, FAST, REPO, TINY, read_metrics, run_module
+from dist_probe import HALF_STEPS
 
 pytestmark = pytest.mark.multiprocess
 
@@ -145,8 +146,9 @@ def test_powersgd_with_adamw_two_workers_match_one_worker_within_the_stated_boun
 # Mixed precision on CPU (torch's CPU autocast; fp16 with torch.amp.GradScaler("cpu")). np=1 with
 # accumulation 2 and np=2 see the same micro-batches, so they differ only in how the two gradients
 # are summed (locally vs. by the allreduce), which rounding activations to 8 (bf16) or 11 (fp16)
-# significant bits can amplify. Measured over these 8 steps on torch 2.13 CPU: np=1 vs np=2 at most
+# significant bits can amplify. Measured over 8 steps on torch 2.13 CPU: np=1 vs np=2 at most
 # 0.0 (bf16) and 1.5e-5 (fp16) apart; np=2 vs np=2 with fp16 allreduce 8.1e-5 (bf16), 1.1e-5 (fp16).
+# The probe runs HALF_STEPS of them.
 MIXED_EQUAL_TOLERANCE = 1e-4
 MIXED_FP16_ALLREDUCE_TOLERANCE = 1e-3  # as for fp32 (test_fp16_allreduce_stays_close_to_full_precision)
 
@@ -154,7 +156,7 @@ MIXED_FP16_ALLREDUCE_TOLERANCE = 1e-3  # as for fp32 (test_fp16_allreduce_stays_
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_two_workers_equal_one_worker_with_accumulation(probe, reference_runs, precision):
     one, two = read_metrics(probe["np1"] / precision), read_metrics(probe["np2"] / precision)
-    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 9))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, HALF_STEPS + 1))
     assert [(r["workers"], r["accumulation_steps"]) for r in (one[0], two[0])] == [(1, 2), (2, 1)]
     differences = [abs(a["loss"] - b["loss"]) for a, b in zip(one, two)]
     assert max(differences) <= MIXED_EQUAL_TOLERANCE, differences
@@ -167,7 +169,7 @@ def test_mixed_precision_two_workers_equal_one_worker_with_accumulation(probe, r
 def test_mixed_precision_with_fp16_allreduce(probe, precision):
     two, wire = read_metrics(probe["np2"] / precision), read_metrics(probe["np2"] / f"{precision}-fp16-allreduce")
     differences = [abs(a["loss"] - b["loss"]) for a, b in zip(two, wire)]
-    assert len(differences) == 8 and all(math.isfinite(r["loss"]) for r in wire)
+    assert len(differences) == HALF_STEPS and all(math.isfinite(r["loss"]) for r in wire)
     assert max(differences) <= MIXED_FP16_ALLREDUCE_TOLERANCE, differences
 
 
