@@ -522,6 +522,7 @@ def test_the_shaped_benchs_model_inputs_are_each_systems_medians():
         # 2 hosts, 10 MB sent per host and step: 0.8 s at 100 Mbit/s
         measured = {"system": system, "label": label, "workers": 2, "seq_per_s": 64 / step, "step_seconds": step,
                     "cpu_seconds_per_step": cpu, "micro_batch_size": 32, "wire_tx_bytes_per_rank_per_step": 10e6,
+                    "wire_tx_packets_per_rank_per_step": 1234.0,
                     "breakdown_seconds": {"gradient_sync": 0.0}, "trainable_parameters": 2_500_000,
                     "compression": "none", "allreduce_payload_bytes_per_step": 10e6}
         return {**measured, **measured_row(measured, reference, link)}
@@ -548,7 +549,8 @@ def test_the_shaped_benchs_model_inputs_are_each_systems_medians():
     baseline = {"hosts": 2, "link": "100mbit", "alone_seq_per_s": 16.0, "concurrent_seq_per_s": 16.0,
                 "load_average": [0.5, 0.5]}
     table = shaped_table([{**one, **model}], [baseline], [], {"hvdbert": inputs}, 0.5)
-    assert "| 100mbit | 2 | hvdbert (Horovod) | 2.52 | 25.40 | 0.00 | 0.52 | 0.80 | 0.35 | 6.00 | 10.0 (10.0) |" in table
+    assert "| 100mbit | 2 | hvdbert (Horovod) | 2.52 | 25.40 | 0.00 | 0.52 | 0.80 | 0.35 | 6.00 | 10.0 (10.0) | " \
+           "1,234 |" in table
     assert "hvdbert (Horovod): overlap 0.14, host CPU 6.00 s/GB; the input embeddings' share of the gradient, 0.500." \
         in table
 

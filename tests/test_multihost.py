@@ -194,6 +194,9 @@ def test_bytes_on_a_shaped_link_match_the_scaling_model(cluster, tmp_path):
     print(f"wire bytes per host and step: counted {counted:,.0f}, model {payload:,.0f} ({framed:,.0f} with every "
           f"frame's headers); host-b sent {sent:,} over the whole job")
     assert 0.99 * payload <= counted <= 1.01 * framed
+    # packets are the sends the interface was handed: each at most 64 KiB (GSO) and its Ethernet header
+    packets = record["wire_tx_packets_per_rank_per_step"]
+    assert counted / (65_535 + 14) <= packets <= counted / 54, packets
     # seen from outside the job too: host-b sent at least the timed steps' allreduces
     assert sent > steps * payload
 

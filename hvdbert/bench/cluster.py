@@ -216,6 +216,7 @@ def measured_row(row: dict, reference: dict, rate: str) -> dict:
         # did not show, over one micro-batch's compute
         "overlap_window": (wire_seconds + host_cpu - exposed) / micro_seconds,
         "wire_bytes_per_host_per_step": wire,
+        "wire_packets_per_host_per_step": row.get("wire_tx_packets_per_rank_per_step"),  # absent in older records
     }
 
 

@@ -24,15 +24,17 @@ from hvdbert.train import StepGuard, run_step
 BREAKDOWN = ("data_wait", "forward_backward", "gradient_sync", "optimizer")
 
 
-def wire_tx_bytes() -> int:
-    """Bytes this host's network interfaces have sent (loopback left out), from the kernel's counters:
-    what went on the wire, protocol headers and retransmissions included."""
-    total = 0
+def wire_tx() -> tuple[int, int]:
+    """Bytes and packets this host's network interfaces have sent (loopback left out), from the
+    kernel's counters: what went on the wire, protocol headers and retransmissions included. A packet
+    is what the interface was handed at once (with GSO up to 64 KiB), so packets count sends: many
+    small messages show as many packets for few bytes."""
+    sent = [0, 0]
     for device in Path("/sys/class/net").iterdir():
-        counter = device / "statistics" / "tx_bytes"
-        if device.name != "lo" and counter.is_file():
-            total += int(counter.read_text())
-    return total
+        counters = [device / "statistics" / name for name in ("tx_bytes", "tx_packets")]
+        if device.name != "lo" and all(c.is_file() for c in counters):
+            sent = [total + int(c.read_text()) for total, c in zip(sent, counters)]
+    return sent[0], sent[1]
 
 
 class StepTimer:
@@ -121,7 +123,7 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start, cpu_start = time.perf_counter(), time.process_time()
-            wire_start = wire_tx_bytes()
+            wire_start = wire_tx()
         result = run_step(run, guard, dist=timer)
         timer.seconds["data_wait"] += result.data_wait_seconds
         timer.end()
@@ -129,7 +131,8 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
         loss_sums.append(result.stats[loss_index])
     synchronize(device)
     elapsed, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    wire_sent = wire_tx_bytes() - wire_start  # every process of a host counts its host's interfaces
+    # every process of a host counts its host's interfaces
+    wire_sent, packets_sent = (now - then for now, then in zip(wire_tx(), wire_start))
     run.close_stream()
     # Probed again after the run, the best of the two: on a shared machine a probe that happened to
     # share its core with other work would understate the peak and overstate MFU.
@@ -137,13 +140,13 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
 
     # One reduction at the end: total tokens, summed peaks, CPU time and breakdown of all ranks.
     local = torch.tensor([tokens.item(), peak_flops, cpu_seconds, wire_sent / dist.local_size,
-                          *(timer.seconds[k] for k in BREAKDOWN)], dtype=torch.float64)
+                          packets_sent / dist.local_size, *(timer.seconds[k] for k in BREAKDOWN)], dtype=torch.float64)
     totals = dist.allreduce_sum(local, name="bench").tolist()
-    total_tokens, total_peak, total_cpu_seconds, total_wire = totals[:4]
+    total_tokens, total_peak, total_cpu_seconds, total_wire, total_packets = totals[:5]
     micro_batches_per_step = dist.size * plan.accumulation_steps
     step_losses = [v / micro_batches_per_step for v in
                    dist.allreduce_sum(torch.stack(loss_sums).double().cpu(), name="bench_losses").tolist()]
-    breakdown = {k: v / dist.size / steps for k, v in zip(BREAKDOWN, totals[4:])}
+    breakdown = {k: v / dist.size / steps for k, v in zip(BREAKDOWN, totals[5:])}
     seq_per_s = steps * plan.global_batch_size / elapsed
     model_flops_per_seq = training_flops_per_sequence(recipe.model, plan.max_seq_len, plan.max_predictions_per_seq)
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
@@ -191,6 +194,7 @@ def measure(run: Run, warmup_steps: int, steps: int, system: str = "hvdbert") ->
         # counted by the hosts' interfaces (0 on one host, where ranks talk over loopback): per rank
         # and timed step, a host's count shared among the ranks it runs
         "wire_tx_bytes_per_rank_per_step": total_wire / dist.size / steps,
+        "wire_tx_packets_per_rank_per_step": total_packets / dist.size / steps,  # likewise
         "cache_capacity": recipe.dist.cache_capacity,
         "autotune": recipe.dist.autotune,
     }

@@ -81,9 +81,9 @@ def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = (
         lines.append(f"| {b['hosts']} | {b.get('link', '–')} | {b['alone_seq_per_s']:.2f} | "
                      f"{b['concurrent_seq_per_s']:.2f} | {', '.join(f'{v:.2f}' for v in b['load_average'])} |")
     lines += ["", "| link | hosts | system | step s | seq/s | allreduce wait s | exposed comm. s | wire s | "
-              "overlapped | host CPU s/GB | wire MB/host/step (model) | scaling eff. | model eff. | "
-              "model error (points) | vs DDP |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "overlapped | host CPU s/GB | wire MB/host/step (model) | packets/host/step | scaling eff. | "
+              "model eff. | model error (points) | vs DDP |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         peer = next((p for p in rows if p["label"].startswith("ddp-hvdbert-model") and p["hosts"] == r["hosts"]
                      and p["link"] == r["link"] and p.get("compression") == r.get("compression")), None)
@@ -94,7 +94,8 @@ def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = (
             f"{r['gradient_wait_seconds']:.2f} | {r['exposed_communication_seconds']:.2f} | {r['wire_seconds']:.2f} | "
             f"{_fmt(r['overlapped_fraction'], '.2f')} | {_fmt(r.get('host_cpu_seconds_per_gb'), '.2f')} | "
             f"{r['wire_bytes_per_host_per_step'] / 1e6:.1f} "
-            f"({r['predicted_wire_bytes_per_host_per_step'] / 1e6:.1f}) | {r['scaling_efficiency']:.2f} | "
+            f"({r['predicted_wire_bytes_per_host_per_step'] / 1e6:.1f}) | "
+            f"{_fmt(r.get('wire_packets_per_host_per_step'), ',.0f')} | {r['scaling_efficiency']:.2f} | "
             f"{r['predicted_scaling_efficiency']:.2f} | {r['model_error_points']:+.1f} | {versus} |")
     if inputs:
         lines += ["", "The model's inputs measured here, per system (medians over its rows without --vary): " + "; ".join(
