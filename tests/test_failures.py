@@ -149,13 +149,17 @@ def test_frozen_rank_ends_the_job_within_the_stall_bound(tmp_path, hvdbert_env, 
     assert rank_pid(run_dir, 0) is None
 
 
+# A worker in a collective: with "stop", it stops itself (SIGSTOP) as soon as it waits, as a frozen
+# worker would, at a known point: a stop sent from outside could come after the 2 s bound on a loaded
+# machine, and then the line rightly blames another worker.
 WATCHED = """\
-import sys, time
+import os, signal, sys, time
 from hvdbert.dist import CollectiveWatchdog
 watchdog = CollectiveWatchdog(2.0, lambda: "rank 1 (host h)")
-print("waiting", flush=True)
 with watchdog.waiting("the gradient allreduce"):
-    time.sleep(float(sys.argv[1]))
+    if sys.argv[1] == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    time.sleep(30)
 """
 
 
@@ -164,12 +168,14 @@ def test_the_stall_line_says_when_the_worker_itself_was_stopped(stopped_for):
     """A worker frozen for longer than the bound and then continued (the job's teardown sends SIGCONT
     before it ends it) would blame another worker for its own stop: its watchdog sees that it did
     not run, and says so."""
-    watched = subprocess.Popen([sys.executable, "-c", WATCHED, "30"], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    watched = subprocess.Popen([sys.executable, "-c", WATCHED, "stop" if stopped_for else "wait"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert watched.stdout.readline() == "waiting\n"
         if stopped_for:
-            watched.send_signal(signal.SIGSTOP)
+            process, deadline = psutil.Process(watched.pid), time.monotonic() + 60
+            while process.status() != psutil.STATUS_STOPPED:
+                assert time.monotonic() < deadline and watched.poll() is None, "the worker never stopped"
+                time.sleep(0.05)
             time.sleep(stopped_for)
             watched.send_signal(signal.SIGCONT)
         status = watched.wait(timeout=60)
