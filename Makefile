@@ -23,11 +23,12 @@ lint:
 	bash tools/lint.sh
 
 # The suite in TEST_WORKERS pytest processes (pytest-xdist), a test file to each in turn, so that one
-# file's module fixtures are built once; many tests wait on processes and timeouts, not on a core.
+# file's module fixtures are built once, the longest files first (tests/conftest.py, LONGEST_FIRST);
+# many tests wait on processes and timeouts, not on a core.
 TEST_WORKERS ?= 2
 test: setup
 	bash tools/lint.sh --install
-	$(PYTHON) -m pytest tests -m "not image" -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PYTHON) -m pytest tests -m "not image" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # The container image (tools/build-image.sh: docker, podman or buildah; VARIANT=cpu or cuda), and
 # the tests that run it: check-build, plan, a pretrain, two containers over SSH, a kill and a resume.
