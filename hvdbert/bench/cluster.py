@@ -24,8 +24,9 @@ fp16 | powersgd, with DDP's fp16 and PowerSGD communication hooks; its bf16 hook
 Reported per configuration: step time, the wait on the allreduce after backward (hvdbert's
 gradient_sync), the exposed communication (step time minus the step of the same hosts without
 communication), the wire time of the bytes sent (tx_bytes of the hosts' interfaces / link rate),
-the packets sent (tx_packets: how many sends carried those bytes), how much of it overlapped backward (1 - exposed / wire time), the hosts' own CPU for the bytes (CPU
-time per step above the same hosts without communication, per worker and GB sent and received),
+the packets sent (tx_packets: how many sends carried those bytes), how much of the wire time overlapped
+backward (1 - exposed / wire time), the hosts' own CPU for the bytes (CPU time per step above the
+same hosts without communication, per worker and GB sent and received),
 scaling efficiency against one host, and the scaling model's predicted efficiency and its error.
 The model's measured inputs are taken per system after every configuration ran (`calibration`: the
 medians of the overlap window and of the host CPU per GB over the system's rows without --vary),
