@@ -28,12 +28,12 @@ SHORT = FAST + ["--set", "train.max_steps=4", "--set", "checkpoint.every_steps=2
 HELD_OUT_PREPARE = ["--input", "builtin", "--builtin-max-documents", "300", "--seq-len", "64", "--vocab-size", "1500",
                     "--validation-fraction", "0.1"]
 
-# The longest files, longest first (seconds of one suite on 2 cores: about 540, 215, 205, 185, 145,
-# 120, 135). `make test` hands files to its 2 workers in collection order (--dist loadfile
+# The longest files, longest first (seconds of one quiet suite on 2 cores: about 540, 215, 205, 185,
+# 145, 135; test_recipe_learning's fixture alone took 95-145 s in loaded ones). `make test` hands files to its 2 workers in collection order (--dist loadfile
 # --no-loadscope-reorder), so these start first, and the short files fill in around them instead of
 # one long file starting late while the other worker runs out of work.
 LONGEST_FIRST = ["test_multihost.py", "test_core_distributed.py", "test_bench.py", "test_launch.py", "test_failures.py",
-                 "test_recipe_learning.py", "test_resume.py"]
+                 "test_resume.py", "test_recipe_learning.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
