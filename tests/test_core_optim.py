@@ -84,6 +84,20 @@ def test_state_exists_before_the_first_step(name):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_stable_adamw_takes_the_foreach_path_without_warning_each_worker():
+    import warnings
+
+    model = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # optimi's foreach deprecation would raise here
+        optimizer = build_optimizer(model, OptimConfig(name="stableadamw", weight_decay=1e-5), _plan())
+        again = type(optimizer)(optimizer.param_groups)  # as Horovod's DistributedOptimizer re-creates it
+    assert all(group["foreach"] and not group["triton"] for group in again.param_groups)
+    # the silencing is scoped: optimi's own class still warns outside hvdbert's
+    with pytest.warns(DeprecationWarning, match="foreach"):
+        type(optimizer).__mro__[1](torch.nn.Linear(2, 2).parameters(), lr=1e-3, foreach=True, triton=False)
+
+
 def _plan(**changes) -> Plan:
     fields = dict(workers=1, global_batch_size=8, micro_batch_size=8, accumulation_steps=1, lr=1.0,
                   warmup_steps=10, max_steps=110, max_seq_len=128, max_predictions_per_seq=20,

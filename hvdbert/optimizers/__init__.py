@@ -9,6 +9,7 @@ imports torch until an optimizer is built.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -77,7 +78,13 @@ def _stable_adamw_class():
         class from its param groups (which carry the lr) with no lr argument."""
 
         def __init__(self, params, lr: float = 1e-3, **kwargs):
-            super().__init__(params, lr=lr, **kwargs)
+            # optimi 0.3 deprecates foreach in favour of triton, which CPUs lack, and warns at every
+            # construction (Horovod's wrapper constructs it again); without foreach, optimi loops over
+            # the tensors one by one, so foreach stays and that one warning is silenced.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Parameter `foreach` is deprecated",
+                                        category=DeprecationWarning)
+                super().__init__(params, lr=lr, **kwargs)
 
     return StableAdamW
 
