@@ -67,11 +67,11 @@ def test_one_machine_walkthrough_runs_as_written(tmp_path, hvdbert_env):
 
 
 
-def test_make_demo_trains_the_recipe_s_steps_unless_told_steps():
-    """`make demo` leaves the step count to recipes/tiny.toml; `make demo STEPS=N` trains N."""
+def test_make_demo_trains_2500_steps_unless_told_steps():
+    """`make demo` trains 2500 steps of recipes/tiny.toml (a model the probe can read); `make demo STEPS=N` N."""
     def demo_command(*variables):
         result = subprocess.run(["make", "-n", "demo", *variables], cwd=REPO, capture_output=True, text=True, check=True)
         return result.stdout[result.stdout.index("hvdbert.pretrain"):]
 
-    assert "train.max_steps" not in demo_command()
-    assert "--set train.max_steps=3000" in demo_command("STEPS=3000")
+    assert "train.max_steps=2500" in demo_command().split()
+    assert "train.max_steps=300" in demo_command("STEPS=300").split()
