@@ -123,7 +123,8 @@ def plant_malicious_pickle(checkpoint_dir: Path, marker: Path) -> None:
     """Replace training.pt with a pickle that would run code, and fix the sha256 in state.json so
     the checksum cannot be what stops it."""
     target = checkpoint_dir / "training.pt"
-    target.write_bytes(pickle.dumps({"optimizer": Payload(marker)}))
+    # protocol 2, the one torch.load's legacy format writes: another one only adds torch's warning about it
+    target.write_bytes(pickle.dumps({"optimizer": Payload(marker)}, protocol=2))
     state = json.loads((checkpoint_dir / "state.json").read_text())
     state["files"]["training.pt"] = hashlib.sha256(target.read_bytes()).hexdigest()
     (checkpoint_dir / "state.json").write_text(json.dumps(state))
@@ -134,7 +135,7 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     path = checkpointer_for(tmp_path, recipe, plan, model, optimizer).save(TrainState(step=2, samples_seen=64))
     marker = tmp_path / "pwned"
     plant_malicious_pickle(path, marker)
-    pickle.loads(pickle.dumps(Payload(tmp_path / "proof")))  # the payload is live: plain pickle runs it
+    pickle.loads(pickle.dumps(Payload(tmp_path / "proof"), protocol=2))  # the payload is live: plain pickle runs it
     assert (tmp_path / "proof").exists()
     found = open_checkpoint(path)  # checksums agree
     with pytest.raises(CorruptCheckpoint, match="refused"):
