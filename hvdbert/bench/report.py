@@ -108,7 +108,9 @@ def shaped_table(rows: list[dict], baselines: list[dict], rounds: list[dict] = (
 
 def round_table(rounds: list[dict]) -> str:
     """Per host count, rate and configuration: the speed-up over plain hvdbert in each round (step
-    time of plain hvdbert / this one's, same round), its median, and hvdbert's over DDP likewise."""
+    time of plain hvdbert / this one's, same round), its median, and hvdbert's over DDP likewise, with
+    that ratio's median and the rounds hvdbert was ahead in (a ratio above 1): rounds won about as
+    often as lost say level within the noise, whatever the median."""
     lines = ["| link | hosts | system | step s per round | speed-up over plain hvdbert per round | median | "
              "vs DDP per round (same compression) |", "|---|---:|---|---|---|---:|---|"]
     for hosts, link in dict.fromkeys((r["hosts"], r["link"]) for r in rounds):
@@ -117,11 +119,20 @@ def round_table(rounds: list[dict]) -> str:
             speedups = [r["speedup_vs_hvdbert"][label] for r in mine]
             versus = [r["hvdbert_vs_ddp"][label] for r in mine if label in r["hvdbert_vs_ddp"]]
             system = label.split(" ")[0]
+            against = ", ".join(f"{v:.2f}x" for v in versus)
+            if versus:
+                against += (f" (median {lower_median(versus):.2f}x; ahead in {sum(v > 1 for v in versus)} "
+                            f"of {len(versus)})")
             lines.append(f"| {link} | {hosts} | {SYSTEM_NAMES[system] + label[len(system):]} | "
                          f"{', '.join(format(r['step_seconds'][label], '.2f') for r in mine)} | "
-                         f"{', '.join(f'{v:.2f}x' for v in speedups)} | {sorted(speedups)[(len(speedups) - 1) // 2]:.2f}x | "
-                         f"{', '.join(f'{v:.2f}x' for v in versus) or '–'} |")
+                         f"{', '.join(f'{v:.2f}x' for v in speedups)} | {lower_median(speedups):.2f}x | "
+                         f"{against or '–'} |")
     return "\n".join(lines)
+
+
+def lower_median(values: list[float]) -> float:
+    """The median, or of an even count the lower middle value: always a round that was measured."""
+    return sorted(values)[(len(values) - 1) // 2]
 
 
 def shaped_plot(rows: list[dict], path: Path, title: str) -> None:
