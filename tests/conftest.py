@@ -29,9 +29,10 @@ HELD_OUT_PREPARE = ["--input", "builtin", "--builtin-max-documents", "300", "--s
                     "--validation-fraction", "0.1"]
 
 # The longest files, longest first (seconds of one quiet suite on 2 cores: about 540, 215, 205, 185,
-# 145, 135; test_recipe_learning's fixture alone took 95-145 s in loaded ones). `make test` hands files to its 2 workers in collection order (--dist loadfile
-# --no-loadscope-reorder), so these start first, and the short files fill in around them instead of
-# one long file starting late while the other worker runs out of work.
+# 145, 135; test_recipe_learning's fixture alone took 95-145 s in loaded ones). `make test` hands
+# files to its 2 workers in collection order (--dist loadfile --no-loadscope-reorder), so these start
+# first, and the short files fill in around them instead of one long file starting late while the
+# other worker runs out of work.
 LONGEST_FIRST = ["test_multihost.py", "test_core_distributed.py", "test_bench.py", "test_launch.py", "test_failures.py",
                  "test_resume.py", "test_recipe_learning.py"]
 

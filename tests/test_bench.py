@@ -509,7 +509,8 @@ def test_rounds_compare_each_configuration_with_plain_hvdbert_in_the_same_round(
     assert row == ("| 100mbit | 2 | hvdbert (Horovod) dist.cycle_time_ms=1 | 1.60, 4.40 | 1.25x, 0.91x | 0.91x | "
                    "1.88x, 1.14x (median 1.14x; ahead in 2 of 2) |")
     # level: ahead in one round of two (fp16: 1.50x, then 2.5 s against 2.5 s, not ahead)
-    row = next(line for line in table.splitlines() if line.startswith("| 100mbit | 2 | hvdbert (Horovod) dist.compression"))
+    row = next(line for line in table.splitlines()
+               if line.startswith("| 100mbit | 2 | hvdbert (Horovod) dist.compression"))
     assert row.endswith("| 1.50x, 1.00x (median 1.00x; ahead in 1 of 2) |")
     row = next(line for line in table.splitlines() if "DDP" in line.split("|")[3])
     assert row.endswith("| – |")  # the peer has no ratio against itself

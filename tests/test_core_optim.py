@@ -87,6 +87,8 @@ def test_state_exists_before_the_first_step(name):
 def test_stable_adamw_takes_the_foreach_path_without_warning_each_worker():
     import warnings
 
+    import optimi
+
     model = torch.nn.Linear(3, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # optimi's foreach deprecation would raise here
@@ -95,7 +97,7 @@ def test_stable_adamw_takes_the_foreach_path_without_warning_each_worker():
     assert all(group["foreach"] and not group["triton"] for group in again.param_groups)
     # the silencing is scoped: optimi's own class still warns outside hvdbert's
     with pytest.warns(DeprecationWarning, match="foreach"):
-        type(optimizer).__mro__[1](torch.nn.Linear(2, 2).parameters(), lr=1e-3, foreach=True, triton=False)
+        optimi.StableAdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3, foreach=True, triton=False)
 
 
 def _plan(**changes) -> Plan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -121,18 +122,13 @@ def round_table(rounds: list[dict]) -> str:
             system = label.split(" ")[0]
             against = ", ".join(f"{v:.2f}x" for v in versus)
             if versus:
-                against += (f" (median {lower_median(versus):.2f}x; ahead in {sum(v > 1 for v in versus)} "
+                against += (f" (median {statistics.median_low(versus):.2f}x; ahead in {sum(v > 1 for v in versus)} "
                             f"of {len(versus)})")
             lines.append(f"| {link} | {hosts} | {SYSTEM_NAMES[system] + label[len(system):]} | "
                          f"{', '.join(format(r['step_seconds'][label], '.2f') for r in mine)} | "
-                         f"{', '.join(f'{v:.2f}x' for v in speedups)} | {lower_median(speedups):.2f}x | "
+                         f"{', '.join(f'{v:.2f}x' for v in speedups)} | {statistics.median_low(speedups):.2f}x | "
                          f"{against or '–'} |")
     return "\n".join(lines)
-
-
-def lower_median(values: list[float]) -> float:
-    """The median, or of an even count the lower middle value: always a round that was measured."""
-    return sorted(values)[(len(values) - 1) // 2]
 
 
 def shaped_plot(rows: list[dict], path: Path, title: str) -> None:
